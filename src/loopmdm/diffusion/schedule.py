@@ -1,0 +1,87 @@
+"""Noise schedules alpha(t) of the absorbing (masking) forward process.
+
+q(x_t | x_0) keeps each token with probability alpha(t) and replaces it by the mask token
+otherwise (MDLM Sec. 3). alpha(0) = 1 (clean), alpha(1) ~ 0 (all masked). The continuous-time
+NELBO weights the cross-entropy of masked tokens by -alpha'(t) / (1 - alpha(t)) (MDLM Eq. 10).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+from loopmdm.errors import require
+
+
+class NoiseSchedule(ABC):
+    name = "base"
+
+    @abstractmethod
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """Probability that a token is still clean at time t."""
+
+    @abstractmethod
+    def alpha_prime(self, t: torch.Tensor) -> torch.Tensor:
+        """d alpha / dt."""
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        """Probability that a token is masked at time t: 1 - alpha(t)."""
+        return 1.0 - self.alpha(t)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """NELBO weight -alpha'(t) / (1 - alpha(t)) of a masked token's cross-entropy."""
+        return -self.alpha_prime(t) / (1.0 - self.alpha(t))
+
+
+class LogLinearSchedule(NoiseSchedule):
+    """MDLM's default: sigma(t) = -log(1 - (1-eps) t), so alpha(t) = 1 - (1-eps) t and the
+    weight is exactly 1/t."""
+
+    name = "loglinear"
+
+    def __init__(self, eps: float = 1e-3):
+        self.eps = eps
+
+    def alpha(self, t):
+        return 1.0 - (1.0 - self.eps) * t
+
+    def alpha_prime(self, t):
+        return torch.full_like(t, -(1.0 - self.eps))
+
+    def loss_weight(self, t):
+        return 1.0 / t  # closed form; avoids (1-eps)/((1-eps) t) rounding
+
+
+class LinearSchedule(NoiseSchedule):
+    """alpha(t) = 1 - t: the mask rate is t itself (SMDM/LLaDA's p_mask = t), weight 1/t."""
+
+    name = "linear"
+
+    def alpha(self, t):
+        return 1.0 - t
+
+    def alpha_prime(self, t):
+        return torch.full_like(t, -1.0)
+
+    def loss_weight(self, t):
+        return 1.0 / t
+
+
+class CosineSchedule(NoiseSchedule):
+    """MD4's cosine schedule alpha(t) = 1 - cos(pi/2 (1 - t)): masks slowly at first."""
+
+    name = "cosine"
+
+    def alpha(self, t):
+        return 1.0 - torch.cos(0.5 * math.pi * (1.0 - t))
+
+    def alpha_prime(self, t):
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * (1.0 - t))
+
+
+def make_schedule(name: str, eps: float = 1e-3) -> NoiseSchedule:
+    schedules = {"loglinear": lambda: LogLinearSchedule(eps), "linear": LinearSchedule, "cosine": CosineSchedule}
+    require(name in schedules, f"unknown noise schedule '{name}'; choose one of: {', '.join(schedules)}")
+    return schedules[name]()

@@ -1,0 +1,135 @@
+"""The looped denoiser: prelude (run once) -> loop_block (run num_loops times, shared
+weights) -> coda (run once) -> output head.
+
+Paper Sec. 3: H^0 = prelude(x_t); H^k = loop_block(H^{k-1}), k = 1..S; p_theta = coda(H^S).
+With no loop range the same class is the plain MDM baseline (every layer in the prelude).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from loopmdm.config import ModelConfig, validate_model
+from loopmdm.errors import LoopMDMError, require
+from loopmdm.model.blocks import BLOCKS
+from loopmdm.model.layers import Rotary, TimestepEmbedder
+
+
+def check_num_loops(num_loops) -> int:
+    if isinstance(num_loops, bool) or not isinstance(num_loops, int) or num_loops < 1:
+        raise LoopMDMError(f"num_loops={num_loops!r} must be an integer >= 1")
+    return num_loops
+
+
+class LoopedDenoiser(nn.Module):
+    """x_t (B, L) token ids, mask id = vocab_size -> logits (B, L, vocab_size).
+
+    The head never predicts the mask token: its output has only the real vocabulary
+    (MDLM's SUBS parameterisation gives the mask -inf logit; leaving it out is the same)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model(cfg)
+        require(cfg.vocab_size > 0, "model.vocab_size must be set (> 0) before building the model")
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        self.mask_id = cfg.vocab_size
+        d = cfg.d_model
+        self.embed = nn.Embedding(cfg.vocab_size + 1, d)  # one extra row: the mask token
+        self.time_embed = TimestepEmbedder(cfg.cond_dim) if cfg.block == "dit" else None
+        self.rotary = Rotary(d // cfg.n_heads, cfg.rope_base)
+        block_cls, final_cls = BLOCKS[cfg.block]
+
+        def make_blocks(n: int) -> nn.ModuleList:
+            return nn.ModuleList(block_cls(d, cfg.n_heads, cfg.mlp_ratio, cfg.cond_dim, cfg.dropout) for _ in range(n))
+
+        start, end = (cfg.loop_start, cfg.loop_end) if cfg.is_looped else (cfg.n_layers, cfg.n_layers)
+        self.prelude = make_blocks(start)
+        self.loop_block = make_blocks(end - start)
+        self.coda = make_blocks(cfg.n_layers - end)
+        self.head = final_cls(d, cfg.vocab_size, cfg.cond_dim)
+        self._init_weights()
+
+    # ----------------------------------------------------------------- init & sizes
+    def _init_weights(self) -> None:
+        if self.cfg.block == "dit":
+            # MDLM: PyTorch's default Linear init, kaiming-uniform embedding; adaLN and the
+            # output layer were zero-initialised in their constructors.
+            nn.init.kaiming_uniform_(self.embed.weight, a=math.sqrt(5))
+            return
+        # LLaMA-style: N(0, 0.02), residual projections scaled by 1/sqrt(2 * depth) (GPT-2).
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+                if name.endswith(("attn.out.weight", "mlp.down.weight")):
+                    p.data.mul_(1.0 / math.sqrt(2 * self.cfg.n_layers))
+
+    @property
+    def is_looped(self) -> bool:
+        return len(self.loop_block) > 0
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:  # Kaplan et al.: leave out the token embedding and the vocabulary head
+            total -= self.embed.weight.numel() + self.head.linear.weight.numel()
+        return total
+
+    # ----------------------------------------------------------------- the three stages
+    def condition(self, t: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
+        """adaLN conditioning vector. Time-agnostic models (MDLM's default) condition on t = 0."""
+        if self.time_embed is None:
+            return None
+        if not self.cfg.time_conditioning or t is None:
+            t = torch.zeros(batch, device=device)
+        # DiT convention: timesteps on a 0..1000 scale for the sinusoidal features.
+        return torch.nn.functional.silu(self.time_embed(1000.0 * t))
+
+    def run_prelude(self, x: torch.Tensor, c, key_mask=None) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.prelude:
+            h = block(h, c, self.rotary, key_mask)
+        return h
+
+    def loop_step(self, h: torch.Tensor, c, key_mask=None) -> torch.Tensor:
+        """One iteration of the shared loop block: H^k = loop_block(H^{k-1})."""
+        for block in self.loop_block:
+            h = block(h, c, self.rotary, key_mask)
+        return h
+
+    def run_coda(self, h: torch.Tensor, c, key_mask=None) -> torch.Tensor:
+        for block in self.coda:
+            h = block(h, c, self.rotary, key_mask)
+        return self.head(h, c)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, num_loops: int = 1, t: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, return_hidden: bool = False):
+        """Logits (B, L, V); with return_hidden also [H^0, H^1, ..., H^S] (loop outputs).
+
+        Training applies the loss to the final loop's output only (paper Sec. 3)."""
+        num_loops = check_num_loops(num_loops)
+        B = x.shape[0]
+        c = self.condition(t, B, x.device)
+        h = self.run_prelude(x, c, key_mask)
+        prelude_out = h
+        hidden = [h] if return_hidden else None
+        # Truncated backprop (Huginn; ablation): early iterations run without a graph.
+        first_grad_iter = max(0, num_loops - self.cfg.grad_loops) if self.cfg.grad_loops > 0 else 0
+        for k in range(num_loops if self.is_looped else 0):
+            if self.cfg.input_injection and k > 0:
+                h = h + prelude_out  # ablation: re-inject the prelude output (S = 1 unchanged)
+            if k < first_grad_iter and torch.is_grad_enabled():
+                with torch.no_grad():
+                    h = self.loop_step(h, c, key_mask)
+            elif self.cfg.checkpoint_loops and self.training and torch.is_grad_enabled():
+                h = checkpoint(self.loop_step, h, c, key_mask, use_reentrant=False)
+            else:
+                h = self.loop_step(h, c, key_mask)
+            if return_hidden:
+                hidden.append(h)
+        logits = self.run_coda(h, c, key_mask)
+        return (logits, hidden) if return_hidden else logits

@@ -1,0 +1,41 @@
+"""Exponential moving average of the weights (MDLM: 0.9999), used for evaluation and sampling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class EMA:
+    """shadow <- d * shadow + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n)) after
+    n updates. The warm-up (as in timm / TF's num_updates) keeps a short run's EMA from being
+    mostly the random initialisation; after ~10 / (1 - decay) updates it is plain EMA."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()
+                       if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
+        self.num_updates = num_updates
+        for k in self.shadow:
+            self.shadow[k].copy_(state[k])
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite the model's weights with the EMA weights."""
+        state = model.state_dict()
+        for k, v in self.shadow.items():
+            state[k].copy_(v.to(state[k].dtype))

@@ -1,0 +1,263 @@
+"""The training loop, written out step by step.
+
+Per step (paper Sec. 3): draw S ~ U{1..max_train_loops} from (seed, step); for each micro-batch
+draw t and x_t ~ q(x_t|x_0), run the looped denoiser with S loops, take MDLM's NELBO on the
+final loop's output, backprop; clip, AdamW, EMA. Every step is charged its analytic FLOPs for
+the S it actually drew. Data parallelism is applied from outside through `DistContext`
+(training/distributed.py): the trainer only asks it to wrap the model, skip gradient sync on
+non-final micro-batches, and average logged scalars.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from loopmdm.config import Config
+from loopmdm.data.loader import BlockLoader
+from loopmdm.data.prepare import PreparedData
+from loopmdm.diffusion.objective import diffusion_loss
+from loopmdm.diffusion.schedule import make_schedule
+from loopmdm.errors import require
+from loopmdm.evaluation.nelbo import autocast_context, evaluate_nelbo
+from loopmdm.model.denoiser import LoopedDenoiser
+from loopmdm.model.flops import train_flops
+from loopmdm.training import checkpoint as ckpt
+from loopmdm.training.ema import EMA
+from loopmdm.training.loops import train_num_loops
+from loopmdm.training.lr import learning_rate
+
+
+@dataclass
+class DistContext:
+    """Single-process defaults; training/distributed.py provides the torchrun/DDP version."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def no_sync(self, wrapped: torch.nn.Module):
+        return nullcontext()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    require(name != "cuda" or torch.cuda.is_available(), "train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, data: PreparedData, run_dir: str | Path, dist: DistContext | None = None):
+        self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
+        self.dist = dist or DistContext()
+        tc = cfg.train
+        self.device = getattr(self.dist, "device", None) or resolve_device(tc.device)
+        torch.manual_seed(tc.seed)  # same initial weights on every rank
+        self.model = LoopedDenoiser(cfg.model).to(self.device)
+        self.train_model = self.dist.wrap(self.model)
+        self.schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                           fused=self.device.type == "cuda")
+        self.ema = EMA(self.model, tc.ema) if tc.ema > 0 else None
+        world = self.dist.world_size
+        micro = tc.micro_batch_size or tc.batch_size // world
+        require(tc.batch_size % (micro * world) == 0,
+                f"train.batch_size={tc.batch_size} must be a multiple of micro_batch_size x world_size = {micro} x {world}")
+        self.micro_batch, self.accum_steps = micro, tc.batch_size // (micro * world)
+        self.seq_len = data.seq_len
+        self.loader = BlockLoader(data.blocks("train"), micro, tc.seed, self.dist.rank, world)
+        self.generator = torch.Generator(device=self.device).manual_seed(tc.seed * 7919 + self.dist.rank)
+        self.use_pad_mask = data.meta.get("packing") == "pad"
+        # Counters that a checkpoint carries so that a resumed run continues exactly.
+        self.step, self.tokens, self.flops, self.train_time = 0, 0, 0.0, 0.0
+        self.interval = {"loops": 0, "steps": 0}
+        self.loss_accum = torch.zeros((), device=self.device)
+
+    def _param_groups(self):
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": self.cfg.train.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    # --------------------------------------------------------------------- state
+    def train_state(self) -> dict:
+        state = {
+            "step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time": self.train_time,
+            "interval": dict(self.interval), "loss_accum": self.loss_accum.cpu(), "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict(), "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(),
+                                 self.ema.state_dict() if self.ema else None, self.train_state())
+        self.dist.barrier()
+
+    def resume(self) -> None:
+        path = ckpt.checkpoint_path(self.run_dir)
+        self.model.load_state_dict(ckpt.load_weights(path, use_ema=False))
+        state = ckpt.load_train_state(path)
+        if self.ema:
+            self.ema.load_state_dict(ckpt.load_weights(path, use_ema=True), num_updates=state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.step, self.tokens, self.flops = state["step"], state["tokens"], state["flops"]
+        self.train_time, self.interval = state["train_time"], dict(state["interval"])
+        self.loss_accum = state["loss_accum"].to(self.device)
+        self._truncate_metrics(self.step)
+
+    # --------------------------------------------------------------------- metrics
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def _log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records written after the checkpoint we resume from, so the file continues
+        exactly as an uninterrupted run would have written it."""
+        if not self.dist.is_main or not self.metrics_path.exists():
+            return
+        kept = [ln for ln in self.metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= step]
+        ckpt.write_text_atomic(self.metrics_path, "".join(ln + "\n" for ln in kept))
+
+    # --------------------------------------------------------------------- loop
+    def _done(self) -> bool:
+        tc = self.cfg.train
+        return ((tc.max_steps > 0 and self.step >= tc.max_steps)
+                or (tc.max_flops > 0 and self.flops >= tc.max_flops)
+                or (tc.max_minutes > 0 and self.train_time >= 60.0 * tc.max_minutes))
+
+    def train_step(self) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """One optimizer step. Returns (mean loss, S, grad norm) as tensors (no host sync)."""
+        cfg, tc = self.cfg, self.cfg.train
+        num_loops = train_num_loops(self.step, tc.seed, cfg.model.max_train_loops) if self.model.is_looped else 1
+        lr = learning_rate(self.step, tc, tc.max_steps or None)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum_steps):
+            x0 = self.loader.next_batch().to(self.device, non_blocking=True)
+            valid = (x0 != self.data.pad_id) if self.use_pad_mask else None
+            sync = micro == self.accum_steps - 1
+            with (nullcontext() if sync else self.dist.no_sync(self.train_model)):
+                with autocast_context(self.device, tc.precision):
+                    out = diffusion_loss(self.train_model, x0, self.schedule, num_loops=num_loops,
+                                         eps=cfg.diffusion.eps, antithetic=cfg.diffusion.antithetic,
+                                         generator=self.generator, valid=valid, mask_id=self.model.mask_id)
+                (out.loss / self.accum_steps).backward()
+            loss_sum += out.loss.detach() / self.accum_steps
+        if tc.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        else:
+            grad_norm = torch.zeros((), device=self.device)
+        self.optimizer.step()
+        if self.ema:
+            self.ema.update(self.model)
+        self.step += 1
+        self.tokens += tc.batch_size * self.seq_len
+        self.flops += tc.batch_size * train_flops(cfg.model, self.seq_len, num_loops)
+        return loss_sum, num_loops, grad_norm
+
+    def eval_model(self) -> torch.nn.Module:
+        """The EMA weights in a separate module (MDLM evaluates and samples with EMA)."""
+        if not self.ema:
+            return self.model
+        model = copy.deepcopy(self.model)
+        self.ema.copy_to(model)
+        return model
+
+    def validate(self) -> dict:
+        cfg = self.cfg
+        num_loops = cfg.model.max_train_loops if self.model.is_looped else 1
+        result = evaluate_nelbo(self.eval_model(), self.data.blocks("val"), self.schedule, [num_loops],
+                                eps=cfg.diffusion.eps, batch_size=cfg.eval.batch_size,
+                                num_batches=cfg.train.eval_batches, seed=cfg.eval.seed,
+                                pad_id=self.data.pad_id if self.use_pad_mask else None,
+                                device=self.device, precision=cfg.train.precision)[0]
+        record = {"kind": "val", "step": self.step, "val_nll": result["nll"], "val_ppl": result["ppl"],
+                  "val_loops": num_loops, "val_tokens": result["tokens"], "tokens": self.tokens,
+                  "flops": self.flops, "time": round(self.train_time, 3)}
+        self._log(record)
+        return record
+
+    def train(self) -> dict:
+        tc = self.cfg.train
+        bar = tqdm(total=tc.max_steps or None, initial=self.step, disable=not (tc.progress and self.dist.is_main),
+                   dynamic_ncols=True, mininterval=1.0, unit="step")
+        last_val = None
+        try:
+            while not self._done():
+                t0 = time.perf_counter()
+                loss, num_loops, grad_norm = self.train_step()
+                self.loss_accum += loss  # stays on the device: no host sync between log steps
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                step_time = time.perf_counter() - t0
+                self.train_time += step_time
+                self.interval["loops"] += num_loops
+                self.interval["steps"] += 1
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self._done():
+                    # The logged loss is the mean over the steps since the previous record.
+                    loss_value = float(self.dist.mean(self.loss_accum)) / self.interval["steps"]
+                    record = {"kind": "train", "step": self.step, "loss": loss_value,
+                              "lr": learning_rate(self.step - 1, tc, tc.max_steps or None),
+                              "loops": num_loops, "loops_mean": self.interval["loops"] / self.interval["steps"],
+                              "grad_norm": float(grad_norm), "tokens": self.tokens, "flops": self.flops,
+                              "time": round(self.train_time, 3),
+                              "tokens_per_sec": round(tc.batch_size * self.seq_len / max(step_time, 1e-9), 1)}
+                    self._log(record)
+                    self.interval = {"loops": 0, "steps": 0}
+                    self.loss_accum.zero_()
+                    bar.set_postfix(loss=f"{loss_value:.3f}", S=num_loops,
+                                    tok_s=f"{record['tokens_per_sec']:.0f}", PFLOP=f"{self.flops / 1e15:.3f}")
+                if tc.eval_every and self.step % tc.eval_every == 0 and not self._done():
+                    last_val = self.validate()
+                    bar.write(f"step {self.step}: val NELBO {last_val['val_nll']:.4f} (PPL <= {last_val['val_ppl']:.2f}, S={last_val['val_loops']})")
+                if self.step % tc.checkpoint_every == 0 and not self._done():
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            self.save()  # keep the work done so far; `--resume` continues from here
+            raise
+        bar.close()
+        last_val = self.validate()
+        self.save()
+        return {"step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time": self.train_time,
+                "val_nll": last_val["val_nll"], "val_ppl": last_val["val_ppl"], "val_loops": last_val["val_loops"],
+                "unigram_entropy": self.data.meta.get("unigram_entropy"),
+                "unigram_val_xent": self.data.meta.get("unigram_val_xent")}

@@ -1,0 +1,126 @@
+"""Training: loop-count draws, LR, checkpoints, and exact resume after a crash."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loopmdm.config import TrainConfig
+from loopmdm.errors import LoopMDMError
+from loopmdm.training import checkpoint as ckpt
+from loopmdm.training.loops import train_num_loops
+from loopmdm.training.lr import learning_rate
+from loopmdm.training.run import load_run, train
+from loopmdm.training.trainer import Trainer
+
+
+def test_training_loop_counts_identical_across_ranks_and_uniform():
+    draws = [[train_num_loops(step, seed=3, max_train_loops=12) for step in range(3000)] for _rank in range(4)]
+    assert all(d == draws[0] for d in draws)  # every simulated rank draws the same S
+    counts = np.bincount(draws[0], minlength=13)[1:]
+    assert counts.min() > 0 and set(draws[0]) == set(range(1, 13))
+    assert abs(counts / 3000 - 1 / 12).max() < 0.03  # uniform on {1..12}
+    assert draws[0] != [train_num_loops(step, seed=4, max_train_loops=12) for step in range(3000)]
+
+
+def test_learning_rate_warmup_constant_and_cosine():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, lr_schedule="constant")
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(500, cfg) == 1.0
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert learning_rate(10, cfg, 110) == pytest.approx(1.0)
+    assert learning_rate(60, cfg, 110) == pytest.approx(0.55)
+    assert learning_rate(110, cfg, 110) == pytest.approx(0.1)
+
+
+def train_records(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    drop = {"time", "tokens_per_sec"}  # wall-clock fields differ between runs
+    return [{k: v for k, v in r.items() if k not in drop} for r in lines]
+
+
+def test_interrupted_then_resumed_training_reproduces_metrics_exactly(tiny_cfg_factory, tmp_path, monkeypatch):
+    full_cfg = tiny_cfg_factory(f"train.out_dir={tmp_path / 'full'}", "model.dropout=0.1")
+    train(full_cfg, progress_print=lambda *_: None)
+
+    crash_cfg = tiny_cfg_factory(f"train.out_dir={tmp_path / 'crash'}", "model.dropout=0.1")
+    original = Trainer.train_step
+
+    def crashing_step(self):
+        if self.step == 10:  # after the step-8 checkpoint and two more logged steps
+            raise RuntimeError("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crash_cfg, progress_print=lambda *_: None)
+    assert (tmp_path / "crash" / "checkpoints" / "latest").read_text().strip() == "step-0000008"
+    assert train_records(tmp_path / "crash")[-1]["step"] == 10  # records past the checkpoint exist
+    monkeypatch.setattr(Trainer, "train_step", original)
+    train(crash_cfg, resume=True, progress_print=lambda *_: None)
+
+    full, resumed = train_records(tmp_path / "full"), train_records(tmp_path / "crash")
+    assert [r["step"] for r in full] == [r["step"] for r in resumed]
+    assert full == resumed  # losses, S, grad norms, FLOPs, validation: bit-identical
+    a = ckpt.load_weights(ckpt.checkpoint_path(tmp_path / "full"), use_ema=False)
+    b = ckpt.load_weights(ckpt.checkpoint_path(tmp_path / "crash"), use_ema=False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_lowers_the_loss_and_logs_flops(tiny_cfg_factory):
+    cfg = tiny_cfg_factory("train.max_steps=30", "train.eval_every=0", "train.checkpoint_every=100")
+    summary = train(cfg, progress_print=lambda *_: None)
+    cfg_dir = Path(cfg.train.out_dir)
+    records = [r for r in train_records(cfg_dir) if r["kind"] == "train"]
+    assert np.mean([r["loss"] for r in records[-5:]]) < np.mean([r["loss"] for r in records[:5]])
+    assert all(1 <= r["loops"] <= 3 for r in records)
+    flops = [r["flops"] for r in records]
+    assert all(b > a for a, b in zip(flops, flops[1:]))
+    assert summary["step"] == 30 and (cfg_dir / "config.yaml").is_file()
+    assert (cfg_dir / "checkpoints" / "step-0000030" / "ema.safetensors").is_file()
+
+
+def test_flops_budget_stops_training(tiny_cfg_factory):
+    from loopmdm.model.flops import train_flops
+    cfg = tiny_cfg_factory("train.max_steps=0", "train.max_flops=1e9")
+    summary = train(cfg, progress_print=lambda *_: None)
+    assert summary["flops"] >= 1e9
+    cfg.model.vocab_size = 300
+    assert summary["flops"] < 1e9 + 8 * train_flops(cfg.model, 32, 3)  # stopped at the first step past it
+
+
+def test_existing_run_is_not_overwritten_without_consent(tiny_cfg_factory):
+    cfg = tiny_cfg_factory("train.max_steps=4")
+    train(cfg, progress_print=lambda *_: None)
+    metrics = Path(cfg.train.out_dir) / "metrics.jsonl"
+    content = metrics.read_text()
+    with pytest.raises(LoopMDMError, match="already holds a checkpoint"):
+        train(cfg, progress_print=lambda *_: None)
+    assert metrics.read_text() == content
+    with pytest.raises(LoopMDMError, match="only train"):
+        train(tiny_cfg_factory("train.max_steps=8", "model.d_model=64"), resume=True, progress_print=lambda *_: None)
+
+
+def test_checkpoint_is_atomic_and_loads_back(tiny_cfg_factory, monkeypatch):
+    cfg = tiny_cfg_factory("train.max_steps=4")
+    train(cfg, progress_print=lambda *_: None)
+    run = load_run(cfg.train.out_dir, device="cpu")
+    assert run.step == 4 and run.model.mask_id == 300
+    path = ckpt.checkpoint_path(cfg.train.out_dir)
+    assert not list(path.parent.glob(".tmp-*"))
+    # A failure while writing a new checkpoint leaves `latest` on the old, complete one.
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(cfg.train.out_dir, 5, {"w": torch.zeros(2)}, None, {"step": 5})
+    monkeypatch.undo()
+    assert ckpt.checkpoint_path(cfg.train.out_dir) == path
+    assert load_run(cfg.train.out_dir, device="cpu").step == 4
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(LoopMDMError, match="corrupt"):
+        load_run(cfg.train.out_dir, device="cpu", use_ema=False)
