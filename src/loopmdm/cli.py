@@ -70,7 +70,7 @@ def cmd_eval(args) -> None:
                              loops, eps=cfg.diffusion.eps, batch_size=args.batch_size or cfg.eval.batch_size,
                              num_batches=cfg.eval.num_batches if args.batches is None else args.batches,
                              draws=args.draws or cfg.eval.draws, seed=cfg.eval.seed if args.seed is None else args.seed,
-                             pad_id=pad_id, device=run.device, precision=args.precision)
+                             pad_id=pad_id, device=run.device, precision=args.precision or cfg.train.precision)
     for r in results:
         r.update({"split": split, "step": run.step, "data": str(data.path)})
     if args.json:
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: eval.batch_size)")
     p.add_argument("--draws", type=int, help="Monte-Carlo draws of (t, mask) per sequence (default: eval.draws)")
     p.add_argument("--seed", type=int, help="seed of the draws (default: eval.seed)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="default: the run's train.precision")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--json", action="store_true", help="print one JSON list of records {loops, nll, ppl, ...}")

@@ -47,9 +47,9 @@ def evaluate_nelbo(model, blocks: np.ndarray, schedule: NoiseSchedule, loops: li
                     out = diffusion_loss(model, x0, schedule, num_loops=num_loops, eps=eps,
                                          antithetic=True, generator=generator, valid=valid)
                 nll_sum += float(out.nll_sum.double())
-                tokens += out.num_tokens
+            tokens += out.num_tokens
             sequences += x0.shape[0]
-        nll = nll_sum / max(tokens, 1)
+        nll = nll_sum / max(tokens * draws, 1)
         results.append({"loops": num_loops, "nll": nll, "ppl": math.exp(min(nll, 700.0)),
                         "tokens": tokens, "sequences": sequences, "draws": draws, "seed": seed})
     model.train(was_training)

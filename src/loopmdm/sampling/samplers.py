@@ -5,7 +5,7 @@ whose masked positions hold `mask_id = V`, `t` a FloatTensor (B,), and logits (B
 the V real tokens only (MDLM's SUBS parameterisation: the mask is never predicted and
 unmasked tokens are carried over). A time-agnostic denoiser ignores `t`.
 
-Samplers (see /work/shared/ANCHORS.md):
+Samplers (MDLM's and LLaDA's conventions; docs/design.md):
 
 * ``ancestral`` -- MDLM's "ddpm" update on the grid t_i = linspace(1, 1e-5, steps + 1). From t
   to s a masked token becomes v with probability (alpha(s) - alpha(t)) / (1 - alpha(t)) * p(v)
