@@ -293,3 +293,16 @@ def test_bad_inputs_give_one_line_errors(corpus: Path, tmp_path: Path):
     assert "meta.json" in error(lambda: load_prepared(data.path))
     assert "vocab.txt" in error(lambda: build_tokenizer(DataConfig(tokenizer="bert-base-uncased",
                                                                    tokenizer_path=str(tmp_path)), []))
+
+
+def test_editing_a_local_file_changes_the_cache_key(tmp_path):
+    from loopmdm.config import DataConfig
+    from loopmdm.data.prepare import cache_key
+
+    doc = tmp_path / "a.txt"
+    doc.write_text("first version of the document")
+    cfg = DataConfig(source="text", paths=[str(doc)], cache_dir=str(tmp_path / "cache"))
+    before = cache_key(cfg)
+    assert cache_key(cfg) == before
+    doc.write_text("a second, longer version of the same document")
+    assert cache_key(cfg) != before

@@ -25,7 +25,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 from loopmdm.config import DataConfig
-from loopmdm.data.corpus import Document, load_splits
+from loopmdm.data.corpus import Document, expand_paths, load_splits
 from loopmdm.data.tokenizer import TextTokenizer, build_tokenizer
 from loopmdm.errors import LoopMDMError, require
 
@@ -148,6 +148,9 @@ def unigram_baselines(train: np.ndarray, val: np.ndarray, pad_id: int, vocab_siz
 def cache_key(cfg: DataConfig) -> str:
     fields = {k: v for k, v in asdict(cfg).items() if k != "cache_dir"}
     fields["format_version"] = FORMAT_VERSION
+    if cfg.source in ("text", "hf") and cfg.paths:
+        # Local files: their size and mtime join the key, so editing a file re-prepares.
+        fields["files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in expand_paths(cfg.paths)]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()[:12]
 
 
