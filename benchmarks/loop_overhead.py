@@ -25,6 +25,7 @@ from loopmdm.diffusion.schedule import make_schedule
 from loopmdm.evaluation.nelbo import autocast_context
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.model.flops import train_flops
+from loopmdm.training.allocator import tune_glibc_malloc
 
 
 def main() -> None:
@@ -37,8 +38,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="", help="fp32 | bf16 (default: the preset's train.precision)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                        help="tuned: what `loopmdm` does on Linux (training/allocator.py); default: glibc as is")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    malloc_tuned = tune_glibc_malloc() if args.malloc == "tuned" else False
 
     cfg = load_config(args.preset)
     seq_len = args.seq_len or cfg.data.seq_len
@@ -86,12 +90,14 @@ def main() -> None:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
     report = {"preset": args.preset, "device": machine, "precision": precision, "batch": args.batch,
               "seq_len": seq_len, "vocab": cfg.model.vocab_size, "loop_layers": [cfg.model.loop_start, cfg.model.loop_end],
-              "n_layers": cfg.model.n_layers, "d_model": cfg.model.d_model, "repeats": args.repeats, "rows": rows}
+              "n_layers": cfg.model.n_layers, "d_model": cfg.model.d_model, "repeats": args.repeats,
+              "malloc_tuned": malloc_tuned, "rows": rows}
     if args.json:
         print(json.dumps(report))
         return
     print(f"{args.preset}: {cfg.model.n_layers}x{cfg.model.d_model}, loop layers [{cfg.model.loop_start}, "
-          f"{cfg.model.loop_end}), batch {args.batch} x {seq_len}, vocab {cfg.model.vocab_size}, {precision}, {machine}")
+          f"{cfg.model.loop_end}), batch {args.batch} x {seq_len}, vocab {cfg.model.vocab_size}, {precision}, {machine}, "
+          f"malloc {'tuned' if malloc_tuned else 'default'}")
     print(f"{'S':>4} {'s/step':>9} {'time ratio':>11} {'FLOPs ratio':>12} {'time/FLOPs':>11} {'GFLOP/s':>9}")
     for r in rows:
         print(f"{r['loops']:>4} {r['step_seconds']:>9.3f} {r['time_ratio']:>11.3f} {r['flops_ratio']:>12.3f} "

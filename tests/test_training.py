@@ -124,3 +124,16 @@ def test_checkpoint_is_atomic_and_loads_back(tiny_cfg_factory, monkeypatch):
     (path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(LoopMDMError, match="corrupt"):
         load_run(cfg.train.out_dir, device="cpu", use_ema=False)
+
+
+def test_malloc_tuning_applies_on_linux_glibc():
+    import platform
+    import sys
+
+    from loopmdm.training.allocator import tune_glibc_malloc
+
+    applied = tune_glibc_malloc()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    else:
+        assert applied is False

@@ -206,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    if args.command in ("train", "eval", "sample"):
+        from loopmdm.training.allocator import tune_glibc_malloc
+
+        tune_glibc_malloc()  # CPU steps reuse memory instead of page-faulting (training/allocator.py)
     try:
         args.func(args)
     except LoopMDMError as exc:
