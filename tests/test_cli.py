@@ -25,9 +25,11 @@ def run_cli(capsys, *argv):
 def assert_one_line_error(code, err, *needles):
     assert code == 2
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    # Progress lines (e.g. "[data ...] using cached ...") may come first; the error is one line, last.
+    assert "Traceback" not in err and lines and lines[-1].startswith("error: "), err
+    assert sum(ln.startswith("error: ") for ln in lines) == 1, err
     for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+        assert needle in lines[-1], (needle, lines[-1])
 
 
 def test_eval_json_reports_each_loop_count(trained_run, capsys):
@@ -121,3 +123,22 @@ def test_tokenizer_mismatch_between_run_and_data(trained_run, capsys):
 def test_resume_without_checkpoint(tmp_path, capsys):
     assert_one_line_error(*run_cli(capsys, "train", "tiny", f"train.out_dir={tmp_path}/fresh", "--resume")[::2],
                           "no checkpoint", "fresh")
+
+
+def test_sample_infills_between_prompt_and_suffix(trained_run, capsys):
+    code, out, _ = run_cli(capsys, "sample", str(trained_run / "run"), "--loops", "2", "--steps", "6", "--num", "2",
+                           "--prompt", "Apple said", "--suffix", " on Monday.", "--json", "--length", "20",
+                           "--sampler", "confidence")
+    assert code == 0
+    for text in json.loads(out)["samples"]:
+        assert text.startswith("Apple said") and text.endswith(" on Monday.")
+
+
+def test_resume_from_corrupt_training_state(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "run", run)
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    (run / "checkpoints" / latest / "train_state.pt").write_bytes(b"not a torch file")
+    overrides = [o for o in tiny_overrides(trained_run) if not o.startswith("train.out_dir")]
+    code, _, err = run_cli(capsys, "train", "tiny", *overrides, f"train.out_dir={run}", "train.max_steps=8", "--resume")
+    assert_one_line_error(code, err, "train_state.pt", "corrupt")

@@ -216,7 +216,9 @@ class Trainer:
 
     def train(self) -> dict:
         tc = self.cfg.train
-        bar = tqdm(total=tc.max_steps or None, initial=self.step, disable=not (tc.progress and self.dist.is_main),
+        # A step total only when steps are the budget; FLOPs- or time-bounded runs show a count.
+        steps_bound = tc.max_steps > 0 and tc.max_flops == 0 and tc.max_minutes == 0
+        bar = tqdm(total=tc.max_steps if steps_bound else None, initial=self.step, disable=not (tc.progress and self.dist.is_main),
                    dynamic_ncols=True, mininterval=1.0, unit="step")
         last_val = None
         try:
