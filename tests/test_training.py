@@ -38,7 +38,7 @@ def test_learning_rate_warmup_constant_and_cosine():
 
 def train_records(run_dir):
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    drop = {"time", "tokens_per_sec"}  # wall-clock fields differ between runs
+    drop = {"time", "tokens_per_sec", "flops_per_sec"}  # wall-clock fields differ between runs
     return [{k: v for k, v in r.items() if k not in drop} for r in lines]
 
 
@@ -137,3 +137,20 @@ def test_malloc_tuning_applies_on_linux_glibc():
         assert applied is True
     else:
         assert applied is False
+
+
+def test_ema_warms_up_then_follows_decay():
+    from loopmdm.training.ema import EMA
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.99)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # n = 1: d = 2 / 11
+    torch.testing.assert_close(ema.shadow["weight"], torch.full((1, 2), 9 / 11))
+    for _ in range(49):
+        ema.update(model)
+    # Target 1 from 0: after n updates the shadow is 1 - prod_k d_k.
+    expected = 1.0 - float(np.prod([min(0.99, (1 + k) / (10 + k)) for k in range(1, 51)]))
+    torch.testing.assert_close(ema.shadow["weight"], torch.full((1, 2), expected))

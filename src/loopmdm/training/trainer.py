@@ -223,8 +223,9 @@ class Trainer:
         last_val = None
         try:
             while not self._done():
-                t0 = time.perf_counter()
+                t0, flops_before = time.perf_counter(), self.flops
                 loss, num_loops, grad_norm = self.train_step()
+                step_flops = self.flops - flops_before
                 self.loss_accum += loss  # stays on the device: no host sync between log steps
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
@@ -241,7 +242,8 @@ class Trainer:
                               "loops": num_loops, "loops_mean": self.interval["loops"] / self.interval["steps"],
                               "grad_norm": float(grad_norm), "tokens": self.tokens, "flops": self.flops,
                               "time": round(self.train_time, 3),
-                              "tokens_per_sec": round(tc.batch_size * self.seq_len / max(step_time, 1e-9), 1)}
+                              "tokens_per_sec": round(tc.batch_size * self.seq_len / max(step_time, 1e-9), 1),
+                              "flops_per_sec": round(step_flops / max(step_time, 1e-9), 1)}
                     self._log(record)
                     self.interval = {"loops": 0, "steps": 0}
                     self.loss_accum.zero_()
