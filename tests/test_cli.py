@@ -142,3 +142,17 @@ def test_resume_from_corrupt_training_state(trained_run, tmp_path, capsys):
     overrides = [o for o in tiny_overrides(trained_run) if not o.startswith("train.out_dir")]
     code, _, err = run_cli(capsys, "train", "tiny", *overrides, f"train.out_dir={run}", "train.max_steps=8", "--resume")
     assert_one_line_error(code, err, "train_state.pt", "corrupt")
+
+
+def test_eval_on_new_text_with_the_runs_tokenizer(trained_run, tmp_path, capsys):
+    """Any corpus can be evaluated once prepared with the run's own tokenizer."""
+    (tmp_path / "a.txt").write_text("The film won three awards at the festival on Sunday night. " * 20)
+    (tmp_path / "b.txt").write_text("Shares in the company rose after strong results were announced. " * 20)
+    code, out, _ = run_cli(capsys, "prepare", "tiny", "data.source=text", f"data.paths=['{tmp_path}/*.txt']",
+                           "data.seq_len=32", "data.val_fraction=0.5", f"data.cache_dir={tmp_path / 'cache'}",
+                           f"data.tokenizer_path={trained_run / 'run' / 'tokenizer.json'}")
+    assert code == 0
+    prepared = json.loads(out)["path"]
+    code, out, _ = run_cli(capsys, "eval", str(trained_run / "run"), "--data", prepared, "--loops", "1,3", "--json")
+    assert code == 0 and [r["loops"] for r in json.loads(out)] == [1, 3]
+    assert all(r["data"] == prepared for r in json.loads(out))

@@ -79,7 +79,7 @@ class DataConfig:
     hf_text_field: str = "text"
     hf_max_docs: int = 0  # 0 = all
     tokenizer: str = "bpe"  # bpe (trained here) | gpt2 | bert-base-uncased
-    tokenizer_path: str = ""  # local folder/file for gpt2/bert when offline
+    tokenizer_path: str = ""  # gpt2/bert: local files (offline); bpe: a tokenizer.json to reuse instead of training
     bpe_vocab_size: int = 2048
     seq_len: int = 128
     packing: str = "wrap"  # wrap: docs + EOS concatenated and cut; pad: one doc per row

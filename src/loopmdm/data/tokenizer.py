@@ -170,6 +170,8 @@ def _bert(cfg: DataConfig) -> Tokenizer:
 def build_tokenizer(cfg: DataConfig, train_texts: Iterable[str]) -> TextTokenizer:
     """The configured tokenizer; only `bpe` reads `train_texts` (it is trained on them)."""
     if cfg.tokenizer == "bpe":
+        if cfg.tokenizer_path:  # reuse a trained one, e.g. a run's tokenizer.json to evaluate it on new text
+            return TextTokenizer(_load_json(Path(cfg.tokenizer_path).expanduser()), "bpe")
         return TextTokenizer(_train_bpe(cfg, train_texts), "bpe")
     if cfg.tokenizer == "gpt2":
         return TextTokenizer(_gpt2(cfg), "gpt2")
