@@ -86,7 +86,7 @@ class Trainer:
         self.micro_batch, self.accum_steps = micro, tc.batch_size // (micro * world)
         self.seq_len = data.seq_len
         self.loader = BlockLoader(data.blocks("train"), micro, tc.seed, self.dist.rank, world)
-        self.generator = torch.Generator(device=self.device).manual_seed(tc.seed * 7919 + self.dist.rank)
+        self.generator = torch.Generator(device=self.device)  # reseeded every step (train_step)
         self.use_pad_mask = data.meta.get("packing") == "pad"
         # Counters that a checkpoint carries so that a resumed run continues exactly.
         self.step, self.tokens, self.flops, self.train_time = 0, 0, 0.0, 0.0
@@ -104,11 +104,8 @@ class Trainer:
         state = {
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time": self.train_time,
             "interval": dict(self.interval), "loss_accum": self.loss_accum.cpu(), "optimizer": self.optimizer.state_dict(),
-            "loader": self.loader.state_dict(), "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "loader": self.loader.state_dict(),
         }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def save(self) -> None:
@@ -125,10 +122,6 @@ class Trainer:
             self.ema.load_state_dict(ckpt.load_weights(path, use_ema=True), num_updates=state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step, self.tokens, self.flops = state["step"], state["tokens"], state["flops"]
         self.train_time, self.interval = state["train_time"], dict(state["interval"])
         self.loss_accum = state["loss_accum"].to(self.device)
@@ -164,6 +157,12 @@ class Trainer:
         """One optimizer step. Returns (mean loss, S, grad norm) as tensors (no host sync)."""
         cfg, tc = self.cfg, self.cfg.train
         num_loops = train_num_loops(self.step, tc.seed, cfg.model.max_train_loops) if self.model.is_looped else 1
+        # Every random draw of the step (t, masks, dropout) comes from a seed fixed by
+        # (seed, rank, step): ranks differ, and a resumed run repeats the step exactly on any
+        # number of ranks, with no RNG state to carry in the checkpoint.
+        step_seed = ((tc.seed * 1_000_003 + self.dist.rank) * 1_000_003 + self.step) % (2**63)
+        self.generator.manual_seed(step_seed)
+        torch.manual_seed(step_seed)
         lr = learning_rate(self.step, tc, tc.max_steps or None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
