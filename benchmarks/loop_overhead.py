@@ -22,7 +22,7 @@ import torch
 from loopmdm.config import load_config
 from loopmdm.diffusion.objective import diffusion_loss
 from loopmdm.diffusion.schedule import make_schedule
-from loopmdm.evaluation.nelbo import autocast_context
+from loopmdm.devices import autocast_context
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.model.flops import train_flops
 from loopmdm.training.allocator import tune_glibc_malloc

@@ -147,7 +147,8 @@ def test_cache_matches_ancestral_with_changing_loops():
     anc = run("ancestral", steps=100, loops=loops, seed=3, den=den_a)
     cac = run("cache", steps=100, loops=loops, seed=3, den=den_c)
     # every (state, loops) prediction ancestral used was also computed by cache, none reused across loop counts
-    key = lambda calls: {(tuple(x.flatten().tolist()), n) for x, n, _ in calls}
+    def key(calls):
+        return {(tuple(x.flatten().tolist()), n) for x, n, _ in calls}
     assert key(den_a.calls) == key(den_c.calls)
     assert torch.equal(anc.tokens, cac.tokens) and cac.nfe < anc.nfe
     assert set(cac.loops_per_call) <= set(anc.loops_per_call) and len(set(cac.loops_per_call)) > 1

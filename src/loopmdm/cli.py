@@ -87,6 +87,7 @@ def cmd_sample(args) -> None:
     import torch
 
     from loopmdm.diffusion.schedule import make_schedule
+    from loopmdm.devices import autocast_context
     from loopmdm.sampling.loop_schedule import ConstantLoops
     from loopmdm.sampling.samplers import decode_samples, sample
     from loopmdm.training.run import load_run
@@ -109,7 +110,8 @@ def cmd_sample(args) -> None:
     time_agnostic = not cfg.model.time_conditioning
 
     def denoiser(x, num_loops, t):
-        return model(x, num_loops=num_loops, t=t).float()
+        with autocast_context(run.device, cfg.train.precision):  # the sampler works in float64 after
+            return model(x, num_loops=num_loops, t=t).float()
 
     result = sample(denoiser, mask_id=mask_id, x_init=template.to(run.device), steps=args.steps,
                     loops=ConstantLoops(args.loops), sampler=args.sampler,

@@ -9,21 +9,14 @@ reseeded per S — so differences between loop counts are paired, not noise.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from loopmdm.data.loader import iter_eval_batches
+from loopmdm.devices import autocast_context
 from loopmdm.diffusion.objective import diffusion_loss
 from loopmdm.diffusion.schedule import NoiseSchedule
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast when asked for (or 'auto' on a CUDA device that supports it)."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
 @torch.no_grad()

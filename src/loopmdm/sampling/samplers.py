@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loopmdm.diffusion.schedule import NoiseSchedule
-from loopmdm.errors import LoopMDMError, require
+from loopmdm.errors import require
 from loopmdm.sampling.loop_schedule import LoopSchedule, as_loop_schedule
 
 SAMPLERS = ("ancestral", "cache", "confidence")

@@ -23,7 +23,8 @@ from loopmdm.data.tokenizer import TextTokenizer
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.training import checkpoint as ckpt
-from loopmdm.training.trainer import DistContext, Trainer, resolve_device
+from loopmdm.devices import resolve_device
+from loopmdm.training.trainer import DistContext, Trainer
 
 
 def _first_difference(a, b, prefix: str = "") -> str | None:

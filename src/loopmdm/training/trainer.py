@@ -23,10 +23,11 @@ from tqdm import tqdm
 from loopmdm.config import Config
 from loopmdm.data.loader import BlockLoader
 from loopmdm.data.prepare import PreparedData
+from loopmdm.devices import autocast_context, resolve_device
 from loopmdm.diffusion.objective import diffusion_loss
 from loopmdm.diffusion.schedule import make_schedule
 from loopmdm.errors import require
-from loopmdm.evaluation.nelbo import autocast_context, evaluate_nelbo
+from loopmdm.evaluation.nelbo import evaluate_nelbo
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.model.flops import train_flops
 from loopmdm.training import checkpoint as ckpt
@@ -57,13 +58,6 @@ class DistContext:
 
     def barrier(self) -> None:
         pass
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    require(name != "cuda" or torch.cuda.is_available(), "train.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 class Trainer:

@@ -1,0 +1,25 @@
+"""Device and numeric-precision choices shared by training, evaluation and sampling."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from loopmdm.errors import require
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' = CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    require(name != "cuda" or torch.cuda.is_available(), f"device '{name}' was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast when asked for, or for 'auto' on a CUDA device that supports it.
+    (On CPU 'auto' stays fp32: bf16 speed there depends on the processor; presets opt in.)"""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
