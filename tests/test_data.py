@@ -185,6 +185,9 @@ def test_prepare_wrap_writes_caches_and_round_trips(corpus: Path, tmp_path: Path
     assert meta["n_train_tokens"] == train.size
     assert 0 < meta["unigram_entropy"] < math.log(data.vocab_size)
     assert math.isfinite(meta["unigram_val_xent"]) and meta["unigram_val_xent"] > 0
+    # The stored counts reproduce the baseline on the whole split, and give one for any subset.
+    assert data.unigram_xent(val) == pytest.approx(meta["unigram_val_xent"], rel=1e-9)
+    assert data.unigram_xent(val[:1]) != pytest.approx(meta["unigram_val_xent"], rel=1e-9)
     texts = [d.text for d in iter_documents(cfg)]
     for block in list(train) + list(val):
         for piece in data.tokenizer.decode(block).split("<|endoftext|>"):
@@ -263,7 +266,11 @@ def test_iter_eval_batches_in_order_keeps_tail():
     batches = list(iter_eval_batches(blocks, batch_size=4))
     assert [len(b) for b in batches] == [4, 4, 2]
     assert torch.equal(torch.cat(batches), torch.from_numpy(blocks.astype(np.int64)))
-    assert len(list(iter_eval_batches(blocks, batch_size=4, num_batches=2))) == 2
+    limited = list(iter_eval_batches(blocks, batch_size=4, num_batches=2))
+    assert len(limited) == 2
+    # A limited evaluation spreads its rows over the whole split, first and last included.
+    rows = torch.cat(limited)[:, 0] // 3
+    assert rows.tolist() == [0, 1, 3, 4, 5, 6, 8, 9]
 
 
 # --- user errors -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -71,13 +72,19 @@ def cmd_eval(args) -> None:
                              num_batches=cfg.eval.num_batches if args.batches is None else args.batches,
                              draws=args.draws or cfg.eval.draws, seed=cfg.eval.seed if args.seed is None else args.seed,
                              pad_id=pad_id, device=run.device, precision=args.precision or cfg.train.precision)
+    from loopmdm.data.loader import eval_rows
+
+    blocks = data.blocks(split)
+    rows = eval_rows(len(blocks), args.batch_size or cfg.eval.batch_size,
+                     cfg.eval.num_batches if args.batches is None else args.batches)
+    unigram = data.unigram_xent(blocks[rows])  # the same rows the model was scored on
     for r in results:
-        r.update({"split": split, "step": run.step, "data": str(data.path)})
+        r.update({"split": split, "step": run.step, "data": str(data.path), "unigram_xent": unigram})
     if args.json:
         print(json.dumps(results))
         return
     print(f"run {run.run_dir} (step {run.step}), {split} split of {data.path}")
-    print(f"unigram baseline: {data.meta.get('unigram_val_xent', float('nan')):.4f} nats/token")
+    print(f"{results[0]['sequences']} sequences; unigram baseline on them: {unigram:.4f} nats/token (PPL {math.exp(unigram):.2f})")
     print(f"{'loops':>6} {'NELBO/token':>12} {'PPL <=':>10} {'tokens':>10} {'draws':>6}")
     for r in results:
         print(f"{r['loops']:>6} {r['nll']:>12.4f} {r['ppl']:>10.2f} {r['tokens']:>10} {r['draws']:>6}")

@@ -83,11 +83,20 @@ class BlockLoader:
         self.epoch, self.cursor = epoch, cursor
 
 
+def eval_rows(n_blocks: int, batch_size: int, num_batches: int = 0) -> np.ndarray:
+    """Which rows an evaluation reads: all of them, or — when num_batches limits it — rows
+    spread evenly over the split. Splits are stored in document order (e.g. the embedded
+    validation split starts with Shakespeare), so the first rows would be a biased sample."""
+    wanted = num_batches * batch_size
+    if num_batches == 0 or wanted >= n_blocks:
+        return np.arange(n_blocks)
+    return np.unique(np.linspace(0, n_blocks - 1, wanted).round().astype(np.int64))
+
+
 def iter_eval_batches(blocks: np.ndarray, batch_size: int, num_batches: int = 0) -> Iterator[torch.Tensor]:
-    """Blocks in order, unshuffled, last partial batch kept; num_batches=0 = the whole split."""
+    """Unshuffled batches of `eval_rows` (the whole split when num_batches = 0), last partial batch kept."""
     require(batch_size > 0, f"batch_size={batch_size} must be > 0")
     require(num_batches >= 0, f"num_batches={num_batches} must be >= 0")
-    for i, start in enumerate(range(0, len(blocks), batch_size)):
-        if num_batches and i >= num_batches:
-            return
-        yield _to_tensor(blocks[start:start + batch_size])
+    rows = eval_rows(len(blocks), batch_size, num_batches)
+    for start in range(0, len(rows), batch_size):
+        yield _to_tensor(blocks[rows[start:start + batch_size]])

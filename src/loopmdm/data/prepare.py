@@ -30,7 +30,8 @@ from loopmdm.data.tokenizer import TextTokenizer, build_tokenizer
 from loopmdm.errors import LoopMDMError, require
 
 # Bump when the on-disk layout or packing changes, so old caches are not reused.
-FORMAT_VERSION = 2  # 2: streaming preparation, train documents in corpus order
+FORMAT_VERSION = 3  # 2: streaming preparation, train documents in corpus order; 3: unigram counts
+UNIGRAM_FILE = "train_unigram_counts.npy"
 SPLITS = ("train", "val")
 ENCODE_CHUNK = 256  # documents per encode_batch call
 META_KEYS = ("vocab_size", "eos_id", "pad_id", "bos_id", "tokenizer", "tokenizer_fingerprint",
@@ -51,6 +52,18 @@ class PreparedData:
         if n == 0:  # np.memmap cannot map an empty file
             return np.zeros((0, self.seq_len), dtype=dtype)
         return np.memmap(self.path / f"{split}.bin", dtype=dtype, mode="r", shape=(n, self.seq_len))
+
+    def unigram_xent(self, blocks: np.ndarray) -> float:
+        """Cross-entropy (nats/token) of `blocks` under the add-one train unigram: the floor a
+        model evaluated on exactly these rows must beat. NaN if the counts file is absent."""
+        path = self.path / UNIGRAM_FILE
+        if not path.is_file():
+            return float("nan")
+        counts = np.load(path).astype(np.float64)
+        log_p = np.log((counts + 1.0) / (counts.sum() + len(counts)))
+        tokens = np.asarray(blocks).reshape(-1).astype(np.int64)
+        tokens = tokens[tokens != self.pad_id]
+        return float(-log_p[tokens].mean()) if len(tokens) else float("nan")
 
     @property
     def vocab_size(self) -> int:
@@ -211,6 +224,7 @@ def _build(cfg: DataConfig, out_dir: Path, log) -> None:
             f"packing gave {train.n_blocks} train and {val.n_blocks} val blocks of data.seq_len={cfg.seq_len} "
             f"(packing={cfg.packing}); both need at least 1: use a smaller data.seq_len or more data")
     tokenizer.save(out_dir / "tokenizer.json")
+    np.save(out_dir / UNIGRAM_FILE, train.counts)  # for unigram baselines on any evaluated subset
     entropy, xent = unigram_baselines(train.counts, val.counts)
     meta = {
         "format_version": FORMAT_VERSION,

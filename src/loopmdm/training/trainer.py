@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from loopmdm.config import Config
-from loopmdm.data.loader import BlockLoader
+from loopmdm.data.loader import BlockLoader, eval_rows
 from loopmdm.data.prepare import PreparedData
 from loopmdm.devices import autocast_context, resolve_device
 from loopmdm.diffusion.objective import diffusion_loss
@@ -82,6 +82,7 @@ class Trainer:
         self.loader = BlockLoader(data.blocks("train"), micro, tc.seed, self.dist.rank, world)
         self.generator = torch.Generator(device=self.device)  # reseeded every step (train_step)
         self.use_pad_mask = data.meta.get("packing") == "pad"
+        self.val_unigram: float | None = None
         # Counters that a checkpoint carries so that a resumed run continues exactly.
         self.step, self.tokens, self.flops, self.train_time = 0, 0, 0.0, 0.0
         self.interval = {"loops": 0, "steps": 0}
@@ -201,7 +202,12 @@ class Trainer:
                                 num_batches=cfg.train.eval_batches, seed=cfg.eval.seed,
                                 pad_id=self.data.pad_id if self.use_pad_mask else None,
                                 device=self.device, precision=cfg.train.precision)[0]
+        if self.val_unigram is None:  # the floor on exactly the validated rows (computed once)
+            blocks = self.data.blocks("val")
+            self.val_unigram = self.data.unigram_xent(
+                blocks[eval_rows(len(blocks), cfg.eval.batch_size, cfg.train.eval_batches)])
         record = {"kind": "val", "step": self.step, "val_nll": result["nll"], "val_ppl": result["ppl"],
+                  "val_unigram_xent": self.val_unigram,
                   "val_loops": num_loops, "val_tokens": result["tokens"], "tokens": self.tokens,
                   "flops": self.flops, "time": round(self.train_time, 3)}
         self._log(record)
@@ -256,5 +262,4 @@ class Trainer:
         self.save()
         return {"step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time": self.train_time,
                 "val_nll": last_val["val_nll"], "val_ppl": last_val["val_ppl"], "val_loops": last_val["val_loops"],
-                "unigram_entropy": self.data.meta.get("unigram_entropy"),
-                "unigram_val_xent": self.data.meta.get("unigram_val_xent")}
+                "val_unigram_xent": last_val["val_unigram_xent"]}
