@@ -154,3 +154,23 @@ def test_ema_warms_up_then_follows_decay():
     # Target 1 from 0: after n updates the shadow is 1 - prod_k d_k.
     expected = 1.0 - float(np.prod([min(0.99, (1 + k) / (10 + k)) for k in range(1, 51)]))
     torch.testing.assert_close(ema.shadow["weight"], torch.full((1, 2), expected))
+
+
+def test_padded_data_trains_and_pads_never_count(tiny_cfg_factory):
+    """packing=pad: one document per row; pads are never masked, scored or attended to."""
+    cfg = tiny_cfg_factory("data.packing=pad", "data.seq_len=64", "train.max_steps=3")
+    summary = train(cfg, progress_print=lambda *_: None)
+    assert np.isfinite(summary["val_nll"])
+    from loopmdm.data.prepare import prepare_data
+
+    data = prepare_data(cfg.data)
+    assert data.meta["packing"] == "pad" and (data.blocks("train") == data.pad_id).any()
+    from loopmdm.diffusion.objective import diffusion_loss
+    from loopmdm.diffusion.schedule import make_schedule
+
+    run = load_run(cfg.train.out_dir, device="cpu")
+    x0 = torch.from_numpy(data.blocks("val")[:4].astype(np.int64))
+    valid = x0 != data.pad_id
+    out = diffusion_loss(run.model, x0, make_schedule("linear"), num_loops=2, eps=0.0, valid=valid,
+                         t=torch.ones(4))
+    assert out.num_tokens == int(valid.sum()) and int(out.num_masked) == int(valid.sum())  # t = 1: all real tokens
