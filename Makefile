@@ -3,8 +3,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LOOPMDM := $(VENV)/bin/loopmdm
 DEMO_RUN ?= runs/demo
-# Torch uses both cores inside one process; tests run two workers with one thread each.
-export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo test bench clean tokenizers
 
@@ -28,6 +26,7 @@ demo: install
 	$(LOOPMDM) sample $(DEMO_RUN) --loops 12 --steps 64 --num 3 --length 64
 	$(LOOPMDM) sample $(DEMO_RUN) --loops 12 --steps 64 --num 2 --length 64 --prompt "The government said"
 
+# Two pytest workers with one torch thread each use the two cores without oversubscription.
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 tests
 
