@@ -174,3 +174,28 @@ def test_padded_data_trains_and_pads_never_count(tiny_cfg_factory):
     out = diffusion_loss(run.model, x0, make_schedule("linear"), num_loops=2, eps=0.0, valid=valid,
                          t=torch.ones(4))
     assert out.num_tokens == int(valid.sum()) and int(out.num_masked) == int(valid.sum())  # t = 1: all real tokens
+
+
+def test_sigterm_stops_between_steps_saves_and_resumes_exactly(tiny_cfg_factory, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    full_cfg = tiny_cfg_factory(f"train.out_dir={tmp_path / 'full'}")
+    train(full_cfg, progress_print=lambda *_: None)
+
+    cfg = tiny_cfg_factory(f"train.out_dir={tmp_path / 'preempted'}")
+    original = Trainer.train_step
+
+    def preempted_step(self):
+        if self.step == 5:  # the signal lands in the middle of step 6
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", preempted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress_print=lambda *_: None)
+    assert (tmp_path / "preempted" / "checkpoints" / "latest").read_text().strip() == "step-0000006"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(Trainer, "train_step", original)
+    train(cfg, resume=True, progress_print=lambda *_: None)
+    assert train_records(tmp_path / "full") == train_records(tmp_path / "preempted")

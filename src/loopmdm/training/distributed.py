@@ -38,6 +38,11 @@ class DDPContext(DistContext):
     def barrier(self) -> None:
         torch_dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+        return bool(value.item())
+
 
 @contextmanager
 def dist_context(device: str = "auto"):

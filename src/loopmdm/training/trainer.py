@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -58,6 +61,39 @@ class DistContext:
 
     def barrier(self) -> None:
         pass
+
+    def any(self, flag: bool) -> bool:
+        """True if `flag` is set on any rank."""
+        return flag
+
+
+class StopOnSignal:
+    """SIGINT / SIGTERM (Ctrl-C, a scheduler's preemption) ask the loop to stop *between*
+    steps, so the checkpoint it then writes is consistent (never half an optimizer step).
+    A second Ctrl-C stops at once, without saving."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.name = ""
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.name = True, signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers only work there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 class Trainer:
@@ -220,8 +256,15 @@ class Trainer:
         bar = tqdm(total=tc.max_steps if steps_bound else None, initial=self.step, disable=not (tc.progress and self.dist.is_main),
                    dynamic_ncols=True, mininterval=1.0, unit="step")
         last_val = None
-        try:
+        with StopOnSignal() as stop:
             while not self._done():
+                if self.dist.any(stop.requested):  # every rank stops after the same step
+                    bar.close()
+                    self.save()
+                    if self.dist.is_main:
+                        print(f"stopped by {stop.name} after step {self.step}; checkpoint saved, "
+                              f"continue with --resume", file=sys.stderr)
+                    raise KeyboardInterrupt
                 t0, flops_before = time.perf_counter(), self.flops
                 loss, num_loops, grad_norm = self.train_step()
                 step_flops = self.flops - flops_before
@@ -253,10 +296,6 @@ class Trainer:
                     bar.write(f"step {self.step}: val NELBO {last_val['val_nll']:.4f} (PPL <= {last_val['val_ppl']:.2f}, S={last_val['val_loops']})")
                 if self.step % tc.checkpoint_every == 0 and not self._done():
                     self.save()
-        except KeyboardInterrupt:
-            bar.close()
-            self.save()  # keep the work done so far; `--resume` continues from here
-            raise
         bar.close()
         last_val = self.validate()
         self.save()
