@@ -100,6 +100,12 @@ def test_existing_run_is_not_overwritten_without_consent(tiny_cfg_factory):
     with pytest.raises(LoopMDMError, match="already holds a checkpoint"):
         train(cfg, progress_print=lambda *_: None)
     assert metrics.read_text() == content
+    partial = Path(cfg.train.out_dir).parent / "partial"
+    partial.mkdir()
+    (partial / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    with pytest.raises(LoopMDMError, match="not empty"):
+        train(tiny_cfg_factory(f"train.out_dir={partial}"), progress_print=lambda *_: None)
+    assert (partial / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1}\n'
     with pytest.raises(LoopMDMError, match="only train"):
         train(tiny_cfg_factory("train.max_steps=8", "model.d_model=64"), resume=True, progress_print=lambda *_: None)
 

@@ -54,6 +54,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, dist: Dist
     if ckpt.has_checkpoint(run_dir) and not resume and not overwrite:
         raise LoopMDMError(f"run directory '{run_dir}' already holds a checkpoint; pass --resume to continue it, "
                            f"--overwrite to replace it, or set train.out_dir to a new folder")
+    if not resume and not overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise LoopMDMError(f"run directory '{run_dir}' is not empty (an earlier run that saved no checkpoint?); "
+                           f"pass --overwrite to replace it or set train.out_dir to a new folder")
     if resume and not ckpt.has_checkpoint(run_dir):
         raise LoopMDMError(f"--resume: no checkpoint in '{run_dir}' to resume from")
     if dist.is_main and overwrite and not resume and run_dir.exists():
