@@ -23,8 +23,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 demo: install
 	$(LOOPMDM) train tiny --overwrite train.out_dir=$(DEMO_RUN)
 	$(LOOPMDM) eval $(DEMO_RUN) --loops 1,4,12,24
-	$(LOOPMDM) sample $(DEMO_RUN) --loops 12 --steps 64 --num 3 --length 64
-	$(LOOPMDM) sample $(DEMO_RUN) --loops 12 --steps 64 --num 2 --length 64 --prompt "The government said"
+	$(LOOPMDM) sample $(DEMO_RUN) --num 3 --length 64
+	$(LOOPMDM) sample $(DEMO_RUN) --num 2 --length 64 --prompt "The government said"
 
 # Two pytest workers with one torch thread each use the two cores without oversubscription.
 test: install

@@ -100,6 +100,10 @@ def cmd_sample(args) -> None:
 
     run = load_run(args.run, device=args.device)
     cfg, model = run.cfg, run.model
+    for key in ("loops", "steps", "num", "sampler", "temperature", "seed"):  # unset options: the run's sample.*
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(cfg.sample, {"loops": "num_loops", "num": "num_samples"}.get(key, key)))
+    require(args.num >= 1 and args.steps >= 1, f"--num {args.num} and --steps {args.steps} must be >= 1")
     seq_len = args.length or cfg.data.seq_len
     require(seq_len >= 1, f"--length {seq_len} must be >= 1")
     mask_id = model.mask_id
@@ -185,15 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate text with the trained model")
     p.add_argument("run", help="run directory written by `loopmdm train`")
-    p.add_argument("--loops", type=int, default=12, help="loop iterations per denoiser call")
-    p.add_argument("--steps", type=int, default=128, help="denoising steps")
-    p.add_argument("--num", type=int, default=4, help="number of samples")
+    p.add_argument("--loops", type=int, help="loop iterations per denoiser call (default: sample.num_loops)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
+    p.add_argument("--num", type=int, help="number of samples (default: sample.num_samples)")
     p.add_argument("--length", type=int, default=0, help="tokens per sample (default: the training length)")
     p.add_argument("--prompt", default="", help="text the samples start with (never changed)")
     p.add_argument("--suffix", default="", help="text the samples end with (infilling)")
-    p.add_argument("--sampler", default="cache", choices=["ancestral", "cache", "confidence"])
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=["ancestral", "cache", "confidence"], help="default: sample.sampler")
+    p.add_argument("--temperature", type=float, help="default: sample.temperature")
+    p.add_argument("--seed", type=int, help="default: sample.seed")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sample)
