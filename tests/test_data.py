@@ -216,7 +216,7 @@ def test_prepare_rebuilds_a_folder_without_meta(corpus: Path, tmp_path: Path):
 
 
 def test_hf_source_on_local_jsonl(tmp_path: Path, monkeypatch):
-    datasets = pytest.importorskip("datasets")  # optional extra: loopmdm[hf]
+    import datasets  # in requirements.txt: this path is always tested
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
     rows = tmp_path / "rows.jsonl"
