@@ -111,6 +111,7 @@ class Trainer:
         self.ema = EMA(self.model, tc.ema) if tc.ema > 0 else None
         world = self.dist.world_size
         micro = tc.micro_batch_size or tc.batch_size // world
+        require(micro >= 1, f"train.batch_size={tc.batch_size} is smaller than the world size {world}")
         require(tc.batch_size % (micro * world) == 0,
                 f"train.batch_size={tc.batch_size} must be a multiple of micro_batch_size x world_size = {micro} x {world}")
         self.micro_batch, self.accum_steps = micro, tc.batch_size // (micro * world)
