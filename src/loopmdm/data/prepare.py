@@ -11,6 +11,7 @@ looks complete.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -59,8 +60,7 @@ class PreparedData:
         path = self.path / UNIGRAM_FILE
         if not path.is_file():
             return float("nan")
-        counts = np.load(path).astype(np.float64)
-        log_p = np.log((counts + 1.0) / (counts.sum() + len(counts)))
+        log_p = add_one_log_probs(np.load(path))
         tokens = np.asarray(blocks).reshape(-1).astype(np.int64)
         tokens = tokens[tokens != self.pad_id]
         return float(-log_p[tokens].mean()) if len(tokens) else float("nan")
@@ -158,6 +158,12 @@ class BlockWriter:
         self.file.close()
 
 
+def add_one_log_probs(counts: np.ndarray) -> np.ndarray:
+    """log p(id) of the add-one (Laplace) smoothed unigram fitted to per-id `counts`."""
+    counts = counts.astype(np.float64)
+    return np.log((counts + 1.0) / (counts.sum() + len(counts)))
+
+
 def unigram_baselines(train_counts: np.ndarray, val_counts: np.ndarray) -> Tuple[float, float]:
     """(entropy of the train unigram, cross-entropy of val under the add-one train unigram),
     nats/token, from per-id token counts (pads excluded). A model that beats neither has
@@ -165,9 +171,8 @@ def unigram_baselines(train_counts: np.ndarray, val_counts: np.ndarray) -> Tuple
     counts = train_counts.astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * np.log(p)).sum())
-    smoothed = (counts + 1.0) / (counts.sum() + len(counts))
     n_val = val_counts.sum()
-    xent = float(-(val_counts * np.log(smoothed)).sum() / n_val) if n_val else float("nan")
+    xent = float(-(val_counts * add_one_log_probs(train_counts)).sum() / n_val) if n_val else float("nan")
     return entropy, xent
 
 
@@ -205,15 +210,10 @@ def _build(cfg: DataConfig, out_dir: Path, log) -> None:
     for split in SPLITS:
         writer = BlockWriter(out_dir / f"{split}.bin", cfg.packing, cfg.seq_len, tokenizer.eos_id,
                              tokenizer.pad_id, tokenizer.vocab_size, dtype)
-        chunk: List[str] = []
-        for doc in corpus.iter(split):
-            chunk.append(doc.text)
-            if len(chunk) == ENCODE_CHUNK:
-                for ids in tokenizer.encode_batch(chunk):
-                    writer.add(ids)
-                chunk = []
-        for ids in tokenizer.encode_batch(chunk):
-            writer.add(ids)
+        docs = corpus.iter(split)
+        while chunk := [doc.text for doc in itertools.islice(docs, ENCODE_CHUNK)]:
+            for ids in tokenizer.encode_batch(chunk):
+                writer.add(ids)
         writer.close()
         writers[split] = writer
         log(f"{split}: {writer.n_docs} documents, {int(writer.counts.sum())} tokens -> {writer.n_blocks} blocks")
