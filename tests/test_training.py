@@ -9,10 +9,11 @@ import torch
 
 from loopmdm.config import TrainConfig
 from loopmdm.errors import LoopMDMError
+from loopmdm.runs import load_run
 from loopmdm.training import checkpoint as ckpt
 from loopmdm.training.loops import train_num_loops
 from loopmdm.training.lr import learning_rate
-from loopmdm.training.run import load_run, train
+from loopmdm.training.run import train
 from loopmdm.training.trainer import Trainer
 
 

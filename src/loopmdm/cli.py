@@ -53,7 +53,7 @@ def cmd_eval(args) -> None:
     from loopmdm.data.prepare import load_prepared
     from loopmdm.diffusion.schedule import make_schedule
     from loopmdm.evaluation.nelbo import evaluate_nelbo
-    from loopmdm.training.run import check_tokenizer_match, load_run
+    from loopmdm.runs import check_tokenizer_match, load_run
 
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     cfg = run.cfg
@@ -70,7 +70,7 @@ def cmd_eval(args) -> None:
                              loops, eps=cfg.diffusion.eps, batch_size=args.batch_size or cfg.eval.batch_size,
                              num_batches=cfg.eval.num_batches if args.batches is None else args.batches,
                              draws=args.draws or cfg.eval.draws, seed=cfg.eval.seed if args.seed is None else args.seed,
-                             pad_id=pad_id, device=run.device, precision=args.precision or cfg.train.precision)
+                             pad_id=pad_id, prompt_len=data.prompt_len, device=run.device, precision=args.precision or cfg.train.precision)
     from loopmdm.data.loader import eval_rows
 
     blocks = data.blocks(split)
@@ -96,7 +96,7 @@ def cmd_sample(args) -> None:
     from loopmdm.devices import autocast_context
     from loopmdm.sampling.loop_schedule import ConstantLoops
     from loopmdm.sampling.samplers import decode_samples, sample
-    from loopmdm.training.run import load_run
+    from loopmdm.runs import load_run
 
     run = load_run(args.run, device=args.device)
     cfg, model = run.cfg, run.model
@@ -136,6 +136,41 @@ def cmd_sample(args) -> None:
     for i, text in enumerate(texts):
         print(f"--- sample {i} ({args.sampler}, {args.steps} steps, S={args.loops}, {result.nfe} denoiser calls)")
         print(text)
+
+
+def cmd_solve(args) -> None:
+    from loopmdm.evaluation.solve import solve_task, task_test_set
+    from loopmdm.runs import load_run
+
+    run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
+    require(args.num >= 1, f"--num {args.num} must be >= 1")
+    data = run.prepared_data()
+    loops = _loops_list(args.loops)
+    test = task_test_set(data, args.num, seed=args.seed)
+    results = solve_task(run.model, data, test, loops, args.order, run.device,
+                         precision=args.precision or run.cfg.train.precision)
+    for r in results:
+        r.update({"step": run.step, "task": test["task"]})
+    if args.json:
+        print(json.dumps(results))
+        return
+    print(f"run {run.run_dir} (step {run.step}), task {test['task']}, {len(test['x'])} test examples, order {args.order}")
+    for r in results:
+        if test["task"] == "khop":
+            hops = " ".join(f"{a:.3f}" for a in r["per_hop"])
+            print(f"S={r['loops']:>3}  accuracy {r['acc']:.3f}  all hops {r['all_hops']:.3f}  per hop: {hops}")
+        else:
+            diffs = "  ".join(f"{k}:{v['solved']:.2f}(n={v['n']})" for k, v in r["by_difficulty"].items())
+            print(f"S={r['loops']:>3}  solved {r['solved']:.3f}  cell accuracy {r['cell_acc']:.3f}  by rounds {diffs}")
+
+
+def cmd_experiment(args) -> None:
+    from loopmdm.experiments.runner import run_suite
+
+    names = list(args.suites)
+    for name in names:
+        run_suite(name, args.scale, out=args.out if len(names) == 1 else None, jobs=args.jobs,
+                  dry_run=args.dry_run, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
 
 
 def cmd_flops(args) -> None:
@@ -202,6 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("solve", help="task accuracy (Sudoku, k-hop) against the number of loops")
+    p.add_argument("run", help="run directory of a model trained with data.source=task")
+    p.add_argument("--order", default="raster", choices=["raster", "confidence", "oneshot"],
+                   help="decoding order: raster (row-major, the paper's restricted order), confidence "
+                        "(easy first), oneshot (all blanks from one call)")
+    p.add_argument("--loops", default="1,2,4,8,16", help="comma-separated loop counts (default 1,2,4,8,16)")
+    p.add_argument("--num", type=int, default=500, help="test examples (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the puzzle blanks (default 0)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="default: the run's train.precision")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_solve)
+
+    from loopmdm.experiments.suites import SUITES
+
+    p = sub.add_parser("experiment", help="matched-FLOPs suites: MDM vs LoopMDM vs deeper MDM (+ ablations), resumable")
+    p.add_argument("suites", nargs="+", choices=list(SUITES), help="suite(s) to run")
+    p.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="budgets (default cpu: ~90 min on 2 cores)")
+    p.add_argument("--out", help="output folder (default results/<suite>-<scale>)")
+    p.add_argument("--jobs", type=int, default=2, help="training runs at once (default 2)")
+    p.add_argument("--dry-run", action="store_true", help="every stage at a token budget: tests the pipeline")
+    p.set_defaults(func=cmd_experiment)
+
     p = sub.add_parser("flops", help="parameters and analytic training FLOPs per token of a config")
     with_config(p)
     p.add_argument("--json", action="store_true")
@@ -218,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    if args.command in ("train", "eval", "sample"):
+    if args.command in ("train", "eval", "sample", "solve"):
         from loopmdm.training.allocator import tune_glibc_malloc
 
         tune_glibc_malloc()  # CPU steps reuse memory instead of page-faulting (training/allocator.py)

@@ -21,8 +21,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 BLOCK_STYLES = ("dit", "llama")
 SCHEDULES = ("loglinear", "linear", "cosine")
-SOURCES = ("embedded", "text", "hf")
-TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased")
+SOURCES = ("embedded", "text", "hf", "task")
+TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased", "task")
 PACKINGS = ("wrap", "pad")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -86,6 +86,15 @@ class DataConfig:
     val_fraction: float = 0.05
     split_seed: int = 0
     cache_dir: str = "data_cache"
+    # source=task: a synthetic task from loopmdm.tasks (TASKS); its own vocabulary and length
+    # replace data.tokenizer and data.seq_len. train examples; validation gets val_fraction of that.
+    task: str = "sudoku"
+    task_size: int = 6  # sudoku: board side (4, 6, 9); khop: number of nodes
+    task_hops: int = 4  # khop: answer slots (hops 1..task_hops)
+    task_examples: int = 100000
+    # false: train on the whole sequence (prompt positions may be masked too, a denser signal
+    # for learning look-ups); evaluation always gives the prompt and scores the answers.
+    task_prompt_given: bool = True
 
 
 @dataclass
@@ -263,6 +272,14 @@ def validate(cfg: Config) -> None:
         require(len(da.paths) > 0, "data.source=text needs data.paths=[file or glob, ...]")
     if da.source == "hf":
         require(bool(da.hf_name), "data.source=hf needs data.hf_name (a datasets name or local path)")
+    if da.source == "task":
+        from loopmdm.tasks import get_task  # the task registry owns the names
+
+        task = get_task(da.task)
+        task.check(da.task_size, da.task_hops)
+        _positive("data.task_examples", da.task_examples)
+        da.seq_len = task.seq_len(da.task_size, da.task_hops)  # the task fixes the length
+        da.tokenizer = "task"
     t = cfg.train
     for key in ("batch_size", "log_every", "eval_batches", "checkpoint_every"):
         _positive(f"train.{key}", getattr(t, key))

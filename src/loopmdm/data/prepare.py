@@ -61,7 +61,7 @@ class PreparedData:
         if not path.is_file():
             return float("nan")
         log_p = add_one_log_probs(np.load(path))
-        tokens = np.asarray(blocks).reshape(-1).astype(np.int64)
+        tokens = np.asarray(blocks)[:, self.prompt_len:].reshape(-1).astype(np.int64)
         tokens = tokens[tokens != self.pad_id]
         return float(-log_p[tokens].mean()) if len(tokens) else float("nan")
 
@@ -80,6 +80,11 @@ class PreparedData:
     @property
     def eos_id(self) -> int:
         return int(self.meta["eos_id"])
+
+    @property
+    def prompt_len(self) -> int:
+        """Leading positions that are always given (task prompts): never masked or scored."""
+        return int(self.meta.get("prompt_len", 0))
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -180,6 +185,8 @@ def unigram_baselines(train_counts: np.ndarray, val_counts: np.ndarray) -> Tuple
 
 def cache_key(cfg: DataConfig) -> str:
     fields = {k: v for k, v in asdict(cfg).items() if k != "cache_dir"}
+    if cfg.source != "task":  # task fields do not affect other sources
+        fields = {k: v for k, v in fields.items() if not k.startswith("task")}
     fields["format_version"] = FORMAT_VERSION
     if cfg.source in ("text", "hf") and cfg.paths:
         # Local files: their size and mtime join the key, so editing a file re-prepares.
@@ -199,9 +206,52 @@ def describe_source(cfg: DataConfig) -> str:
     return f"hf: {cfg.hf_name}" + (f"/{cfg.hf_config}" if cfg.hf_config else "")
 
 
+def _build_task(cfg: DataConfig, out_dir: Path, log) -> None:
+    """A synthetic task (loopmdm.tasks): seeded train and validation examples, one per row;
+    validation rows that also occur in train are dropped, so the splits are disjoint."""
+    from loopmdm.data.tokenizer import task_tokenizer
+    from loopmdm.tasks import get_task
+
+    task = get_task(cfg.task)
+    tokenizer = task_tokenizer(task.symbols(cfg.task_size, cfg.task_hops))
+    n_val = max(1, int(round(cfg.val_fraction * cfg.task_examples)))
+    train = task.examples(cfg.task_size, cfg.task_hops, cfg.task_examples, cfg.split_seed * 2)
+    val = task.examples(cfg.task_size, cfg.task_hops, n_val, cfg.split_seed * 2 + 1)
+    seen = {row.tobytes() for row in train.astype(np.uint16)}
+    fresh = np.array([row.tobytes() not in seen for row in val.astype(np.uint16)], dtype=bool)
+    val = val[fresh]
+    require(len(val) > 0, f"data.task={cfg.task}: every validation example also occurs in train "
+                          f"(task_size={cfg.task_size} is too small for disjoint splits)")
+    dtype = np.dtype(np.uint16)
+    counts = {}
+    for split, rows in (("train", train), ("val", val)):
+        rows.astype(dtype).tofile(out_dir / f"{split}.bin")
+        counts[split] = np.bincount(rows.reshape(-1), minlength=tokenizer.vocab_size)
+    log(f"task {cfg.task}: {len(train)} train, {len(val)} val examples of length {train.shape[1]} "
+        f"({int((~fresh).sum())} val examples dropped as duplicates of train)")
+    tokenizer.save(out_dir / "tokenizer.json")
+    np.save(out_dir / UNIGRAM_FILE, counts["train"])
+    entropy, xent = unigram_baselines(counts["train"], counts["val"])
+    meta = {
+        "format_version": FORMAT_VERSION, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id, "bos_id": None, "tokenizer": "task",
+        "tokenizer_fingerprint": tokenizer.fingerprint(), "seq_len": int(train.shape[1]), "packing": "task",
+        "dtype": dtype.name, "n_train_blocks": len(train), "n_val_blocks": len(val),
+        "n_train_docs": len(train), "n_val_docs": len(val), "n_train_tokens": int(train.size),
+        "n_val_tokens": int(val.size), "source": f"task: {task.description}",
+        "task": cfg.task, "task_size": cfg.task_size, "task_hops": cfg.task_hops,
+        "answer_start": task.prompt_len(cfg.task_size, cfg.task_hops),
+        "prompt_len": task.prompt_len(cfg.task_size, cfg.task_hops) if cfg.task_prompt_given else 0,
+        "unigram_entropy": entropy, "unigram_val_xent": xent, "data_config": asdict(cfg),
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
 def _build(cfg: DataConfig, out_dir: Path, log) -> None:
     """Write every file of a prepared folder into `out_dir` (meta.json last), streaming the
     corpus: tokenizer training reads the train documents once, packing reads both splits."""
+    if cfg.source == "task":
+        return _build_task(cfg, out_dir, log)
     corpus = SplitCorpus(cfg)
     tokenizer = build_tokenizer(cfg, (d.text for d in corpus.iter("train")))
     log(f"tokenizer {cfg.tokenizer}: vocab_size={tokenizer.vocab_size}")

@@ -23,6 +23,7 @@ SPECIALS: Dict[str, tuple] = {
     "bpe": (EOS_GPT, PAD_GPT, None),
     "gpt2": (EOS_GPT, PAD_GPT, None),
     "bert-base-uncased": ("[SEP]", "[PAD]", "[CLS]"),
+    "task": (EOS_GPT, PAD_GPT, None),
 }
 
 
@@ -165,6 +166,17 @@ def _bert(cfg: DataConfig) -> Tokenizer:
         require(needed in specials, f"BERT vocab '{vocab}' lacks the special token '{needed}'")
     tok.add_special_tokens(specials)
     return tok
+
+
+def task_tokenizer(symbols: List[str]) -> TextTokenizer:
+    """A word-level tokenizer over a synthetic task's symbols (id = index), then EOS and pad."""
+    vocab = {sym: i for i, sym in enumerate(symbols)}
+    for special in (EOS_GPT, PAD_GPT):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD_GPT))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([EOS_GPT, PAD_GPT])
+    return TextTokenizer(tok, "task")
 
 
 def build_tokenizer(cfg: DataConfig, train_texts: Iterable[str]) -> TextTokenizer:

@@ -29,15 +29,27 @@ def sample_times(batch: int, eps: float, antithetic: bool, generator: torch.Gene
 
 
 def forward_mask(x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, mask_id: int,
-                 generator: torch.Generator | None = None, valid: torch.Tensor | None = None):
+                 generator: torch.Generator | None = None, valid: torch.Tensor | None = None,
+                 maskable: torch.Tensor | None = None):
     """Draw x_t ~ q(x_t | x_0): each token is masked independently with prob 1 - alpha(t).
-    Pads (valid = False) are never masked. Returns (x_t, masked)."""
+    Pads (valid = False) and given positions (maskable = False, e.g. a task's prompt) are
+    never masked. Returns (x_t, masked)."""
     p_mask = schedule.mask_prob(t)[:, None]
     draws = torch.rand(x0.shape, generator=generator, device=x0.device)
     masked = draws < p_mask
     if valid is not None:
         masked &= valid
+    if maskable is not None:
+        masked &= maskable
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
+
+
+def maskable_after(prompt_len: int, x0: torch.Tensor) -> torch.Tensor | None:
+    """(B, L) True at positions >= prompt_len (a task's answer), None when nothing is given."""
+    if prompt_len <= 0:
+        return None
+    keep = torch.arange(x0.shape[1], device=x0.device) >= prompt_len
+    return keep[None, :].expand(x0.shape[0], -1)
 
 
 def weighted_token_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
@@ -61,16 +73,19 @@ class LossOutput:
 def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, *, num_loops: int, eps: float,
                    antithetic: bool = True, generator: torch.Generator | None = None,
                    valid: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                   mask_id: int | None = None) -> LossOutput:
+                   mask_id: int | None = None, maskable: torch.Tensor | None = None) -> LossOutput:
     """One Monte-Carlo estimate of the NELBO per token for a batch of clean sequences x0.
-    `mask_id` defaults to `model.mask_id` (pass it when `model` is a DDP wrapper)."""
+    `mask_id` defaults to `model.mask_id` (pass it when `model` is a DDP wrapper).
+    `maskable` (B, L) marks the positions that may be masked and are scored; the loss is
+    normalised by their number (SMDM/LLaDA's answer-length normalisation for prompted data)."""
     if t is None:
         t = sample_times(x0.shape[0], eps, antithetic, generator, x0.device)
     mask_id = model.mask_id if mask_id is None else mask_id
-    x_t, masked = forward_mask(x0, t, schedule, mask_id, generator, valid)
+    x_t, masked = forward_mask(x0, t, schedule, mask_id, generator, valid, maskable)
     logits = model(x_t, num_loops=num_loops, t=t, key_mask=valid)
     terms = weighted_token_nll(logits, x0, masked, t, schedule)
-    num_tokens = int(valid.sum()) if valid is not None else x0.numel()
+    scored = valid if maskable is None else (maskable if valid is None else valid & maskable)
+    num_tokens = int(scored.sum()) if scored is not None else x0.numel()
     nll_sum = terms.sum()
     return LossOutput(loss=nll_sum / max(num_tokens, 1), nll_sum=nll_sum.detach(),
                       num_tokens=num_tokens, num_masked=masked.sum())

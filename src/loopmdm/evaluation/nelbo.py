@@ -15,14 +15,14 @@ import torch
 
 from loopmdm.data.loader import iter_eval_batches
 from loopmdm.devices import autocast_context
-from loopmdm.diffusion.objective import diffusion_loss
+from loopmdm.diffusion.objective import diffusion_loss, maskable_after
 from loopmdm.diffusion.schedule import NoiseSchedule
 
 
 @torch.no_grad()
 def evaluate_nelbo(model, blocks: np.ndarray, schedule: NoiseSchedule, loops: list[int], *, eps: float,
                    batch_size: int = 32, num_batches: int = 0, draws: int = 1, seed: int = 1234,
-                   pad_id: int | None = None, device: torch.device | str = "cpu",
+                   pad_id: int | None = None, prompt_len: int = 0, device: torch.device | str = "cpu",
                    precision: str = "fp32") -> list[dict]:
     """One record per loop count: {loops, nll, ppl, tokens, sequences, draws, seed}."""
     device = torch.device(device)
@@ -38,7 +38,8 @@ def evaluate_nelbo(model, blocks: np.ndarray, schedule: NoiseSchedule, loops: li
             for _ in range(draws):
                 with autocast_context(device, precision):
                     out = diffusion_loss(model, x0, schedule, num_loops=num_loops, eps=eps,
-                                         antithetic=True, generator=generator, valid=valid)
+                                         antithetic=True, generator=generator, valid=valid,
+                                         maskable=maskable_after(prompt_len, x0))
                 nll_sum += float(out.nll_sum.double())
             tokens += out.num_tokens
             sequences += x0.shape[0]

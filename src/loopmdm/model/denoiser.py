@@ -105,23 +105,26 @@ class LoopedDenoiser(nn.Module):
             h = block(h, c, self.rotary, key_mask)
         return self.head(h, c)
 
-    # ----------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, num_loops: int = 1, t: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, return_hidden: bool = False):
-        """Logits (B, L, V); with return_hidden also [H^0, H^1, ..., H^S] (loop outputs).
+    # ----------------------------------------------------------------- the loop driver
+    def iterate_loop(self, h0: torch.Tensor, c, key_mask=None, num_loops: int | None = None):
+        """Yield H^1, H^2, ... from H^0 = prelude output: the one place the loop is run.
 
-        Training applies the loss to the final loop's output only (paper Sec. 3)."""
-        num_loops = check_num_loops(num_loops)
-        B = x.shape[0]
-        c = self.condition(t, B, x.device)
-        h = self.run_prelude(x, c, key_mask)
-        prelude_out = h
-        hidden = [h] if return_hidden else None
+        `forward()`, loop diagnostics and adaptive halting all drive the loop through this
+        generator, so input injection, truncated gradients and per-iteration checkpointing
+        behave identically everywhere. `num_loops=None` loops until the caller stops
+        (adaptive halting); truncated gradients need the total, so they apply only when it
+        is given."""
+        if not self.is_looped:
+            return
+        if num_loops is not None:
+            num_loops = check_num_loops(num_loops)
+        grad_loops = self.cfg.grad_loops
         # Truncated backprop (Huginn; ablation): early iterations run without a graph.
-        first_grad_iter = max(0, num_loops - self.cfg.grad_loops) if self.cfg.grad_loops > 0 else 0
-        for k in range(num_loops if self.is_looped else 0):
+        first_grad_iter = max(0, num_loops - grad_loops) if grad_loops > 0 and num_loops is not None else 0
+        h, k = h0, 0
+        while num_loops is None or k < num_loops:
             if self.cfg.input_injection and k > 0:
-                h = h + prelude_out  # ablation: re-inject the prelude output (S = 1 unchanged)
+                h = h + h0  # ablation: re-inject the prelude output (S = 1 unchanged)
             if k < first_grad_iter and torch.is_grad_enabled():
                 with torch.no_grad():
                     h = self.loop_step(h, c, key_mask)
@@ -129,6 +132,20 @@ class LoopedDenoiser(nn.Module):
                 h = checkpoint(self.loop_step, h, c, key_mask, use_reentrant=False)
             else:
                 h = self.loop_step(h, c, key_mask)
+            k += 1
+            yield h
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, num_loops: int = 1, t: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, return_hidden: bool = False):
+        """Logits (B, L, V); with return_hidden also [H^0, H^1, ..., H^S] (loop outputs).
+
+        Training applies the loss to the final loop's output only (paper Sec. 3)."""
+        num_loops = check_num_loops(num_loops)
+        c = self.condition(t, x.shape[0], x.device)
+        h = self.run_prelude(x, c, key_mask)
+        hidden = [h] if return_hidden else None
+        for h in self.iterate_loop(h, c, key_mask, num_loops):
             if return_hidden:
                 hidden.append(h)
         logits = self.run_coda(h, c, key_mask)

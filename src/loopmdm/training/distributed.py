@@ -9,13 +9,40 @@ so no rank waits at a different depth. Without torchrun it is the single-process
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
-from loopmdm.training.trainer import DistContext
+
+@dataclass
+class DistContext:
+    """Single-process defaults (no torchrun); DDPContext below is the torchrun/DDP version."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def no_sync(self, wrapped: torch.nn.Module):
+        return nullcontext()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+    def any(self, flag: bool) -> bool:
+        """True if `flag` is set on any rank."""
+        return flag
 
 
 class DDPContext(DistContext):

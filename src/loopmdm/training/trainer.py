@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,44 +26,17 @@ from loopmdm.config import Config
 from loopmdm.data.loader import BlockLoader, eval_rows
 from loopmdm.data.prepare import PreparedData
 from loopmdm.devices import autocast_context, resolve_device
-from loopmdm.diffusion.objective import diffusion_loss
+from loopmdm.diffusion.objective import diffusion_loss, maskable_after
 from loopmdm.diffusion.schedule import make_schedule
 from loopmdm.errors import require
 from loopmdm.evaluation.nelbo import evaluate_nelbo
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.model.flops import train_flops
 from loopmdm.training import checkpoint as ckpt
+from loopmdm.training.distributed import DistContext
 from loopmdm.training.ema import EMA
 from loopmdm.training.loops import train_num_loops
 from loopmdm.training.lr import learning_rate
-
-
-@dataclass
-class DistContext:
-    """Single-process defaults; training/distributed.py provides the torchrun/DDP version."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
-    def no_sync(self, wrapped: torch.nn.Module):
-        return nullcontext()
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        return value
-
-    def barrier(self) -> None:
-        pass
-
-    def any(self, flag: bool) -> bool:
-        """True if `flag` is set on any rank."""
-        return flag
 
 
 class StopOnSignal:
@@ -208,7 +180,8 @@ class Trainer:
                 with autocast_context(self.device, tc.precision):
                     out = diffusion_loss(self.train_model, x0, self.schedule, num_loops=num_loops,
                                          eps=cfg.diffusion.eps, antithetic=cfg.diffusion.antithetic,
-                                         generator=self.generator, valid=valid, mask_id=self.model.mask_id)
+                                         generator=self.generator, valid=valid, mask_id=self.model.mask_id,
+                                         maskable=maskable_after(self.data.prompt_len, x0))
                 (out.loss / self.accum_steps).backward()
             loss_sum += out.loss.detach() / self.accum_steps
         if tc.grad_clip > 0:
@@ -238,6 +211,7 @@ class Trainer:
                                 eps=cfg.diffusion.eps, batch_size=cfg.eval.batch_size,
                                 num_batches=cfg.train.eval_batches, seed=cfg.eval.seed,
                                 pad_id=self.data.pad_id if self.use_pad_mask else None,
+                                prompt_len=self.data.prompt_len,
                                 device=self.device, precision=cfg.train.precision)[0]
         if self.val_unigram is None:  # the floor on exactly the validated rows (computed once)
             blocks = self.data.blocks("val")

@@ -1,0 +1,55 @@
+"""Evaluate one finished run of a suite, once (cached in RUN/eval.json)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from loopmdm.training import checkpoint as ckpt
+
+
+def _val_curve(run_dir) -> list[dict]:
+    """(flops, val_nll) of every validation record of the run, in order."""
+    curve = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("kind") == "val":
+            curve.append({"step": rec["step"], "flops": rec["flops"], "val_nll": rec["val_nll"]})
+    return curve
+
+
+def evaluate_run(suite, spec, scale, log) -> dict:
+    path = spec.out_dir / "eval.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from loopmdm.diffusion.schedule import make_schedule
+    from loopmdm.evaluation.nelbo import evaluate_nelbo
+    from loopmdm.evaluation.solve import solve_task, task_test_set
+    from loopmdm.runs import load_run
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run = load_run(spec.out_dir, device="cpu" if not torch.cuda.is_available() else "auto")
+    data = run.prepared_data()
+    loops = list(suite.loops) if run.model.is_looped else [1]
+    train = json.loads((spec.out_dir / "train_summary.json").read_text())
+    result = {"arm": spec.arm, "seed": spec.seed, "lr": spec.lr, "step": train["step"], "flops": train["flops"],
+              "train_time": train["train_time"], "val_curve": _val_curve(spec.out_dir),
+              "params": sum(p.numel() for p in run.model.parameters())}
+    log(f"eval  {spec.name} at S = {loops}")
+    if suite.kind == "task":
+        test = task_test_set(data, scale.num_test, seed=0)
+        result["orders"] = {order: solve_task(run.model, data, test, loops, order, run.device,
+                                              precision=run.cfg.train.precision)
+                            for order in suite.orders}
+    cfg = run.cfg
+    result["nelbo"] = evaluate_nelbo(run.model, data.blocks("val"), make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
+                                     loops, eps=cfg.diffusion.eps, batch_size=cfg.eval.batch_size,
+                                     num_batches=scale.num_test if suite.kind == "lm" else 8,
+                                     seed=cfg.eval.seed, prompt_len=data.prompt_len, device=run.device,
+                                     precision=cfg.train.precision)
+    ckpt.write_text_atomic(path, json.dumps(result, indent=1) + "\n")
+    return result

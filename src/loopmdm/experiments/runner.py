@@ -1,0 +1,130 @@
+"""`loopmdm experiment SUITE`: sweep -> final arms -> evaluation -> summary, resumable.
+
+Layout under `results/<suite>-<scale>/` (or --out):
+  runs/sweep-<arm>-lr<lr>/      training runs of the learning-rate sweep (smaller budget)
+  runs/<arm>-s<seed>/           final runs at each arm's best learning rate
+  <run>/train_summary.json      written when a run has reached its budget (then it is skipped)
+  <run>/eval.json               its evaluation (then it is skipped)
+  summary.json, summary.md, *.png
+
+Every training run is a `loopmdm train` subprocess (`--jobs` of them at once, one torch
+thread each), resumed from its newest checkpoint if the suite was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loopmdm.errors import LoopMDMError, require
+from loopmdm.experiments.suites import Scale, Suite, arm_overrides, get_suite
+from loopmdm.training import checkpoint as ckpt
+
+
+@dataclass
+class RunSpec:
+    name: str
+    arm: str
+    lr: float
+    seed: int
+    budget: float
+    out_dir: Path
+    overrides: list = field(default_factory=list)
+
+    def command(self, suite: Suite) -> list[str]:
+        cmd = [sys.executable, "-m", "loopmdm.cli", "train", suite.config, *self.overrides,
+               f"train.lr={self.lr}", f"train.seed={self.seed}", f"train.max_flops={self.budget}",
+               "train.max_steps=0", "train.max_minutes=0", f"train.out_dir={self.out_dir}", "train.progress=false"]
+        if ckpt.has_checkpoint(self.out_dir):
+            cmd.append("--resume")
+        elif self.out_dir.exists():
+            cmd.append("--overwrite")  # a run that died before its first checkpoint
+        return cmd
+
+
+def _lr_name(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def train_runs(suite: Suite, specs: list[RunSpec], jobs: int, log) -> None:
+    """Train every spec that has no train_summary.json yet, `jobs` at a time."""
+    todo = [s for s in specs if not (s.out_dir / "train_summary.json").is_file()]
+    if not todo:
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def one(spec: RunSpec) -> None:
+        spec.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        log(f"train {spec.name} (lr {spec.lr:g}, seed {spec.seed}, {spec.budget:.2e} FLOPs)")
+        t0 = time.time()
+        with open(spec.out_dir.parent / f"{spec.name}.log", "a") as out:
+            proc = subprocess.run(spec.command(suite), stdout=subprocess.PIPE, stderr=out, text=True, env=env)
+        if proc.returncode != 0:
+            raise LoopMDMError(f"training run {spec.name} failed (exit {proc.returncode}); see "
+                               f"{spec.out_dir.parent / (spec.name + '.log')}")
+        summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+        summary["wall_seconds_this_call"] = round(time.time() - t0, 1)
+        ckpt.write_text_atomic(spec.out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+        log(f"done  {spec.name}: val NELBO {summary['val_nll']:.4f} at step {summary['step']}")
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(one, s) for s in todo]:
+            future.result()
+
+
+def plan(suite: Suite, scale: Scale, out: Path, best_lr: dict | None) -> tuple[list[RunSpec], list[RunSpec]]:
+    sweep = [RunSpec(f"sweep-{arm}-lr{_lr_name(lr)}", arm, lr, 0, scale.budget_flops * scale.sweep_fraction,
+                     out / "runs" / f"sweep-{arm}-lr{_lr_name(lr)}", arm_overrides(suite, arm))
+             for arm in suite.arms for lr in scale.lrs]
+    final = []
+    if best_lr is not None:
+        final = [RunSpec(f"{arm}-s{seed}", arm, best_lr[arm], seed, scale.budget_flops,
+                         out / "runs" / f"{arm}-s{seed}", arm_overrides(suite, arm))
+                 for arm in suite.arms for seed in scale.seeds]
+    return sweep, final
+
+
+def pick_best_lr(sweep: list[RunSpec]) -> dict:
+    """Per arm, the learning rate with the lowest final validation NELBO of the sweep."""
+    best: dict = {}
+    for spec in sweep:
+        nll = json.loads((spec.out_dir / "train_summary.json").read_text())["val_nll"]
+        if spec.arm not in best or nll < best[spec.arm][1]:
+            best[spec.arm] = (spec.lr, nll)
+    return {arm: lr for arm, (lr, _) in best.items()}
+
+
+def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: int = 2,
+              dry_run: bool = False, log=print) -> dict:
+    """Run (or resume) a suite end to end and return its summary."""
+    from loopmdm.experiments.evaluate import evaluate_run
+    from loopmdm.experiments.report import write_report
+
+    suite = get_suite(name)
+    require(scale_name in suite.scales, f"scale '{scale_name}' is not allowed; choose one of: {', '.join(suite.scales)}")
+    scale = suite.scales[scale_name]
+    if dry_run:  # every stage at a token budget: checks the pipeline, measures nothing
+        scale = Scale(budget_flops=scale.budget_flops * 1e-3 if scale_name == "cpu" else 2e10,
+                      sweep_fraction=0.5, lrs=scale.lrs[:2], seeds=scale.seeds[:1], num_test=16)
+    out_dir = Path(out or f"results/{name}-{scale_name}" + ("-dryrun" if dry_run else ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    sweep, _ = plan(suite, scale, out_dir, None)
+    train_runs(suite, sweep, jobs, log)
+    best = pick_best_lr(sweep)
+    log("best learning rates: " + ", ".join(f"{a} {lr:g}" for a, lr in best.items()))
+    _, final = plan(suite, scale, out_dir, best)
+    train_runs(suite, final, jobs, log)
+    evaluations = {}
+    for spec in final:
+        evaluations[spec.name] = evaluate_run(suite, spec, scale, log)
+    summary = write_report(suite, scale_name, scale, out_dir, sweep, final, best, evaluations,
+                           wall_seconds=time.time() - t0, dry_run=dry_run)
+    log(f"wrote {out_dir / 'summary.md'}")
+    return summary

@@ -1,0 +1,151 @@
+"""Depth-hungry tasks: generators, puzzles, task data preparation, decoding orders, scoring."""
+
+import numpy as np
+import pytest
+import torch
+
+from loopmdm.config import load_config
+from loopmdm.data.prepare import prepare_data
+from loopmdm.diffusion.objective import diffusion_loss, maskable_after
+from loopmdm.diffusion.schedule import make_schedule
+from loopmdm.errors import LoopMDMError
+from loopmdm.evaluation.solve import score, solve_task, task_test_set
+from loopmdm.sampling.infill import fill_blanks
+from loopmdm.tasks import khop, sudoku
+
+
+@pytest.mark.parametrize("n", [4, 6, 9])
+def test_random_boards_are_valid_and_varied(n):
+    boards = sudoku.random_boards(n, 200, seed=1, n_base=4)
+    assert all(sudoku.is_valid_board(b, n) for b in boards)
+    assert len({b.tobytes() for b in boards}) > (100 if n == 4 else 190)  # symmetries re-randomise 4 base fills (4x4 has only 288 grids)
+    broken = boards[0].copy()
+    broken[[0, 1]] = broken[[1, 0]]
+    assert not sudoku.is_valid_board(broken, n)
+
+
+def test_puzzles_have_unique_solutions_and_difficulty():
+    rng = np.random.default_rng(0)
+    board = sudoku.random_boards(6, 1, seed=3)[0]
+    puzzle = sudoku.make_puzzle(board, 6, 20, rng)
+    assert (puzzle == 0).sum() == 20
+    assert ((puzzle == board) | (puzzle == 0)).all()
+    assert sudoku.count_solutions(puzzle, 6) == 1
+    assert sudoku.deduction_rounds(board, 6) == 0
+    one_blank = board.copy()
+    one_blank[7] = 0
+    assert sudoku.deduction_rounds(one_blank, 6) == 1
+    rounds = sudoku.deduction_rounds(puzzle, 6)
+    assert rounds is None or rounds >= 1
+    # a different valid completion consistent with the givens also counts as solved
+    assert sudoku.solves(board, puzzle, 6)
+    wrong = board.copy()
+    blank = int(np.flatnonzero(puzzle == 0)[0])
+    wrong[blank] = wrong[blank] % 6 + 1
+    assert not sudoku.solves(wrong, puzzle, 6)
+
+
+def test_ambiguous_puzzle_counts_several_solutions():
+    board = sudoku.random_boards(4, 1, seed=0)[0].reshape(4, 4)
+    empty = np.zeros(16, dtype=np.int64)
+    assert sudoku.count_solutions(empty, 4, limit=5) == 5
+    assert sudoku.count_solutions(board.reshape(-1), 4) == 1
+
+
+def test_khop_answers_follow_the_listed_edges():
+    x = khop.random_examples(8, 6, 300, seed=2)
+    assert x.shape == (300, khop.seq_len(8, 6))
+    for row in x:
+        answers = row[khop.prompt_len(8):]
+        np.testing.assert_array_equal(answers, khop.answers_from_prompt(row, 8, 6))
+        assert len(set(answers.tolist()) | {int(row[16])}) == 7  # one cycle: no repeats within 6 hops
+        assert sorted(row[0:16:2].tolist()) == list(range(8))  # every node has one listed edge
+    with pytest.raises(LoopMDMError, match="hops=8"):
+        khop.check(8, 8)
+
+
+def _task_cfg(tmp_path, *extra):
+    return load_config(None, ["data.source=task", f"data.cache_dir={tmp_path / 'cache'}", "data.task_examples=2000",
+                              "data.val_fraction=0.1", *extra])
+
+
+def test_task_data_is_disjoint_and_knows_its_prompt(tmp_path):
+    cfg = _task_cfg(tmp_path, "data.task=khop", "data.task_size=6", "data.task_hops=3")
+    assert cfg.data.seq_len == khop.seq_len(6, 3) and cfg.data.tokenizer == "task"
+    data = prepare_data(cfg.data)
+    train, val = np.asarray(data.blocks("train")), np.asarray(data.blocks("val"))
+    assert train.shape == (2000, 16) and len(val) > 0
+    assert not ({r.tobytes() for r in train} & {r.tobytes() for r in val})
+    assert data.prompt_len == 13 and data.meta["answer_start"] == 13
+    assert data.vocab_size == 8  # 6 nodes + EOS + pad
+    assert data.tokenizer.encode("n3 n0") == [3, 0]
+    dense = prepare_data(_task_cfg(tmp_path, "data.task=khop", "data.task_size=6", "data.task_hops=3",
+                                   "data.task_prompt_given=false").data)
+    assert dense.prompt_len == 0 and dense.meta["answer_start"] == 13
+
+
+def test_tiny_sudoku_cannot_have_disjoint_splits(tmp_path):
+    with pytest.raises(LoopMDMError, match="task_size=4"):
+        prepare_data(_task_cfg(tmp_path, "data.task=sudoku", "data.task_size=4", "data.task_examples=20000").data)
+
+
+def test_prompt_positions_are_never_masked_and_not_counted():
+    class Uniform(torch.nn.Module):
+        mask_id = 5
+
+        def forward(self, x, num_loops, t=None, key_mask=None):
+            return torch.zeros(*x.shape, 5)
+
+    x0 = torch.randint(0, 5, (64, 10))
+    maskable = maskable_after(6, x0)
+    out = diffusion_loss(Uniform(), x0, make_schedule("loglinear", 1e-3), num_loops=1, eps=1e-3,
+                         generator=torch.Generator().manual_seed(0), maskable=maskable)
+    assert out.num_tokens == 64 * 4
+    assert maskable_after(0, x0) is None
+
+
+class Oracle(torch.nn.Module):
+    """Logits that put all mass on the clean row (looked up by the given prefix) -- a perfect solver."""
+
+    is_looped = True
+
+    def __init__(self, targets, vocab, confidence_rank=None):
+        super().__init__()
+        self.targets, self.vocab, self.calls = torch.as_tensor(targets), vocab, []
+
+    def forward(self, x, num_loops=1, t=None):
+        self.calls.append(x.clone())
+        return torch.nn.functional.one_hot(self.targets[: len(x)], self.vocab).float() * 10
+
+
+@pytest.mark.parametrize("order", ["oneshot", "raster", "confidence"])
+def test_decoding_orders_keep_givens_and_count_calls(order):
+    targets = torch.randint(0, 4, (3, 8))
+    x = targets.clone()
+    x[:, [1, 4, 6]] = 9
+    model = Oracle(targets, 6)
+    out = fill_blanks(lambda x, s, t: model(x, s, t), x, 9, order, num_loops=2, num_symbols=4)
+    assert torch.equal(out.tokens, targets)
+    assert out.nfe == (1 if order == "oneshot" else 3)
+    if order == "raster":  # row-major: after the first call only position 1 is filled
+        assert (model.calls[1][:, 1] != 9).all() and (model.calls[1][:, 4] == 9).all()
+
+
+def test_solve_scores_a_perfect_and_a_wrong_solver(tmp_path):
+    data = prepare_data(_task_cfg(tmp_path, "data.task=sudoku", "data.task_size=6").data)
+    test = task_test_set(data, 12, seed=0)
+    assert ((test["x"] == data.vocab_size) | (test["x"] == test["target"])).all()
+    perfect = solve_task(Oracle(test["target"], data.vocab_size), data, test, [1, 3], "raster", "cpu")
+    assert [r["solved"] for r in perfect] == [1.0, 1.0] and perfect[0]["cell_acc"] == 1.0
+    assert sum(v["n"] for v in perfect[0]["by_difficulty"].values()) == 12
+    wrong = score(test, np.where(test["x"] == data.vocab_size, (test["target"] + 1) % 6, test["x"]), data.vocab_size)
+    assert wrong["solved"] == 0.0 and wrong["cell_acc"] == 0.0
+
+
+def test_khop_scoring_per_hop(tmp_path):
+    data = prepare_data(_task_cfg(tmp_path, "data.task=khop", "data.task_size=6", "data.task_hops=3").data)
+    test = task_test_set(data, 10)
+    filled = test["target"].copy()
+    filled[:5, -1] = (filled[:5, -1] + 1) % 6  # the last hop wrong in half the rows
+    result = score(test, filled, data.vocab_size)
+    assert result["per_hop"] == [1.0, 1.0, 0.5] and result["all_hops"] == 0.5
