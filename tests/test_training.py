@@ -206,3 +206,28 @@ def test_sigterm_stops_between_steps_saves_and_resumes_exactly(tiny_cfg_factory,
     monkeypatch.setattr(Trainer, "train_step", original)
     train(cfg, resume=True, progress_print=lambda *_: None)
     assert train_records(tmp_path / "full") == train_records(tmp_path / "preempted")
+
+
+def test_loop_knobs_switch_on_partway_and_scale_the_loop_lr(tiny_cfg_factory, tmp_path):
+    """train.loops_from_step keeps S = 1 before that step; train.loop_lr_scale gives the loop
+    block its own learning rate (the rest keeps train.lr)."""
+    from loopmdm.training.loops import train_num_loops
+
+    assert [train_num_loops(s, 0, 8, loops_from_step=5) for s in range(5)] == [1] * 5
+    assert {train_num_loops(s, 0, 8, loops_from_step=5) for s in range(5, 200)} == set(range(1, 9))
+    cfg = tiny_cfg_factory("train.loop_lr_scale=0.25", "train.loops_from_step=6", "train.max_steps=8",
+                           "train.warmup_steps=0")
+    summary = train(cfg)
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    loops = [r["loops"] for r in records if r.get("kind") == "train"]
+    assert loops[:6] == [1] * 6 and summary["step"] == 8
+    from loopmdm.data.prepare import prepare_data
+    from loopmdm.training.trainer import Trainer
+
+    trainer = Trainer(cfg, prepare_data(cfg.data), tmp_path / "other")
+    trainer.train_step()
+    loop_params = {id(p) for p in trainer.model.loop_block.parameters()}
+    for group in trainer.optimizer.param_groups:
+        in_loop = {id(p) in loop_params for p in group["params"]}
+        assert len(in_loop) <= 1
+        assert group["lr"] == pytest.approx(cfg.train.lr * (0.25 if in_loop == {True} else 1.0))

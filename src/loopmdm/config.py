@@ -122,6 +122,9 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 200
     progress: bool = True  # live progress bar on stderr
+    # Loop-training knobs from the looped-model literature (ours, off by default; docs/RESULTS.md):
+    loop_lr_scale: float = 1.0  # lr of the loop block / train.lr (weight sharing sums S gradients)
+    loops_from_step: int = 0  # S = 1 before this step, then S ~ U{1..S_max} (loop switched on partway)
 
 
 @dataclass
@@ -289,6 +292,8 @@ def validate(cfg: Config) -> None:
     require(t.max_steps > 0 or t.max_flops > 0 or t.max_minutes > 0,
             "set one of train.max_steps, train.max_flops, train.max_minutes to a positive value")
     _positive("train.lr", t.lr)
+    _positive("train.loop_lr_scale", t.loop_lr_scale)
+    _positive("train.loops_from_step", t.loops_from_step, allow_zero=True)
     require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     require(0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, f"train.beta1/beta2=({t.beta1}, {t.beta2}) must be in [0, 1)")
     require(0.0 <= t.ema < 1.0, f"train.ema={t.ema} must be in [0, 1)")

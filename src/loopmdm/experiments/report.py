@@ -14,14 +14,14 @@ from loopmdm.experiments.suites import arm_overrides, layer_passes
 from loopmdm.training import checkpoint as ckpt
 
 
-def _mean_band(values: list[float]) -> tuple[float, float]:
-    """Mean over seeds and half the min-max spread (the noise band we quote)."""
+def _mean_band(values: list[float]) -> tuple[float, float | None]:
+    """Mean over seeds and half the min-max spread (the noise band we quote; None for one seed)."""
     arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float((arr.max() - arr.min()) / 2) if len(arr) > 1 else float("nan")
+    return float(arr.mean()), float((arr.max() - arr.min()) / 2) if len(arr) > 1 else None
 
 
-def _fmt(mean: float, band: float, digits: int = 3) -> str:
-    return f"{mean:.{digits}f}" if math.isnan(band) else f"{mean:.{digits}f} ± {band:.{digits}f}"
+def _fmt(mean: float, band: float | None, digits: int = 3) -> str:
+    return f"{mean:.{digits}f}" if band is None else f"{mean:.{digits}f} ± {band:.{digits}f}"
 
 
 def flops_to_match(mdm_final_nll: float, mdm_flops: float, curve: list[dict]) -> float | None:
@@ -83,7 +83,7 @@ def _plot(path: Path, title: str, ylabel: str, table: dict, loops: list[int]) ->
             continue
         xs = sorted(per_s)
         means = [per_s[s][0] for s in xs]
-        bands = [0 if math.isnan(per_s[s][1]) else per_s[s][1] for s in xs]
+        bands = [per_s[s][1] or 0.0 for s in xs]
         ax.errorbar(xs, means, yerr=bands, marker="o", capsize=3, label=arm)
     ax.set_xscale("log", base=2)
     ax.set_xticks(loops, [str(s) for s in loops])
@@ -120,9 +120,10 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, best_lr,
     loops = list(suite.loops)
     arm_info = {}
     for arm in arms:
-        cfg = load_config(suite.config, arm_overrides(suite, arm))
+        overrides = arm_overrides(suite, arm, scale.budget_flops)
+        cfg = load_config(suite.config, overrides)
         evs = [ev for ev in evaluations.values() if ev["arm"] == arm]
-        arm_info[arm] = {"overrides": arm_overrides(suite, arm), "lr": best_lr[arm],
+        arm_info[arm] = {"overrides": overrides, "lr": best_lr[arm],
                          "layer_passes_per_step": layer_passes(cfg), "params": evs[0]["params"],
                          "steps": [ev["step"] for ev in evs], "train_minutes": [ev["train_time"] / 60 for ev in evs]}
     sweep_table = {}
@@ -148,7 +149,7 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, best_lr,
     md += ["", "Sweep (final validation NELBO at the sweep budget):", "",
            "| arm | " + " | ".join(f"lr {lr:g}" for lr in scale.lrs) + " |", "|---|" + "---|" * len(scale.lrs)]
     for arm, d in sweep_table.items():
-        md.append(f"| {arm} | " + " | ".join(f"{d.get(lr, float('nan')):.4f}" for lr in scale.lrs) + " |")
+        md.append(f"| {arm} | " + " | ".join(f"{d[lr]:.4f}" if lr in d else "" for lr in scale.lrs) + " |")
     md.append("")
 
     nelbo = _metric_table(suite, evaluations, arms, lambda ev: [(r["loops"], r["nll"]) for r in ev["nelbo"]])
@@ -192,6 +193,6 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, best_lr,
     _plot_curves(out_dir / "val_curves.png", evaluations)
     md += [f"Wall time of this call: {wall_seconds / 60:.1f} min on {summary['machine']}.", ""]
     summary["evaluations"] = evaluations
-    ckpt.write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    ckpt.write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
     ckpt.write_text_atomic(out_dir / "summary.md", "\n".join(md))
     return summary

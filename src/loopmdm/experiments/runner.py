@@ -80,12 +80,13 @@ def train_runs(suite: Suite, specs: list[RunSpec], jobs: int, log) -> None:
 
 def plan(suite: Suite, scale: Scale, out: Path, best_lr: dict | None) -> tuple[list[RunSpec], list[RunSpec]]:
     sweep = [RunSpec(f"sweep-{arm}-lr{_lr_name(lr)}", arm, lr, 0, scale.budget_flops * scale.sweep_fraction,
-                     out / "runs" / f"sweep-{arm}-lr{_lr_name(lr)}", arm_overrides(suite, arm))
+                     out / "runs" / f"sweep-{arm}-lr{_lr_name(lr)}",
+                     arm_overrides(suite, arm, scale.budget_flops * scale.sweep_fraction))
              for arm in suite.arms for lr in scale.lrs]
     final = []
     if best_lr is not None:
         final = [RunSpec(f"{arm}-s{seed}", arm, best_lr[arm], seed, scale.budget_flops,
-                         out / "runs" / f"{arm}-s{seed}", arm_overrides(suite, arm))
+                         out / "runs" / f"{arm}-s{seed}", arm_overrides(suite, arm, scale.budget_flops))
                  for arm in suite.arms for seed in scale.seeds]
     return sweep, final
 
@@ -101,12 +102,19 @@ def pick_best_lr(sweep: list[RunSpec]) -> dict:
 
 
 def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: int = 2,
-              dry_run: bool = False, log=print) -> dict:
-    """Run (or resume) a suite end to end and return its summary."""
+              dry_run: bool = False, arms: list[str] | None = None, log=print) -> dict:
+    """Run (or resume) a suite end to end and return its summary. `arms` replaces the suite's
+    arm list (e.g. to add the knob arms of experiments/suites.py: loop-lr, loop-late, ...)."""
+    import dataclasses
+
     from loopmdm.experiments.evaluate import evaluate_run
     from loopmdm.experiments.report import write_report
 
     suite = get_suite(name)
+    if arms:
+        for arm in arms:
+            arm_overrides(suite, arm)  # validates the name
+        suite = dataclasses.replace(suite, arms=tuple(arms))
     require(scale_name in suite.scales, f"scale '{scale_name}' is not allowed; choose one of: {', '.join(suite.scales)}")
     scale = suite.scales[scale_name]
     if dry_run:  # every stage at a token budget: checks the pipeline, measures nothing

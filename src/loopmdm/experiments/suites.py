@@ -43,6 +43,14 @@ class Suite:
 
 
 ALL_ARMS = ("mdm", "loop", "deeper", "uniform", "inject")
+# Knobs the looped-model literature uses (item 6 of the loop issue; all ours, labelled so):
+KNOB_ARMS = {
+    "loop-lr": "the loop block's lr scaled by 1/E[S] (weight sharing sums S gradient contributions)",
+    "loop-late": "S = 1 for the first 35% of the MDM's step count, then the paper's S draw",
+    "loop-time": "time-conditioned adaLN (the paper does not say whether t is fed)",
+    "loop-trunc": "truncated backprop: gradients through the last 2 iterations only (Huginn)",
+    "loop-smax2x": "S_max doubled",
+}
 
 SUITES = {
     "khop": Suite("khop", "configs/experiments/khop.yaml", ALL_ARMS, "task",
@@ -74,15 +82,33 @@ def layer_passes(cfg: Config, expected: bool = True) -> float:
     return m.n_layers + (mean_s - 1) * m.n_loop_layers
 
 
-def arm_overrides(suite: Suite, arm: str) -> list[str]:
-    """Config overrides that turn the suite's base config into `arm`."""
-    require(arm in suite.arms, f"arm '{arm}' is not in suite '{suite.name}'; choose from: {', '.join(suite.arms)}")
+def arm_overrides(suite: Suite, arm: str, budget: float | None = None) -> list[str]:
+    """Config overrides that turn the suite's base config into `arm` (trained to `budget` FLOPs)."""
+    allowed = tuple(suite.arms) + tuple(KNOB_ARMS)
+    require(arm in allowed, f"arm '{arm}' is not allowed in suite '{suite.name}'; choose from: {', '.join(allowed)}")
     base = load_config(suite.config)
     m = base.model
     require(m.is_looped, f"the base config of suite '{suite.name}' must define the loop (model.loop_start/loop_end)")
     target = layer_passes(base)
     if arm == "loop":
         return []
+    mean_s = (m.max_train_loops + 1) / 2
+    if arm == "loop-lr":
+        return [f"train.loop_lr_scale={1 / mean_s:.4g}"]
+    if arm == "loop-late":
+        from loopmdm.model.flops import train_flops
+
+        mdm = load_config(suite.config, ["model.loop_start=null", "model.loop_end=null"])
+        step_flops = base.train.batch_size * train_flops(mdm.model, base.data.seq_len, 1)
+        budget = budget or base.train.max_flops or 0.0
+        steps = int(0.35 * budget / step_flops) if budget else 0
+        return [f"train.loops_from_step={steps}"]
+    if arm == "loop-time":
+        return ["model.time_conditioning=true"]
+    if arm == "loop-trunc":
+        return ["model.grad_loops=2"]
+    if arm == "loop-smax2x":
+        return [f"model.max_train_loops={2 * m.max_train_loops}"]
     if arm == "inject":
         return ["model.input_injection=true"]
     if arm == "mdm":

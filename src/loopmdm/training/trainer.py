@@ -98,10 +98,17 @@ class Trainer:
         self.loss_accum = torch.zeros((), device=self.device)
 
     def _param_groups(self):
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        return [{"params": decay, "weight_decay": self.cfg.train.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        """Weight decay on matrices only; with train.loop_lr_scale != 1 the loop block's
+        parameters get their own groups, whose lr is scaled (`lr_scale`, applied every step)."""
+        tc = self.cfg.train
+        loop_ids = {id(p) for p in self.model.loop_block.parameters()} if tc.loop_lr_scale != 1.0 else set()
+        groups = []
+        for scale, members in ((1.0, lambda p: id(p) not in loop_ids), (tc.loop_lr_scale, lambda p: id(p) in loop_ids)):
+            params = [p for p in self.model.parameters() if members(p)]
+            if params:
+                groups.append({"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_scale": scale})
+                groups.append({"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale})
+        return groups
 
     # --------------------------------------------------------------------- state
     def train_state(self) -> dict:
@@ -160,7 +167,8 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, int, torch.Tensor]:
         """One optimizer step. Returns (mean loss, S, grad norm) as tensors (no host sync)."""
         cfg, tc = self.cfg, self.cfg.train
-        num_loops = train_num_loops(self.step, tc.seed, cfg.model.max_train_loops) if self.model.is_looped else 1
+        num_loops = (train_num_loops(self.step, tc.seed, cfg.model.max_train_loops, tc.loops_from_step)
+                     if self.model.is_looped else 1)
         # Every random draw of the step (t, masks, dropout) comes from a seed fixed by
         # (seed, rank, step): ranks differ, and a resumed run repeats the step exactly on any
         # number of ranks, with no RNG state to carry in the checkpoint.
@@ -169,7 +177,7 @@ class Trainer:
         torch.manual_seed(step_seed)
         lr = learning_rate(self.step, tc, tc.max_steps or None)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accum_steps):

@@ -1,0 +1,73 @@
+"""Experiment suites: arm construction (FLOPs matching), the FLOPs-to-match reading, and a
+whole (tiny) suite run end to end, then resumed without retraining."""
+
+import json
+
+import pytest
+
+from loopmdm.config import load_config
+from loopmdm.errors import LoopMDMError
+from loopmdm.experiments import suites as suites_mod
+from loopmdm.experiments.report import flops_to_match
+from loopmdm.experiments.runner import run_suite
+from loopmdm.experiments.suites import ALL_ARMS, KNOB_ARMS, Scale, Suite, arm_overrides, get_suite, layer_passes
+from loopmdm.model.flops import train_flops
+
+
+def test_arms_match_the_loop_arms_expected_per_step_flops():
+    suite = get_suite("sudoku")
+    loop = load_config(suite.config)
+    target = layer_passes(loop)  # 4 layers, 1 looped, S ~ U{1..8}: 4 + 3.5 = 7.5 layer passes
+    assert target == 7.5
+    deeper = load_config(suite.config, arm_overrides(suite, "deeper"))
+    uniform = load_config(suite.config, arm_overrides(suite, "uniform"))
+    mdm = load_config(suite.config, arm_overrides(suite, "mdm"))
+    assert not deeper.model.is_looped and deeper.model.n_layers == 8
+    assert uniform.model.loop_start == 0 and uniform.model.loop_end == 4 and layer_passes(uniform) == 8.0
+    assert not mdm.model.is_looped and mdm.model.n_layers == 4
+    seq = loop.data.seq_len
+    expected_loop = sum(train_flops(loop.model, seq, s) for s in range(1, 9)) / 8
+    ratio = train_flops(deeper.model, seq, 1) / expected_loop
+    assert 0.9 < ratio < 1.15  # integer layers: within one layer of LoopMDM's expected cost
+    for arm in KNOB_ARMS:
+        load_config(suite.config, arm_overrides(suite, arm, 1e13))  # every knob arm is a valid config
+    with pytest.raises(LoopMDMError, match="not allowed"):
+        arm_overrides(suite, "bogus")
+
+
+def test_flops_to_match_interpolates_the_first_crossing():
+    curve = [{"flops": 1.0, "val_nll": 3.0}, {"flops": 2.0, "val_nll": 2.0}, {"flops": 3.0, "val_nll": 1.0}]
+    assert flops_to_match(2.5, 6.0, curve) == pytest.approx(6.0 / 1.5)
+    assert flops_to_match(3.5, 6.0, curve) == pytest.approx(6.0)  # already below at the first point
+    assert flops_to_match(0.5, 6.0, curve) is None
+
+
+def test_tiny_suite_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+    config = tmp_path / "khop.yaml"
+    config.write_text(f"""name: tiny-khop
+model: {{n_layers: 3, d_model: 32, n_heads: 2, cond_dim: 16, loop_start: 1, loop_end: 2, max_train_loops: 3}}
+data: {{source: task, task: khop, task_size: 5, task_hops: 2, task_examples: 600, cache_dir: {tmp_path / 'cache'}}}
+train: {{batch_size: 16, max_steps: 0, max_flops: 1.0e9, warmup_steps: 2, ema: 0.9, log_every: 2, eval_every: 4,
+        eval_batches: 1, checkpoint_every: 4, progress: false, device: cpu, precision: fp32}}
+eval: {{batch_size: 16}}
+""")
+    suite = Suite("tiny", str(config), ("mdm", "loop"), "task", {"cpu": Scale(3e9, 0.5, (1e-3,), (0,), 8)},
+                  orders=("oneshot",), loops=(1, 2))
+    monkeypatch.setitem(suites_mod.SUITES, "tiny", suite)
+    logs = []
+    summary = run_suite("tiny", "cpu", out=str(tmp_path / "out"), jobs=2, log=logs.append)
+    out = tmp_path / "out"
+    assert set(summary["arms"]) == {"mdm", "loop"}
+    assert set(summary["sweep_val_nll"]["loop"]) == {"0.001"}
+    table = summary["tables"]["oneshot_acc"]
+    assert set(table["loop"]) == {"1", "2"} and set(table["mdm"]) == {"1"}
+    for arm in ("mdm", "loop"):
+        train = json.loads((out / "runs" / f"{arm}-s0" / "train_summary.json").read_text())
+        assert train["flops"] >= 3e9 and train["flops"] < 3e9 * 1.5  # trained to the FLOPs budget
+    assert (out / "summary.md").read_text().startswith("# Suite `tiny`")
+    assert (out / "oneshot_acc.png").stat().st_size > 1000
+    # a second call finds every run trained and evaluated: nothing is retrained
+    logs.clear()
+    again = run_suite("tiny", "cpu", out=str(tmp_path / "out"), jobs=2, log=logs.append)
+    assert not [m for m in logs if m.startswith(("train ", "eval "))]
+    assert again["tables"] == summary["tables"]
