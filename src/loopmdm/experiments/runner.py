@@ -36,9 +36,10 @@ class RunSpec:
     budget: float
     out_dir: Path
     overrides: list = field(default_factory=list)
+    scale_overrides: tuple = ()
 
     def command(self, suite: Suite) -> list[str]:
-        cmd = [sys.executable, "-m", "loopmdm.cli", "train", suite.config, *self.overrides,
+        cmd = [sys.executable, "-m", "loopmdm.cli", "train", suite.config, *self.scale_overrides, *self.overrides,
                f"train.lr={self.lr}", f"train.seed={self.seed}", f"train.max_flops={self.budget}",
                "train.max_steps=0", "train.max_minutes=0", f"train.out_dir={self.out_dir}", "train.progress=false"]
         if ckpt.has_checkpoint(self.out_dir):
@@ -81,12 +82,12 @@ def train_runs(suite: Suite, specs: list[RunSpec], jobs: int, log) -> None:
 def plan(suite: Suite, scale: Scale, out: Path, best_lr: dict | None) -> tuple[list[RunSpec], list[RunSpec]]:
     sweep = [RunSpec(f"sweep-{arm}-lr{_lr_name(lr)}", arm, lr, 0, scale.budget_flops * scale.sweep_fraction,
                      out / "runs" / f"sweep-{arm}-lr{_lr_name(lr)}",
-                     arm_overrides(suite, arm, scale.budget_flops * scale.sweep_fraction))
+                     arm_overrides(suite, arm, scale.budget_flops * scale.sweep_fraction), scale.overrides)
              for arm in suite.arms for lr in scale.lrs]
     final = []
     if best_lr is not None:
         final = [RunSpec(f"{arm}-s{seed}", arm, best_lr[arm], seed, scale.budget_flops,
-                         out / "runs" / f"{arm}-s{seed}", arm_overrides(suite, arm, scale.budget_flops))
+                         out / "runs" / f"{arm}-s{seed}", arm_overrides(suite, arm, scale.budget_flops), scale.overrides)
                  for arm in suite.arms for seed in scale.seeds]
     return sweep, final
 
@@ -119,7 +120,8 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     scale = suite.scales[scale_name]
     if dry_run:  # every stage at a token budget: checks the pipeline, measures nothing
         scale = Scale(budget_flops=scale.budget_flops * 1e-3 if scale_name == "cpu" else 2e10,
-                      sweep_fraction=0.5, lrs=scale.lrs[:2], seeds=scale.seeds[:1], num_test=16)
+                      sweep_fraction=0.5, lrs=scale.lrs[:2], seeds=scale.seeds[:1], num_test=16,
+                      overrides=scale.overrides)
     out_dir = Path(out or f"results/{name}-{scale_name}" + ("-dryrun" if dry_run else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
