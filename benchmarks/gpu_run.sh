@@ -2,7 +2,7 @@
 # Everything a session lent a GPU should measure, in ONE device call (< 10 min on one H100,
 # no network). Prepare here first:   bash benchmarks/gpu_wheels.sh
 # On the device (run tool):          bash benchmarks/gpu_run.sh     carry [".whl"], timeout_s 600
-# Dry run here (CPU, small sizes):   DRY_RUN=1 bash benchmarks/gpu_run.sh
+# Dry run here (CPU, small sizes):   PY=.venv/bin/python DRY_RUN=1 bash benchmarks/gpu_run.sh
 # 1. benchmarks/cuda_check.py: numerics, training, sampler exactness, step time / MFU;
 # 2. the matched-FLOPs suites at --scale gpu (khop, sudoku: sweep + 2 seeds, 5 arms), with
 #    training runs in parallel on the one GPU; each stage has its own time limit, and every
