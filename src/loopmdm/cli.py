@@ -164,6 +164,43 @@ def cmd_solve(args) -> None:
             print(f"S={r['loops']:>3}  solved {r['solved']:.3f}  cell accuracy {r['cell_acc']:.3f}  by rounds {diffs}")
 
 
+def cmd_analyze(args) -> None:
+    from loopmdm.analysis.loop_diagnostics import DEFAULT_T_BINS, format_table, loop_diagnostics
+    from loopmdm.diffusion.schedule import make_schedule
+    from loopmdm.runs import load_run
+
+    require(args.loops is None or args.loops >= 1, f"--loops {args.loops} must be >= 1")
+    require(args.batches >= 0 and (args.batch_size is None or args.batch_size >= 1),
+            f"--batches {args.batches} must be >= 0 and --batch-size {args.batch_size} >= 1")
+    run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
+    cfg = run.cfg
+    require(run.model.is_looped, f"run '{run.run_dir}' has no loop block (model.loop_start is unset): nothing to analyze")
+    data = run.prepared_data()
+    max_loops = args.loops or 2 * cfg.model.max_train_loops
+    diag = loop_diagnostics(run.model, data.blocks("val"), make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
+                            eps=cfg.diffusion.eps, max_loops=max_loops, batch_size=args.batch_size or cfg.eval.batch_size,
+                            num_batches=args.batches, seed=cfg.eval.seed if args.seed is None else args.seed,
+                            prompt_len=data.prompt_len, t_bins=DEFAULT_T_BINS, device=run.device,
+                            pad_id=data.pad_id if data.meta.get("packing") == "pad" else None,
+                            precision=args.precision or cfg.train.precision)
+    diag.update({"run": str(run.run_dir), "step": run.step, "max_train_loops": cfg.model.max_train_loops})
+    if args.plots:
+        from loopmdm.analysis.plots import plot_diagnostics
+
+        diag["plots"] = [str(p) for p in plot_diagnostics(diag, args.plots, cfg.model.max_train_loops,
+                                                          title=f"{run.run_dir.name} step {run.step}")]
+    if args.json:
+        print(json.dumps(diag, allow_nan=False))
+        return
+    print(f"run {run.run_dir} (step {run.step}), val split: {diag['sequences']} sequences, {diag['tokens']} scored tokens; "
+          f"trained with S <= {cfg.model.max_train_loops}, loop layers {diag['loop_layers']}")
+    print("NELBO per token when the coda reads H^k, by t bin; dH/H = ||H^k - H^(k-1)|| / ||H^(k-1)|| at masked (m) / "
+          "unmasked (u) positions; m->m = attention mass of masked queries on masked keys, per looped layer")
+    print(format_table(diag))
+    if args.plots:
+        print("plots: " + ", ".join(diag["plots"]))
+
+
 def cmd_experiment(args) -> None:
     from loopmdm.experiments.runner import run_suite
 
@@ -251,6 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_solve)
 
+    p = sub.add_parser("analyze", help="loop diagnostics: what each loop iteration changes (NELBO, hidden state, attention)")
+    p.add_argument("run", help="run directory of a looped model")
+    p.add_argument("--loops", type=int, help="iterate the loop this many times (default: 2 x model.max_train_loops)")
+    p.add_argument("--batches", type=int, default=4, help="validation batches (default 4; 0 = the whole split)")
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default: eval.batch_size)")
+    p.add_argument("--seed", type=int, help="seed of the (t, mask) draws (default: eval.seed)")
+    p.add_argument("--plots", metavar="DIR", help="also write PNG plots into DIR")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="default: the run's train.precision")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--json", action="store_true", help="print the full diagnostics as one JSON object")
+    p.set_defaults(func=cmd_analyze)
+
     from loopmdm.experiments.suites import SUITES
 
     p = sub.add_parser("experiment", help="matched-FLOPs suites: MDM vs LoopMDM vs deeper MDM (+ ablations), resumable")
@@ -279,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    if args.command in ("train", "eval", "sample", "solve"):
+    if args.command in ("train", "eval", "sample", "solve", "analyze"):
         from loopmdm.training.allocator import tune_glibc_malloc
 
         tune_glibc_malloc()  # CPU steps reuse memory instead of page-faulting (training/allocator.py)

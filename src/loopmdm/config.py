@@ -125,6 +125,9 @@ class TrainConfig:
     # Loop-training knobs from the looped-model literature (ours, off by default; docs/RESULTS.md):
     loop_lr_scale: float = 1.0  # lr of the loop block / train.lr (weight sharing sums S gradients)
     loops_from_step: int = 0  # S = 1 before this step, then S ~ U{1..S_max} (loop switched on partway)
+    # At each validation of a looped model, a `loop_diag` record in metrics.jsonl: NELBO, hidden-state
+    # change and mask->mask attention per iteration k = 1..S_max on 2 eval batches (analysis/).
+    loop_diagnostics: bool = True
 
 
 @dataclass

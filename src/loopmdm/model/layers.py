@@ -62,6 +62,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                       dropout_p: float = 0.0, probe=None) -> torch.Tensor:
+    """SDPA's result computed step by step, softmax(Q K^T / sqrt(d) + mask) V, so the attention
+    probabilities (B, H, L, L), in float32, can be handed to `probe` (analysis only: O(L^2) memory)."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if probe is not None:
+            probe(probs)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, p=dropout_p)
+        return (probs @ v.float()).to(v.dtype)
+
+
 class SelfAttention(nn.Module):
     """Bidirectional multi-head attention with RoPE on q and k; no biases (MDLM, LLaMA)."""
 
@@ -71,6 +87,10 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
         self.dropout = dropout
+        # Analysis hook (analysis/loop_diagnostics.py): when set, attention is computed
+        # explicitly and probe(probs) sees the (B, H, L, L) softmax weights; same output.
+        self.probe = None
+
 
     def forward(self, x: torch.Tensor, rotary: Rotary, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
@@ -79,8 +99,11 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)
         # key_mask (B, L) True = attend; pads are hidden from every query.
         attn_mask = key_mask[:, None, None, :] if key_mask is not None else None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.probe is not None:
+            y = explicit_attention(q, k, v, attn_mask, dropout_p, self.probe)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from loopmdm.analysis.loop_diagnostics import compact_record, loop_diagnostics
 from loopmdm.config import Config
 from loopmdm.data.loader import BlockLoader, eval_rows
 from loopmdm.data.prepare import PreparedData
@@ -215,7 +216,8 @@ class Trainer:
     def validate(self) -> dict:
         cfg = self.cfg
         num_loops = cfg.model.max_train_loops if self.model.is_looped else 1
-        result = evaluate_nelbo(self.eval_model(), self.data.blocks("val"), self.schedule, [num_loops],
+        model = self.eval_model()
+        result = evaluate_nelbo(model, self.data.blocks("val"), self.schedule, [num_loops],
                                 eps=cfg.diffusion.eps, batch_size=cfg.eval.batch_size,
                                 num_batches=cfg.train.eval_batches, seed=cfg.eval.seed,
                                 pad_id=self.data.pad_id if self.use_pad_mask else None,
@@ -230,7 +232,20 @@ class Trainer:
                   "val_loops": num_loops, "val_tokens": result["tokens"], "tokens": self.tokens,
                   "flops": self.flops, "time": round(self.train_time, 3)}
         self._log(record)
+        if cfg.train.loop_diagnostics and self.model.is_looped and self.dist.is_main:
+            self._log(self.loop_diagnostics_record(model))
         return record
+
+    def loop_diagnostics_record(self, model) -> dict:
+        """NELBO, hidden-state change and mask->mask attention for k = 1..S_max on 2 eval
+        batches (analysis/loop_diagnostics.py), as one compact `loop_diag` record."""
+        cfg = self.cfg
+        diag = loop_diagnostics(model, self.data.blocks("val"), self.schedule, eps=cfg.diffusion.eps,
+                                max_loops=cfg.model.max_train_loops, batch_size=cfg.eval.batch_size, num_batches=2,
+                                seed=cfg.eval.seed, prompt_len=self.data.prompt_len, device=self.device,
+                                pad_id=self.data.pad_id if self.use_pad_mask else None, precision=cfg.train.precision)
+        return {"kind": "loop_diag", "step": self.step, "tokens": self.tokens, "flops": self.flops, **compact_record(diag)}
+
 
     def train(self) -> dict:
         tc = self.cfg.train
