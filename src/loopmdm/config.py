@@ -28,6 +28,7 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLERS = ("ancestral", "cache", "confidence")
+TIME_INPUTS = ("sigma", "1000t")
 
 
 @dataclass
@@ -40,7 +41,15 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     cond_dim: int = 128  # width of the adaLN conditioning vector (MDLM: 128)
     time_conditioning: bool = False  # MDLM default: time-agnostic denoiser
-    dropout: float = 0.0
+    # What the timestep embedder of a time-conditioned DiT sees: "sigma" = MDLM's total noise
+    # -log alpha(t) of the schedule; "1000t" = DiT's 0..1000 timestep scale.
+    time_input: str = "sigma"
+    # The schedule sigma(t) is computed from: validate() copies diffusion.schedule/eps here,
+    # so the model (and a saved run's config) carries it; set it only on a hand-built ModelConfig.
+    noise_schedule: str = "loglinear"
+    noise_eps: float = 1e-3
+    dropout: float = 0.0  # residual dropout after attention-out and after the MLP (MDLM)
+    attention_dropout: bool = False  # true: model.dropout also on the attention probabilities (MDLM: none)
     rope_base: float = 10000.0
     # The loop (paper Sec. 3): layers [loop_start, loop_end) run num_loops times with
     # shared weights. Both None = no loop = the plain MDM baseline.
@@ -218,6 +227,11 @@ def load_config(name_or_path: str | None = None, overrides: List[str] | None = N
 
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config saved in a run directory (no preset layer)."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, dict) and "time_input" not in model:
+        # Saved before model.time_input existed: those runs were trained on 1000·t and with
+        # dropout on the attention probabilities; keep reading them as they were trained.
+        data = {**data, "model": {**model, "time_input": "1000t", "attention_dropout": True}}
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
         cfg = OmegaConf.to_object(merged)
@@ -258,15 +272,19 @@ def validate_model(m: ModelConfig) -> None:
                 f"loop range [{m.loop_start}, {m.loop_end}) must satisfy "
                 f"0 <= loop_start < loop_end <= n_layers={m.n_layers}")
     _positive("model.grad_loops", m.grad_loops, allow_zero=True)
+    _choice("model.time_input", m.time_input, TIME_INPUTS)
+    _choice("model.noise_schedule", m.noise_schedule, SCHEDULES)
+    require(0.0 <= m.noise_eps < 1.0, f"model.noise_eps={m.noise_eps} must be in [0, 1)")
     if m.block == "llama":
         require(not m.time_conditioning, "model.time_conditioning=true needs model.block=dit (adaLN)")
 
 
 def validate(cfg: Config) -> None:
-    validate_model(cfg.model)
     d = cfg.diffusion
     _choice("diffusion.schedule", d.schedule, SCHEDULES)
     require(0.0 <= d.eps < 1.0, f"diffusion.eps={d.eps} must be in [0, 1)")
+    cfg.model.noise_schedule, cfg.model.noise_eps = d.schedule, d.eps  # the model's sigma(t)
+    validate_model(cfg.model)
     da = cfg.data
     _choice("data.source", da.source, SOURCES)
     _choice("data.tokenizer", da.tokenizer, TOKENIZERS)

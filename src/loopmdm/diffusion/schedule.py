@@ -14,6 +14,11 @@ import torch
 
 from loopmdm.errors import require
 
+# alpha(t) is floored here before taking -log alpha: schedules with alpha(1) = 0 (linear,
+# cosine; loglinear with eps = 0) would otherwise give sigma = inf at t = 1.
+SIGMA_ALPHA_FLOOR = 1e-6
+SIGMA_MAX = -math.log(SIGMA_ALPHA_FLOOR)
+
 
 class NoiseSchedule(ABC):
     name = "base"
@@ -34,6 +39,11 @@ class NoiseSchedule(ABC):
         """NELBO weight -alpha'(t) / (1 - alpha(t)) of a masked token's cross-entropy."""
         return -self.alpha_prime(t) / (1.0 - self.alpha(t))
 
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Total noise sigma(t) = -log alpha(t) (MDLM's `total_noise`), capped at SIGMA_MAX.
+        A time-conditioned DiT embeds this, not t (MDLM feeds sigma to its sigma_map)."""
+        return -torch.log(self.alpha(t).clamp_min(SIGMA_ALPHA_FLOOR))
+
 
 class LogLinearSchedule(NoiseSchedule):
     """MDLM's default: sigma(t) = -log(1 - (1-eps) t), so alpha(t) = 1 - (1-eps) t and the
@@ -52,6 +62,9 @@ class LogLinearSchedule(NoiseSchedule):
 
     def loss_weight(self, t):
         return 1.0 / t  # closed form; avoids (1-eps)/((1-eps) t) rounding
+
+    def sigma(self, t):
+        return (-torch.log1p(-(1.0 - self.eps) * t)).clamp_max(SIGMA_MAX)  # MDLM's LogLinearNoise.total_noise
 
 
 class LinearSchedule(NoiseSchedule):

@@ -17,13 +17,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class DiTBlock(nn.Module):
     """MDLM's DDiT block: pre-norm attention and GELU-tanh MLP, each modulated by adaLN
     (shift, scale, gate) computed from the conditioning vector c. The modulation Linear is
-    zero-initialised, so every gate starts at 0 and the block starts as the identity."""
+    zero-initialised, so every gate starts at 0 and the block starts as the identity.
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, cond_dim: int, dropout: float = 0.0):
+    Dropout as MDLM's `bias_dropout_add_scale`: on the attention output (after its out
+    projection) and on the MLP output, before the gate and the residual add; none on the
+    attention probabilities unless `attention_dropout` (an option, not MDLM)."""
+
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, cond_dim: int, dropout: float = 0.0,
+                 attention_dropout: bool = False):
         super().__init__()
         hidden = int(mlp_ratio * dim)
         self.norm1 = LayerNormNoBias(dim)
-        self.attn = SelfAttention(dim, n_heads, dropout)
+        self.attn = SelfAttention(dim, n_heads, dropout if attention_dropout else 0.0)
         self.norm2 = LayerNormNoBias(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
@@ -61,10 +66,11 @@ def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
 class LlamaBlock(nn.Module):
     """SMDM/LLaDA block: RMSNorm, attention, SwiGLU, no biases, no conditioning."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, cond_dim: int = 0, dropout: float = 0.0):
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, cond_dim: int = 0, dropout: float = 0.0,
+                 attention_dropout: bool = False):
         super().__init__()
         self.norm1 = RMSNorm(dim)
-        self.attn = SelfAttention(dim, n_heads, dropout)
+        self.attn = SelfAttention(dim, n_heads, dropout if attention_dropout else 0.0)
         self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
         self.dropout = nn.Dropout(dropout)

@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from loopmdm.config import ModelConfig, validate_model
+from loopmdm.diffusion.schedule import make_schedule
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.model.blocks import BLOCKS
 from loopmdm.model.layers import Rotary, TimestepEmbedder
@@ -41,11 +42,13 @@ class LoopedDenoiser(nn.Module):
         d = cfg.d_model
         self.embed = nn.Embedding(cfg.vocab_size + 1, d)  # one extra row: the mask token
         self.time_embed = TimestepEmbedder(cfg.cond_dim) if cfg.block == "dit" else None
+        self.noise_schedule = make_schedule(cfg.noise_schedule, cfg.noise_eps)  # sigma(t) for time_input=sigma
         self.rotary = Rotary(d // cfg.n_heads, cfg.rope_base)
         block_cls, final_cls = BLOCKS[cfg.block]
 
         def make_blocks(n: int) -> nn.ModuleList:
-            return nn.ModuleList(block_cls(d, cfg.n_heads, cfg.mlp_ratio, cfg.cond_dim, cfg.dropout) for _ in range(n))
+            return nn.ModuleList(block_cls(d, cfg.n_heads, cfg.mlp_ratio, cfg.cond_dim, cfg.dropout,
+                                           cfg.attention_dropout) for _ in range(n))
 
         start, end = (cfg.loop_start, cfg.loop_end) if cfg.is_looped else (cfg.n_layers, cfg.n_layers)
         self.prelude = make_blocks(start)
@@ -79,14 +82,22 @@ class LoopedDenoiser(nn.Module):
         return total
 
     # ----------------------------------------------------------------- the three stages
+    def time_input(self, t: torch.Tensor) -> torch.Tensor:
+        """What the timestep embedder sees for diffusion time t (B,): MDLM's total noise
+        sigma(t) = -log alpha(t) of the schedule (default), or DiT's 1000·t."""
+        t = t.float()
+        return self.noise_schedule.sigma(t) if self.cfg.time_input == "sigma" else 1000.0 * t
+
     def condition(self, t: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
-        """adaLN conditioning vector. Time-agnostic models (MDLM's default) condition on t = 0."""
+        """adaLN conditioning vector silu(embed(time_input(t))). Time-agnostic models (MDLM's
+        default) feed 0, as MDLM zeroes sigma; callers always pass the diffusion time t."""
         if self.time_embed is None:
             return None
         if not self.cfg.time_conditioning or t is None:
-            t = torch.zeros(batch, device=device)
-        # DiT convention: timesteps on a 0..1000 scale for the sinusoidal features.
-        return torch.nn.functional.silu(self.time_embed(1000.0 * t))
+            s = torch.zeros(batch, device=device)
+        else:
+            s = self.time_input(t)
+        return torch.nn.functional.silu(self.time_embed(s))
 
     def run_prelude(self, x: torch.Tensor, c, key_mask=None) -> torch.Tensor:
         h = self.embed(x)

@@ -79,7 +79,9 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_m
 
 
 class SelfAttention(nn.Module):
-    """Bidirectional multi-head attention with RoPE on q and k; no biases (MDLM, LLaMA)."""
+    """Bidirectional multi-head attention with RoPE on q and k; no biases (MDLM, LLaMA).
+    `dropout` acts on the attention probabilities; the blocks pass 0 (MDLM) unless
+    model.attention_dropout is set."""
 
     def __init__(self, dim: int, n_heads: int, dropout: float = 0.0):
         super().__init__()
