@@ -99,7 +99,10 @@ def test_corrupt_checkpoint(trained_run, tmp_path, capsys):
     shutil.copytree(trained_run / "run", run)
     latest = (run / "checkpoints" / "latest").read_text().strip()
     (run / "checkpoints" / latest / "ema.safetensors").write_bytes(b"\x00" * 10)
-    assert_one_line_error(*run_cli(capsys, "eval", str(run))[::2], "ema.safetensors", "corrupt")
+    code, _, err = run_cli(capsys, "eval", str(run), "--loops", "1", "--json")  # the previous one is used, and said so
+    assert code == 0 and "ema.safetensors" in err and "corrupt" in err and "using step-0000004" in err
+    (run / "checkpoints" / "step-0000004" / "ema.safetensors").write_bytes(b"\x00" * 10)
+    assert_one_line_error(*run_cli(capsys, "eval", str(run))[::2], "no intact checkpoint", "ema.safetensors", "corrupt")
     original = (trained_run / "run" / "checkpoints" / latest / "ema.safetensors").read_bytes()
     assert original != b"\x00" * 10  # the original run is untouched
 
@@ -141,6 +144,10 @@ def test_resume_from_corrupt_training_state(trained_run, tmp_path, capsys):
     (run / "checkpoints" / latest / "train_state.pt").write_bytes(b"not a torch file")
     overrides = [o for o in tiny_overrides(trained_run) if not o.startswith("train.out_dir")]
     code, _, err = run_cli(capsys, "train", "tiny", *overrides, f"train.out_dir={run}", "train.max_steps=8", "--resume")
+    assert code == 0 and "train_state.pt' is corrupt" in err and "using step-0000004" in err  # fell back, said so
+    for folder in (run / "checkpoints").glob("step-*"):
+        (folder / "train_state.pt").write_bytes(b"not a torch file")
+    code, _, err = run_cli(capsys, "train", "tiny", *overrides, f"train.out_dir={run}", "train.max_steps=10", "--resume")
     assert_one_line_error(code, err, "train_state.pt", "corrupt")
 
 

@@ -50,40 +50,53 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from loopmdm.data.loader import eval_rows
     from loopmdm.data.prepare import load_prepared
     from loopmdm.diffusion.schedule import make_schedule
     from loopmdm.evaluation.nelbo import evaluate_nelbo
     from loopmdm.runs import check_tokenizer_match, load_run
 
+    require(args.data is None or args.text is None, "pass --data or --text, not both")
+    for option in ("draws", "batch_size"):  # 0 would silently mean the config's value
+        value = getattr(args, option)
+        require(value is None or value >= 1, f"--{option.replace('_', '-')} {value} must be >= 1")
+    require(args.batches is None or args.batches >= 0, f"--batches {args.batches} must be >= 0 (0 = all of it)")
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     cfg = run.cfg
-    data = run.prepared_data() if args.data is None else load_prepared(args.data)
-    check_tokenizer_match(run, data)
     loops = _loops_list(args.loops) if args.loops else list(cfg.eval.loops)
     if not run.model.is_looped and loops != [1]:
         print("note: this model has no loop; every loop count gives the same result, evaluating S=1 only",
               file=sys.stderr)
         loops = [1]
-    split = "val" if args.split == "val" else "train"
-    pad_id = data.pad_id if data.meta.get("packing") == "pad" else None
-    results = evaluate_nelbo(run.model, data.blocks(split), make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
-                             loops, eps=cfg.diffusion.eps, batch_size=args.batch_size or cfg.eval.batch_size,
-                             num_batches=cfg.eval.num_batches if args.batches is None else args.batches,
+    batch_size = args.batch_size or cfg.eval.batch_size
+    if args.text is not None:  # the user's own text, all of it, with the run's tokenizer and length
+        blocks, info = run.text_blocks(args.text)
+        split, pad_id, prompt_len = "text", run.tokenizer.pad_id, 0
+        source = f"text: {' '.join(args.text)} ({info['files']} file(s), {info['tokens']} tokens)"
+        num_batches = 0 if args.batches is None else args.batches
+        unigram = run.unigram_xent(blocks[eval_rows(len(blocks), batch_size, num_batches)])
+    else:
+        data = run.prepared_data() if args.data is None else load_prepared(args.data)
+        check_tokenizer_match(run, data)
+        split = "val" if args.split == "val" else "train"
+        blocks, source, prompt_len = data.blocks(split), str(data.path), data.prompt_len
+        pad_id = data.pad_id if data.meta.get("packing") == "pad" else None
+        num_batches = cfg.eval.num_batches if args.batches is None else args.batches
+        unigram = data.unigram_xent(blocks[eval_rows(len(blocks), batch_size, num_batches)])  # the scored rows
+    results = evaluate_nelbo(run.model, blocks, make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
+                             loops, eps=cfg.diffusion.eps, batch_size=batch_size, num_batches=num_batches,
                              draws=args.draws or cfg.eval.draws, seed=cfg.eval.seed if args.seed is None else args.seed,
-                             pad_id=pad_id, prompt_len=data.prompt_len, device=run.device, precision=args.precision or cfg.train.precision)
-    from loopmdm.data.loader import eval_rows
-
-    blocks = data.blocks(split)
-    rows = eval_rows(len(blocks), args.batch_size or cfg.eval.batch_size,
-                     cfg.eval.num_batches if args.batches is None else args.batches)
-    unigram = data.unigram_xent(blocks[rows])  # the same rows the model was scored on
+                             pad_id=pad_id, prompt_len=prompt_len, device=run.device,
+                             precision=args.precision or cfg.train.precision, progress=True)
     for r in results:
-        r.update({"split": split, "step": run.step, "data": str(data.path), "unigram_xent": unigram})
+        r.update({"split": split, "step": run.step, "data": source,
+                  "unigram_xent": unigram if math.isfinite(unigram) else None})
     if args.json:
         print(json.dumps(results))
         return
-    print(f"run {run.run_dir} (step {run.step}), {split} split of {data.path}")
-    print(f"{results[0]['sequences']} sequences; unigram baseline on them: {unigram:.4f} nats/token (PPL {math.exp(unigram):.2f})")
+    print(f"run {run.run_dir} (step {run.step}), " + (source if split == "text" else f"{split} split of {source}"))
+    print(f"{results[0]['sequences']} sequences; unigram baseline on them: {unigram:.4f} nats/token (PPL {math.exp(min(unigram, 700)):.2f})"
+          if math.isfinite(unigram) else f"{results[0]['sequences']} sequences")
     print(f"{'loops':>6} {'NELBO/token':>12} {'PPL <=':>10} {'tokens':>10} {'draws':>6}")
     for r in results:
         print(f"{r['loops']:>6} {r['nll']:>12.4f} {r['ppl']:>10.2f} {r['tokens']:>10} {r['draws']:>6}")
@@ -98,14 +111,15 @@ def cmd_sample(args) -> None:
     from loopmdm.sampling.samplers import decode_samples, sample
     from loopmdm.runs import load_run
 
-    run = load_run(args.run, device=args.device)
+    run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     cfg, model = run.cfg, run.model
     for key in ("loops", "steps", "num", "sampler", "temperature", "seed"):  # unset options: the run's sample.*
         if getattr(args, key) is None:
             setattr(args, key, getattr(cfg.sample, {"loops": "num_loops", "num": "num_samples"}.get(key, key)))
     require(args.num >= 1 and args.steps >= 1, f"--num {args.num} and --steps {args.steps} must be >= 1")
-    seq_len = args.length or cfg.data.seq_len
-    require(seq_len >= 1, f"--length {seq_len} must be >= 1")
+    seq_len = cfg.data.seq_len if args.length is None else args.length
+    require(1 <= seq_len <= cfg.data.seq_len, f"--length {seq_len} must be in [1, {cfg.data.seq_len}], "
+                                              f"the length this run was trained on (data.seq_len={cfg.data.seq_len})")
     mask_id = model.mask_id
     template = torch.full((args.num, seq_len), mask_id, dtype=torch.long)
     prompt = run.tokenizer.encode(args.prompt) if args.prompt else []
@@ -119,7 +133,12 @@ def cmd_sample(args) -> None:
     generator = torch.Generator(device=run.device).manual_seed(args.seed)
     time_agnostic = not cfg.model.time_conditioning
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.steps, desc="sampling", unit="step", delay=2.0, file=sys.stderr, leave=False)
+
     def denoiser(x, num_loops, t):
+        bar.update(1)  # the cache sampler skips calls: the bar may end short of its total
         with autocast_context(run.device, cfg.train.precision):  # the sampler works in float64 after
             return model(x, num_loops=num_loops, t=t).float()
 
@@ -128,6 +147,7 @@ def cmd_sample(args) -> None:
                     schedule=make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
                     temperature=args.temperature, generator=generator, time_agnostic=time_agnostic,
                     device=run.device)
+    bar.close()
     texts = decode_samples(run.tokenizer, result.tokens.cpu(), mask_id)
     if args.json:
         print(json.dumps({"samples": texts, "nfe": result.nfe, "loop_passes": result.loop_passes,
@@ -247,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation NELBO / perplexity bound at several loop counts")
     p.add_argument("run", help="run directory written by `loopmdm train`")
     p.add_argument("--loops", help="comma-separated loop counts, e.g. 1,4,12,24 (default: eval.loops)")
-    p.add_argument("--data", help="a prepared data folder to evaluate on (default: the run's own)")
+    p.add_argument("--data", help="a prepared data folder to evaluate on (default: the run's own); "
+                                  "it must use the run's tokenizer and data.seq_len")
+    p.add_argument("--text", nargs="+", metavar="FILE_OR_GLOB",
+                   help="score these text files (one document each), all of them, with the run's tokenizer and length")
     p.add_argument("--split", choices=["val", "train"], default="val")
     p.add_argument("--batches", type=int, help="number of batches (0 = whole split; default: eval.num_batches)")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: eval.batch_size)")
@@ -264,13 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loops", type=int, help="loop iterations per denoiser call (default: sample.num_loops)")
     p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
     p.add_argument("--num", type=int, help="number of samples (default: sample.num_samples)")
-    p.add_argument("--length", type=int, default=0, help="tokens per sample (default: the training length)")
+    p.add_argument("--length", type=int, help="tokens per sample, at most the training length (the default)")
     p.add_argument("--prompt", default="", help="text the samples start with (never changed)")
     p.add_argument("--suffix", default="", help="text the samples end with (infilling)")
     p.add_argument("--sampler", choices=["ancestral", "cache", "confidence"], help="default: sample.sampler")
     p.add_argument("--temperature", type=float, help="default: sample.temperature")
     p.add_argument("--seed", type=int, help="default: sample.seed")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sample)
 

@@ -7,8 +7,9 @@ cannot express. Every failure becomes one `LoopMDMError` line naming the key and
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional
 
@@ -199,9 +200,14 @@ def load_config(name_or_path: str | None = None, overrides: List[str] | None = N
     if name_or_path is not None:
         path = resolve_preset(name_or_path)
         try:
-            layers.append(OmegaConf.load(path))
+            layer = OmegaConf.load(path)
         except Exception as exc:  # YAML syntax errors
             raise LoopMDMError(f"cannot parse config file '{path}': {_one_line(exc)}") from None
+        # An empty file would silently mean the 12 x 768 defaults; a list is not a config.
+        require(OmegaConf.is_dict(layer), f"config file '{path}' must map sections to settings "
+                                          f"(model:, data:, train:, ...), not a {'list' if OmegaConf.is_list(layer) else 'value'}")
+        require(len(layer) > 0, f"config file '{path}' is empty; give settings or use a preset (e.g. tiny)")
+        layers.append(layer)
     for item in overrides or []:
         require("=" in item, f"override '{item}' is not of the form key=value (e.g. train.max_steps=100)")
     for item in overrides or []:
@@ -254,12 +260,23 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
     require(ok, f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _require_finite(prefix: str, section) -> None:
+    """Every float setting is a finite number (inf or nan trains with a NaN loss from step 1)."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        require(not (isinstance(value, float) and not math.isfinite(value)),
+                f"{prefix}.{f.name}={value} must be a finite number")
+
+
 def validate_model(m: ModelConfig) -> None:
+    _require_finite("model", m)
     _choice("model.block", m.block, BLOCK_STYLES)
     _positive("model.vocab_size", m.vocab_size, allow_zero=True)
     for key in ("n_layers", "d_model", "n_heads", "cond_dim", "max_train_loops"):
         _positive(f"model.{key}", getattr(m, key))
     _positive("model.mlp_ratio", m.mlp_ratio)
+    require(int(m.mlp_ratio * m.d_model) >= 1, f"model.mlp_ratio={m.mlp_ratio} gives an MLP of width 0 at d_model={m.d_model}")
+    _positive("model.rope_base", m.rope_base)
     require(m.d_model % m.n_heads == 0,
             f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
     require((m.d_model // m.n_heads) % 2 == 0,
@@ -280,6 +297,8 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def validate(cfg: Config) -> None:
+    for section in ("diffusion", "data", "train", "eval", "sample"):
+        _require_finite(section, getattr(cfg, section))
     d = cfg.diffusion
     _choice("diffusion.schedule", d.schedule, SCHEDULES)
     require(0.0 <= d.eps < 1.0, f"diffusion.eps={d.eps} must be in [0, 1)")

@@ -12,20 +12,81 @@ Training writes run directories (training/run.py); nothing here imports the trai
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from loopmdm.config import Config, config_from_dict
-from loopmdm.data.prepare import PreparedData, load_prepared, prepare_data
+from loopmdm.data.prepare import UNIGRAM_FILE, BlockWriter, PreparedData, add_one_log_probs, load_prepared, prepare_data
 from loopmdm.data.tokenizer import TextTokenizer
 from loopmdm.devices import resolve_device
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.model.denoiser import LoopedDenoiser
+from loopmdm.runfiles import note
 from loopmdm.training import checkpoint as ckpt
 
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def open_checkpoint(run_dir: str | Path, load: Callable[[Path], T], say: Callable[[str], None] = note) -> tuple[Path, T]:
+    """`load(folder)` on the checkpoint `latest` names; if that is missing or damaged (a
+    LoopMDMError from `load`), on the newest intact one instead, saying so in one line."""
+    run_dir = Path(run_dir)
+    require(run_dir.exists(), f"run directory '{run_dir}' does not exist (train one with `loopmdm train CONFIG`)")
+    require(run_dir.is_dir(), f"'{run_dir}' is a file, not a run directory")
+    named, problem = ckpt.read_latest(run_dir)
+    candidates = ([named] if named else []) + [p for p in ckpt.step_folders(run_dir) if p != named]
+    require(candidates, f"no checkpoint in '{run_dir}' (has this run saved a checkpoint yet?)")
+    failures = []
+    for path in candidates:
+        try:
+            result = load(path)
+        except LoopMDMError as exc:
+            failures.append(str(exc))
+            continue
+        if problem or failures:
+            say(f"{problem or failures[0]}; using {path.name}, the newest intact checkpoint")
+        return path, result
+    raise LoopMDMError(f"no intact checkpoint in '{run_dir}': {failures[0]}"
+                       + (f" (and {len(failures) - 1} older ones fail too)" if len(failures) > 1 else ""))
+
+
+def read_run_config(run_dir: Path, say: Callable[[str], None] = note) -> dict:
+    """RUN/config.yaml as a dict; if it is missing or damaged, the copy every checkpoint holds."""
+    path = Path(run_dir) / "config.yaml"
+    problem = None
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path))
+        if isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("model", "data", "train")):
+            return saved
+        problem = f"'{path}' is empty or not a run config"
+    except FileNotFoundError:
+        problem = f"'{path}' is missing"
+    except Exception:
+        problem = f"'{path}' is not valid YAML"
+
+    def stored_config(folder: Path) -> dict:
+        config = ckpt.load_train_state(folder).get("config")
+        require(isinstance(config, dict), f"checkpoint '{folder}' holds no copy of the config (older format)")
+        return config
+
+    try:
+        folder, saved = open_checkpoint(run_dir, stored_config, say=lambda _msg: None)
+    except LoopMDMError as exc:
+        raise LoopMDMError(f"{problem}, and no checkpoint holds a copy ({exc}); restore config.yaml "
+                           f"(the run's training command with its overrides gives it)") from None
+    say(f"{problem}; using the copy of the config stored in checkpoint {folder.name}")
+    return saved
+
+
+# --------------------------------------------------------------------------- runs
 
 @dataclass
 class LoadedRun:
@@ -37,12 +98,64 @@ class LoadedRun:
     device: torch.device
 
     def prepared_data(self) -> PreparedData:
-        """The run's own prepared data (re-prepared deterministically if the cache was deleted)."""
-        info = json.loads((self.run_dir / "data.json").read_text())
-        path = Path(info["prepared_path"])
-        data = load_prepared(path) if (path / "meta.json").is_file() else prepare_data(self.cfg.data)
+        """The run's own prepared data (re-prepared deterministically if the cache or
+        RUN/data.json was deleted)."""
+        info_path = self.run_dir / "data.json"
+        try:
+            path = Path(json.loads(info_path.read_text(encoding="utf-8"))["prepared_path"])
+        except (OSError, ValueError, KeyError, TypeError):
+            note(f"'{info_path}' is missing or damaged; preparing the run's data from its config")
+            path = None
+        if path is not None and (path / "meta.json").is_file():
+            data = load_prepared(path)
+        else:
+            data = prepare_data(self.cfg.data, progress=True)
         check_tokenizer_match(self, data)
         return data
+
+    def text_blocks(self, patterns: list[str]) -> tuple[np.ndarray, dict]:
+        """Files (paths or globs, one document each) tokenized with the run's tokenizer and
+        packed with its seq_len and packing; nothing is dropped: the last partial block of
+        `wrap` packing is padded (pads are never scored). Returns (blocks, info)."""
+        from loopmdm.data.corpus import expand_paths, read_text_file
+
+        try:
+            files = expand_paths(patterns)
+        except LoopMDMError as exc:
+            raise LoopMDMError(str(exc).replace("data.paths", "--text")) from None
+        texts = [t for t in (read_text_file(f) for f in files) if t]
+        require(texts, f"--text {' '.join(patterns)}: the files are empty")
+        d, tok = self.cfg.data, self.tokenizer
+        require(d.packing in ("wrap", "pad"), f"--text scores text for runs on text data, not data.packing={d.packing}")
+        with tempfile.TemporaryDirectory(prefix="loopmdm-text-") as tmp:
+            writer = BlockWriter(Path(tmp) / "text.bin", d.packing, d.seq_len, tok.eos_id, tok.pad_id,
+                                 tok.vocab_size, np.dtype(np.int64))
+            for ids in tok.encode_batch(texts):
+                writer.add(ids)
+            tail = writer.buffer.copy() if d.packing == "wrap" else np.empty(0, dtype=np.int64)
+            writer.close()
+            blocks = np.fromfile(Path(tmp) / "text.bin", dtype=np.int64).reshape(-1, d.seq_len)
+        if len(tail):
+            row = np.full((1, d.seq_len), tok.pad_id, dtype=np.int64)
+            row[0, :len(tail)] = tail
+            blocks = np.concatenate([blocks, row])
+        info = {"files": len(files), "documents": len(texts), "blocks": len(blocks),
+                "tokens": int((blocks != tok.pad_id).sum())}
+        return blocks, info
+
+    def unigram_xent(self, blocks: np.ndarray) -> float:
+        """Cross-entropy of `blocks` (pads excluded) under the add-one unigram of the run's own
+        train split: the floor to beat. NaN when the run's prepared data is gone."""
+        try:
+            prepared = Path(json.loads((self.run_dir / "data.json").read_text(encoding="utf-8"))["prepared_path"])
+            counts = np.load(prepared / UNIGRAM_FILE)
+        except (OSError, ValueError, KeyError, TypeError):
+            return float("nan")
+        tokens = np.asarray(blocks).reshape(-1).astype(np.int64)
+        tokens = tokens[tokens != self.tokenizer.pad_id]
+        if len(counts) != self.tokenizer.vocab_size or not len(tokens):
+            return float("nan")
+        return float(-add_one_log_probs(counts)[tokens].mean())
 
 
 def check_tokenizer_match(run: LoadedRun, data: PreparedData) -> None:
@@ -50,29 +163,41 @@ def check_tokenizer_match(run: LoadedRun, data: PreparedData) -> None:
             f"tokenizer mismatch: data at '{data.path}' uses {data.meta.get('tokenizer')} with {data.vocab_size} tokens "
             f"(fingerprint {data.tokenizer.fingerprint()}), the run uses {run.cfg.model.vocab_size} tokens "
             f"(fingerprint {run.tokenizer.fingerprint()})")
+    require(data.seq_len == run.cfg.data.seq_len,
+            f"data at '{data.path}' was prepared with seq_len={data.seq_len}, the run was trained with "
+            f"data.seq_len={run.cfg.data.seq_len}; prepare it with data.seq_len={run.cfg.data.seq_len} "
+            f"(or score text files with --text)")
 
 
 def load_run(run_dir: str | Path, device: str = "auto", use_ema: bool = True) -> LoadedRun:
-    """Rebuild the model of a run from its config and newest checkpoint (EMA weights by default)."""
+    """Rebuild the model of a run from its config and newest intact checkpoint (EMA weights by
+    default; a checkpoint whose EMA file is missing counts as damaged unless use_ema=False)."""
     run_dir = Path(run_dir)
-    path = ckpt.checkpoint_path(run_dir)
-    config_file = run_dir / "config.yaml"
-    require(config_file.is_file(), f"run directory '{run_dir}' has no config.yaml")
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(config_file))
-    except Exception:
-        raise LoopMDMError(f"'{config_file}' is not valid YAML") from None
-    cfg = config_from_dict(saved)
+    require(run_dir.exists(), f"run directory '{run_dir}' does not exist (train one with `loopmdm train CONFIG`)")
+    require(run_dir.is_dir(), f"'{run_dir}' is a file, not a run directory")
+    require(not ((run_dir / "meta.json").is_file() and not (run_dir / "checkpoints").exists()),
+            f"'{run_dir}' is a prepared data folder, not a run directory (one written by `loopmdm train`)")
+    require(ckpt.has_checkpoint(run_dir), f"no checkpoint in '{run_dir}' (has this run saved a checkpoint yet?)")
+    cfg = config_from_dict(read_run_config(run_dir))
     dev = resolve_device(device)
-    model = LoopedDenoiser(cfg.model)
-    state = ckpt.load_weights(path, use_ema=use_ema)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch
-        raise LoopMDMError(f"checkpoint '{path}' does not fit the run's config: {str(exc).splitlines()[1].strip()}") from None
-    require(not missing and not unexpected,
-            f"checkpoint '{path}' does not fit the run's config (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+
+    def load_model(path: Path) -> LoopedDenoiser:
+        model = LoopedDenoiser(cfg.model)
+        try:
+            state = ckpt.load_weights(path, use_ema=use_ema, require_ema=use_ema and cfg.train.ema > 0)
+        except LoopMDMError as exc:
+            if use_ema and "has no ema.safetensors" in str(exc):
+                raise LoopMDMError(f"{exc} (--no-ema uses its raw weights)") from None
+            raise
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatch
+            raise LoopMDMError(f"checkpoint '{path}' does not fit the run's config: {str(exc).splitlines()[1].strip()}") from None
+        require(not missing and not unexpected,
+                f"checkpoint '{path}' does not fit the run's config (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        return model
+
+    path, model = open_checkpoint(run_dir, load_model)
     model.to(dev).eval()
     tokenizer = TextTokenizer.load(run_dir / "tokenizer.json", cfg.data.tokenizer)
-    step = int(path.name.split("-")[-1])
-    return LoadedRun(cfg, model, tokenizer, run_dir, step, dev)
+    return LoadedRun(cfg, model, tokenizer, run_dir, ckpt.step_of(path), dev)

@@ -94,7 +94,13 @@ def load_prepared(path: str | Path) -> PreparedData:
     path = Path(path)
     require(path.is_dir(), f"prepared data folder '{path}' does not exist; run data preparation first")
     meta_path = path / "meta.json"
-    require(meta_path.is_file(), f"prepared data folder '{path}' has no meta.json (incomplete); delete it and prepare again")
+    if not meta_path.is_file():
+        require(not ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()),
+                f"'{path}' is a run directory, not a prepared data folder; pass a folder printed by "
+                f"`loopmdm prepare` (or score text files with `loopmdm eval RUN --text FILE`)")
+        require((path / "train.bin").is_file() or (path / "val.bin").is_file(),
+                f"'{path}' is not a prepared data folder (no meta.json); pass a folder printed by `loopmdm prepare`")
+        raise LoopMDMError(f"prepared data folder '{path}' has no meta.json (incomplete); delete it and prepare again")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -332,6 +338,10 @@ def prepare_data(cfg: DataConfig, progress: bool = False) -> PreparedData:
         except OSError:
             if not _complete(out):  # not a concurrent writer that finished first
                 raise
+    except OSError as exc:  # a full disk: one line, and the partial folder is removed below
+        from loopmdm.runfiles import disk_error
+
+        raise disk_error(exc, f"prepared data in data.cache_dir='{cfg.cache_dir}'") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out}")

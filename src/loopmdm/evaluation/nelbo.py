@@ -9,11 +9,13 @@ reseeded per S — so differences between loop counts are paired, not noise.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from loopmdm.data.loader import iter_eval_batches
+from loopmdm.data.loader import eval_rows, iter_eval_batches
 from loopmdm.devices import autocast_context
 from loopmdm.diffusion.objective import diffusion_loss, maskable_after
 from loopmdm.diffusion.schedule import NoiseSchedule
@@ -23,13 +25,18 @@ from loopmdm.diffusion.schedule import NoiseSchedule
 def evaluate_nelbo(model, blocks: np.ndarray, schedule: NoiseSchedule, loops: list[int], *, eps: float,
                    batch_size: int = 32, num_batches: int = 0, draws: int = 1, seed: int = 1234,
                    pad_id: int | None = None, prompt_len: int = 0, device: torch.device | str = "cpu",
-                   precision: str = "fp32") -> list[dict]:
-    """One record per loop count: {loops, nll, ppl, tokens, sequences, draws, seed}."""
+                   precision: str = "fp32", progress: bool = False) -> list[dict]:
+    """One record per loop count: {loops, nll, ppl, tokens, sequences, draws, seed}. With
+    `progress`, a bar on stderr once the evaluation has run for 2 s."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     results = []
+    n_batches = math.ceil(len(eval_rows(len(blocks), batch_size, num_batches)) / batch_size) if batch_size > 0 else 0
+    bar = tqdm(total=len(loops) * n_batches, desc="eval", unit="batch", delay=2.0, file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
     for num_loops in loops:
+        bar.set_postfix(S=num_loops)
         generator = torch.Generator(device=device).manual_seed(seed)
         nll_sum, tokens, sequences = 0.0, 0, 0  # python floats are float64
         for x0 in iter_eval_batches(blocks, batch_size, num_batches):
@@ -43,8 +50,10 @@ def evaluate_nelbo(model, blocks: np.ndarray, schedule: NoiseSchedule, loops: li
                 nll_sum += float(out.nll_sum.double())
             tokens += out.num_tokens
             sequences += x0.shape[0]
+            bar.update(1)
         nll = nll_sum / max(tokens * draws, 1)
         results.append({"loops": num_loops, "nll": nll, "ppl": math.exp(min(nll, 700.0)),
                         "tokens": tokens, "sequences": sequences, "draws": draws, "seed": seed})
+    bar.close()
     model.train(was_training)
     return results

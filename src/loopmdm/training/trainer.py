@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import signal
 import sys
 import threading
@@ -29,10 +30,11 @@ from loopmdm.data.prepare import PreparedData
 from loopmdm.devices import autocast_context, resolve_device
 from loopmdm.diffusion.objective import diffusion_loss, maskable_after
 from loopmdm.diffusion.schedule import make_schedule
-from loopmdm.errors import require
+from loopmdm.errors import LoopMDMError, require
 from loopmdm.evaluation.nelbo import evaluate_nelbo
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.model.flops import train_flops
+from loopmdm.runfiles import append_line, disk_error, finite_or_none, note, read_jsonl, write_if_changed
 from loopmdm.training import checkpoint as ckpt
 from loopmdm.training.distributed import DistContext
 from loopmdm.training.ema import EMA
@@ -97,6 +99,8 @@ class Trainer:
         self.step, self.tokens, self.flops, self.train_time = 0, 0, 0.0, 0.0
         self.interval = {"loops": 0, "steps": 0}
         self.loss_accum = torch.zeros((), device=self.device)
+        self.saved_step: int | None = None  # the step of the checkpoint on disk (None: none yet)
+        self.resumed_step: int | None = None
 
     def _param_groups(self):
         """Weight decay on matrices only; with train.loop_lr_scale != 1 the loop block's
@@ -117,26 +121,57 @@ class Trainer:
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time": self.train_time,
             "interval": dict(self.interval), "loss_accum": self.loss_accum.cpu(), "optimizer": self.optimizer.state_dict(),
             "loader": self.loader.state_dict(),
+            "config": self.cfg.to_dict(),  # lets a run whose config.yaml was lost be reopened
         }
         return state
 
+    def check_finite(self, loss_value: float = 0.0) -> None:
+        """Stop (exit 2) rather than log, save or validate a non-finite loss or weights: the
+        checkpoint on disk stays the last finite one."""
+        finite = math.isfinite(loss_value) and bool(torch.isfinite(self.loss_accum).all()) and bool(torch.stack(
+            [torch.isfinite(p).all() for p in self.model.parameters()]).all())
+        if not finite:
+            kept = (f"the last finite checkpoint step-{self.saved_step:07d} is kept" if self.saved_step is not None
+                    else "no checkpoint was saved")
+            raise LoopMDMError(f"training diverged: the loss or the weights became non-finite (NaN/inf) by step "
+                               f"{self.step} (train.lr={self.cfg.train.lr:g}); stopped without saving, {kept}; "
+                               f"lower train.lr (or raise train.warmup_steps) and --resume")
+
     def save(self) -> None:
+        if self.step == self.saved_step:  # nothing new (e.g. --resume of a finished run)
+            return
+        self.check_finite()
         if self.dist.is_main:
             ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(),
                                  self.ema.state_dict() if self.ema else None, self.train_state())
+        self.saved_step = self.step
         self.dist.barrier()
 
-    def resume(self) -> None:
-        path = ckpt.checkpoint_path(self.run_dir)
-        self.model.load_state_dict(ckpt.load_weights(path, use_ema=False))
+    def _load_checkpoint(self, path: Path) -> None:
+        """Load every part of checkpoint `path` (a LoopMDMError if any part is damaged)."""
+        weights = ckpt.load_weights(path, use_ema=False)
         state = ckpt.load_train_state(path)
-        if self.ema:
-            self.ema.load_state_dict(ckpt.load_weights(path, use_ema=True), num_updates=state["step"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loader.load_state_dict(state["loader"])
-        self.step, self.tokens, self.flops = state["step"], state["tokens"], state["flops"]
-        self.train_time, self.interval = state["train_time"], dict(state["interval"])
-        self.loss_accum = state["loss_accum"].to(self.device)
+        ema = ckpt.load_weights(path, use_ema=True, require_ema=True) if self.ema else None
+        try:
+            self.model.load_state_dict(weights)
+            if self.ema:
+                self.ema.load_state_dict(ema, num_updates=state["step"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.loader.load_state_dict(state["loader"])
+            self.step, self.tokens, self.flops = int(state["step"]), state["tokens"], state["flops"]
+            self.train_time, self.interval = state["train_time"], dict(state["interval"])
+            self.loss_accum = state["loss_accum"].to(self.device)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LoopMDMError(f"checkpoint '{path}' does not fit this run "
+                               f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''})") from None
+
+    def resume(self) -> None:
+        """Continue from the checkpoint `latest` names, or from the newest intact one."""
+        from loopmdm.runs import open_checkpoint
+
+        path, _ = open_checkpoint(self.run_dir, self._load_checkpoint,
+                                  say=note if self.dist.is_main else (lambda _msg: None))
+        self.saved_step = self.resumed_step = self.step
         self._truncate_metrics(self.step)
 
     # --------------------------------------------------------------------- metrics
@@ -146,17 +181,26 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                append_line(self.metrics_path, json.dumps(finite_or_none(record), allow_nan=False))
+            except OSError as exc:
+                kept = f"checkpoint step-{self.saved_step:07d} is kept" if self.saved_step is not None else "no checkpoint yet"
+                raise disk_error(exc, f"'{self.metrics_path}'", f"{kept}; free some space, then continue with --resume") from None
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop records written after the checkpoint we resume from, so the file continues
-        exactly as an uninterrupted run would have written it."""
+        """Drop records written after the checkpoint we resume from (and a partial last line),
+        so the file continues exactly as an uninterrupted run would have written it."""
         if not self.dist.is_main or not self.metrics_path.exists():
             return
-        kept = [ln for ln in self.metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= step]
-        ckpt.write_text_atomic(self.metrics_path, "".join(ln + "\n" for ln in kept))
+        kept = [r for r in read_jsonl(self.metrics_path) if isinstance(r.get("step"), int) and r["step"] <= step]
+        try:
+            write_if_changed(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        except OSError as exc:
+            raise disk_error(exc, f"'{self.metrics_path}'") from None
+
+    def last_val_record(self) -> dict | None:
+        records = [r for r in read_jsonl(self.metrics_path) if r.get("kind") == "val" and r.get("step") == self.step]
+        return records[-1] if records else None
 
     # --------------------------------------------------------------------- loop
     def _done(self) -> bool:
@@ -214,6 +258,7 @@ class Trainer:
         return model
 
     def validate(self) -> dict:
+        self.check_finite()
         cfg = self.cfg
         num_loops = cfg.model.max_train_loops if self.model.is_looped else 1
         model = self.eval_model()
@@ -246,7 +291,6 @@ class Trainer:
                                 pad_id=self.data.pad_id if self.use_pad_mask else None, precision=cfg.train.precision)
         return {"kind": "loop_diag", "step": self.step, "tokens": self.tokens, "flops": self.flops, **compact_record(diag)}
 
-
     def train(self) -> dict:
         tc = self.cfg.train
         # A step total only when steps are the budget; FLOPs- or time-bounded runs show a count.
@@ -277,6 +321,9 @@ class Trainer:
                 if self.step % tc.log_every == 0 or self._done():
                     # The logged loss is the mean over the steps since the previous record.
                     loss_value = float(self.dist.mean(self.loss_accum)) / self.interval["steps"]
+                    if not math.isfinite(loss_value):
+                        bar.close()
+                        self.check_finite(loss_value)
                     record = {"kind": "train", "step": self.step, "loss": loss_value,
                               "lr": learning_rate(self.step - 1, tc, tc.max_steps or None),
                               "loops": num_loops, "loops_mean": self.interval["loops"] / self.interval["steps"],
@@ -295,8 +342,14 @@ class Trainer:
                 if self.step % tc.checkpoint_every == 0 and not self._done():
                     self.save()
         bar.close()
-        last_val = self.validate()
-        self.save()
+        last_val = self.last_val_record() if self.step == self.resumed_step else None
+        if last_val is not None:  # --resume of a finished run: nothing to train, log or save
+            if self.dist.is_main:
+                note(f"the run already reached its budget at step {self.step}; nothing to do "
+                     f"(raise train.max_steps / max_flops / max_minutes to train further)")
+        else:
+            last_val = self.validate()
+            self.save()
         return {"step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time": self.train_time,
                 "val_nll": last_val["val_nll"], "val_ppl": last_val["val_ppl"], "val_loops": last_val["val_loops"],
                 "val_unigram_xent": last_val["val_unigram_xent"]}

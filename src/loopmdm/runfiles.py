@@ -1,0 +1,262 @@
+"""Writing run files so that no crash, full disk or second process loses a run.
+
+- `write_bytes_atomic` / `write_text_atomic`: a temporary file in the same folder, fsynced,
+  then `os.replace`d over the target: a reader sees the old file or the new one, never a
+  mixture or an empty file.
+- `append_line`: metrics records. A kill can leave a partial last line, which
+  `read_jsonl` drops (with a note) instead of failing.
+- `RunLock`: one writer per run directory, `fcntl.flock` on RUN/.lock. The OS releases it when
+  the process dies however it dies, so a held lock always means a live writer and its absence
+  means every temporary file in the run is stale (`clean_stale`).
+- `disk_error`: an OSError while writing becomes one line (ENOSPC: "disk full").
+- `fault_point`: the kill-anywhere tests' hook. With LOOPMDM_FAULT_AT=N (or `set_fault`) the
+  process calls `os._exit` at the N-th fault point, i.e. in the middle of, or between the
+  steps of, a run-file write, exactly like `kill -9` at that instant.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+from loopmdm.errors import LoopMDMError
+
+FAULT_ENV = "LOOPMDM_FAULT_AT"
+FAULT_EXIT = 137  # what a shell reports for kill -9
+LOCK_FILE = ".lock"
+LOCK_TAG = "loopmdm run lock"
+TMP_MARK = ".tmp-"
+
+_fault = {"at": int(os.environ.get(FAULT_ENV, "0") or 0), "count": 0, "trace": None}
+
+
+def set_fault(at: int = 0, trace: list | None = None) -> None:
+    """Tests: exit at the `at`-th fault point from now (0 = never); record labels in `trace`."""
+    _fault.update(at=at, count=0, trace=trace)
+
+
+def fault_point(label: str) -> None:
+    if not _fault["at"] and _fault["trace"] is None:
+        return
+    _fault["count"] += 1
+    if _fault["trace"] is not None:
+        _fault["trace"].append(label)
+    if _fault["count"] == _fault["at"]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(FAULT_EXIT)
+
+
+def note(message: str) -> None:
+    """A one-line notice on stderr (not an error: the command goes on)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- writing
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_all(f, data: bytes, label: str) -> None:
+    """Write `data` to the open binary file `f` in two halves (a fault point between them
+    leaves a partial file, as a kill or a full disk would)."""
+    half = len(data) // 2
+    f.write(data[:half])
+    if _fault["at"] or _fault["trace"] is not None:
+        f.flush()
+        fault_point(f"{label}: partial")
+    f.write(data[half:])
+
+
+def tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write_all(f, data, f"write {path.name}")
+            f.flush()
+            os.fsync(f.fileno())
+        fault_point(f"write {path.name}: complete, not yet renamed")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    fault_point(f"write {path.name}: renamed")
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Atomically replace `path` unless it already holds exactly `text` (fewer writes, fewer
+    moments at which a kill could land)."""
+    path = Path(path)
+    try:
+        if path.read_bytes() == text.encode("utf-8"):
+            return
+    except OSError:
+        pass
+    write_text_atomic(path, text)
+
+
+def append_line(path: Path, line: str) -> None:
+    with open(path, "ab") as f:
+        write_all(f, (line + "\n").encode("utf-8"), f"append {Path(path).name}")
+    fault_point(f"append {Path(path).name}: done")
+
+
+def finite_or_none(value):
+    """JSON has no NaN/inf: such values (at any depth) become null, so strict readers parse it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON-lines file. A partial last line (a write cut short by a kill or a full
+    disk) is dropped with a note; a damaged line elsewhere is an error naming it."""
+    path = Path(path)
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise LoopMDMError(f"cannot read '{path}': {exc.strerror or exc}") from None
+    records = []
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if i == last:
+                note(f"dropped the partial last line of '{path}' (a write that was cut short): {line[:60]!r}")
+                continue
+            raise LoopMDMError(f"'{path}' line {i + 1} is not a JSON record ({line[:60]!r}); "
+                               f"delete that line and run the command again") from None
+        records.append(record)
+    return records
+
+
+def disk_error(exc: OSError, what: str, then: str = "") -> LoopMDMError:
+    """One line for an OSError met while writing `what`."""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        head = f"disk full while writing {what} (OSError {errno.errorcode.get(exc.errno, exc.errno)})"
+        then = then or "free some space and run the command again"
+    else:
+        head = f"cannot write {what}: {exc.strerror or exc}"
+    return LoopMDMError(f"{head}; {then}" if then else head)
+
+
+# --------------------------------------------------------------------------- the run lock
+
+class RunLock:
+    """An exclusive `flock` on RUN/.lock for the life of the writer (or until `release`)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise disk_error(exc, f"the run lock '{self.path}'") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lines = os.read(fd, 1000).decode("utf-8", errors="replace").strip().splitlines()
+            os.close(fd)
+            holder = lines[-1].removeprefix(LOCK_TAG).strip() if lines else ""
+            holder = holder or "another process"
+            raise LoopMDMError(f"run directory '{self.path.parent}' is in use by another loopmdm process "
+                               f"({holder}); wait for it to finish (or stop it), or choose another train.out_dir") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{LOCK_TAG} pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:
+            pass  # the lock holds without its description
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def is_our_lock(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LOCK_TAG)).decode("utf-8", errors="replace") == LOCK_TAG or path.stat().st_size == 0
+    except OSError:
+        return False
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_OLD_STEP_DIR = re.compile(r"^\.old-(step-\d+)-\d+$")
+
+
+def clean_stale(run_dir: Path) -> list[str]:
+    """Remove what dead writers left behind (call only while holding the run lock): temporary
+    files of run files, temporary checkpoint folders. A checkpoint moved aside while being
+    replaced (`.old-step-N-PID`) is moved back when its replacement never arrived."""
+    run_dir = Path(run_dir)
+    removed = []
+    for path in run_dir.glob(f".*{TMP_MARK}*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    ckpt_root = run_dir / "checkpoints"
+    if ckpt_root.is_dir():
+        for path in ckpt_root.iterdir():
+            old = _OLD_STEP_DIR.match(path.name)
+            if old and path.is_dir() and not (ckpt_root / old.group(1)).exists():
+                os.replace(path, ckpt_root / old.group(1))
+                removed.append(f"{path.name} (restored as {old.group(1)})")
+            elif old or path.name.startswith(TMP_MARK) or (path.name.startswith(".") and TMP_MARK in path.name):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path.name)
+    return removed
