@@ -4,7 +4,7 @@ glibc's malloc serves large blocks (activations, gradients) with fresh mmap'd pa
 returns freed memory to the OS. A training step allocates and frees the same large
 tensors every step, so every step pays page faults for all of them; the deeper the
 unrolled loop, the larger the footprint and the larger that cost. Measured with
-benchmarks/loop_overhead.py (docs/results.md): without tuning, S = 12 ran 20% slower than
+benchmarks/loop_overhead.py (docs/RESULTS.md): without tuning, S = 12 ran 20% slower than
 its FLOPs predict; with it, within 2%, and every step got faster. Keeping freed memory in
 the heap (as PyTorch's CUDA caching allocator does on the GPU) removes the faults.
 """
