@@ -199,13 +199,17 @@ class RunLock:
             raise disk_error(exc, f"the run lock '{self.path}'") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             lines = os.read(fd, 1000).decode("utf-8", errors="replace").strip().splitlines()
             os.close(fd)
             holder = lines[-1].removeprefix(LOCK_TAG).strip() if lines else ""
             holder = holder or "another process"
             raise LoopMDMError(f"run directory '{self.path.parent}' is in use by another loopmdm process "
                                f"({holder}); wait for it to finish (or stop it), or choose another train.out_dir") from None
+        except OSError as exc:  # e.g. ENOLCK: a file system without locks
+            os.close(fd)
+            raise LoopMDMError(f"cannot lock the run directory ('{self.path}': {exc.strerror or exc}); "
+                               f"use a train.out_dir on a local file system") from None
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{LOCK_TAG} pid {os.getpid()} on {socket.gethostname()}\n".encode())

@@ -34,7 +34,7 @@ def evaluate_nelbo(model, blocks: np.ndarray, schedule: NoiseSchedule, loops: li
     results = []
     n_batches = math.ceil(len(eval_rows(len(blocks), batch_size, num_batches)) / batch_size) if batch_size > 0 else 0
     bar = tqdm(total=len(loops) * n_batches, desc="eval", unit="batch", delay=2.0, file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress, dynamic_ncols=True, leave=False)
     for num_loops in loops:
         bar.set_postfix(S=num_loops)
         generator = torch.Generator(device=device).manual_seed(seed)
