@@ -19,15 +19,17 @@ fi
 export PYTHONPATH=src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 if [ -n "${DRY_RUN:-}" ]; then
-    CHECK=(--device cpu --quick); SCALE=(--scale gpu --dry-run); JOBS=2; LIMIT_CHECK=300; LIMIT_SUITES=900
+    # the same stages at token budgets; one suite and two arms keep it to minutes on 2 cores
+    CHECK=(--device cpu --quick); SCALE=(--scale gpu --dry-run --arms mdm,loop); SUITES=(sudoku)
+    JOBS=2; LIMIT_CHECK=900; LIMIT_SUITES=1800
 else
-    CHECK=(--device cuda); SCALE=(--scale gpu); JOBS=6; LIMIT_CHECK=150; LIMIT_SUITES=400
+    CHECK=(--device cuda); SCALE=(--scale gpu); SUITES=(khop sudoku); JOBS=6; LIMIT_CHECK=150; LIMIT_SUITES=400
 fi
 {
     nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
     timeout "$LIMIT_CHECK" "$PY" benchmarks/cuda_check.py "${CHECK[@]}" --out "$OUT"
     echo "cuda_check exit $?"
-    timeout "$LIMIT_SUITES" "$PY" -m loopmdm.cli experiment khop sudoku "${SCALE[@]}" --jobs "$JOBS"
+    timeout "$LIMIT_SUITES" "$PY" -m loopmdm.cli experiment "${SUITES[@]}" "${SCALE[@]}" --jobs "$JOBS"
     echo "suites exit $?"
 } 2>&1 | tee "$OUT/log"
 tar czf "$OUT/results.tar.gz" $(ls -d results/*-gpu*/summary.* results/*-gpu*/*.png 2>/dev/null) 2>/dev/null

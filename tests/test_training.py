@@ -233,3 +233,21 @@ def test_loop_knobs_switch_on_partway_and_scale_the_loop_lr(tiny_cfg_factory, tm
         in_loop = {id(p) in loop_params for p in group["params"]}
         assert len(in_loop) <= 1
         assert group["lr"] == pytest.approx(cfg.train.lr * (0.25 if in_loop == {True} else 1.0))
+
+
+def test_resume_of_a_run_saved_before_newer_model_options(tiny_cfg_factory, tmp_path):
+    """A run whose config.yaml predates model.time_input / attention_dropout resumes with the
+    settings it was trained with (1000·t, dropout on attention), not the new defaults."""
+    import yaml
+
+    cfg = tiny_cfg_factory("train.max_steps=4", "model.dropout=0.1")
+    train(cfg)
+    config_file = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(config_file.read_text())
+    for key in ("time_input", "attention_dropout", "noise_schedule", "noise_eps"):
+        saved["model"].pop(key, None)
+    config_file.write_text(yaml.safe_dump(saved))
+    summary = train(tiny_cfg_factory("train.max_steps=6", "model.dropout=0.1"), resume=True)
+    assert summary["step"] == 6
+    resumed = yaml.safe_load(config_file.read_text())["model"]
+    assert resumed["time_input"] == "1000t" and resumed["attention_dropout"] is True

@@ -93,7 +93,6 @@ class SelfAttention(nn.Module):
         # explicitly and probe(probs) sees the (B, H, L, L) softmax weights; same output.
         self.probe = None
 
-
     def forward(self, x: torch.Tensor, rotary: Rotary, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)

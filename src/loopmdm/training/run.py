@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from loopmdm.config import Config
+from loopmdm.config import Config, config_from_dict
 from loopmdm.data.prepare import PreparedData, prepare_data
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.runfiles import (LOCK_FILE, TMP_MARK, RunLock, clean_stale, disk_error, fault_point, is_our_lock, note,
@@ -166,9 +166,13 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, replace: bool, dist:
         data = prepare_data(cfg.data)
     attach_vocab(cfg, data)
     if resume:
-        saved = json.loads(json.dumps(read_run_config(run_dir, say=note if dist.is_main else (lambda _m: None))))
+        raw = json.loads(json.dumps(read_run_config(run_dir, say=note if dist.is_main else (lambda _m: None))))
+        saved = config_from_dict(raw).to_dict()  # an older run's config, read as it was trained
         for section in ("model", "diffusion", "data"):
-            diff = _first_difference(saved.get(section), cfg.to_dict()[section], f"{section}.")
+            for key, value in saved[section].items():
+                if key not in (raw.get(section) or {}):  # an option added after this run was saved
+                    setattr(getattr(cfg, section), key, value)
+            diff = _first_difference(saved[section], cfg.to_dict()[section], f"{section}.")
             require(diff is None, f"--resume with a different setting ({diff}); only train.* may change")
     trainer = Trainer(cfg, data, run_dir, dist)
     if resume:
