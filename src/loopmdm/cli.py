@@ -246,7 +246,18 @@ def cmd_flops(args) -> None:
         print(f"{key:>32}: {value:.4g}" if isinstance(value, float) else f"{key:>32}: {value}")
 
 
+def with_run_options(p) -> None:
+    """Options of every command that loads a trained run."""
+    from loopmdm.config import DEVICES, PRECISIONS
+
+    p.add_argument("--precision", choices=list(PRECISIONS), help="default: the run's train.precision")
+    p.add_argument("--device", default="auto", choices=list(DEVICES))
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from loopmdm.sampling.infill import ORDERS
+
     parser = argparse.ArgumentParser(prog="loopmdm", description="Looped masked diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -276,9 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: eval.batch_size)")
     p.add_argument("--draws", type=int, help="Monte-Carlo draws of (t, mask) per sequence (default: eval.draws)")
     p.add_argument("--seed", type=int, help="seed of the draws (default: eval.seed)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="default: the run's train.precision")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    with_run_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON list of records {loops, nll, ppl, ...}")
     p.set_defaults(func=cmd_eval)
 
@@ -300,15 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("solve", help="task accuracy (Sudoku, k-hop) against the number of loops")
     p.add_argument("run", help="run directory of a model trained with data.source=task")
-    p.add_argument("--order", default="raster", choices=["raster", "confidence", "oneshot"],
+    p.add_argument("--order", default="raster", choices=list(ORDERS),
                    help="decoding order: raster (row-major, the paper's restricted order), confidence "
                         "(easy first), oneshot (all blanks from one call)")
     p.add_argument("--loops", default="1,2,4,8,16", help="comma-separated loop counts (default 1,2,4,8,16)")
     p.add_argument("--num", type=int, default=500, help="test examples (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the puzzle blanks (default 0)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="default: the run's train.precision")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    with_run_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_solve)
 
@@ -319,9 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: eval.batch_size)")
     p.add_argument("--seed", type=int, help="seed of the (t, mask) draws (default: eval.seed)")
     p.add_argument("--plots", metavar="DIR", help="also write PNG plots into DIR")
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="default: the run's train.precision")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    with_run_options(p)
     p.add_argument("--json", action="store_true", help="print the full diagnostics as one JSON object")
     p.set_defaults(func=cmd_analyze)
 
