@@ -65,6 +65,7 @@ eval: {{batch_size: 16}}
         train = json.loads((out / "runs" / f"{arm}-s0" / "train_summary.json").read_text())
         assert train["flops"] >= 3e9 and train["flops"] < 3e9 * 1.5  # trained to the FLOPs budget
     assert (out / "summary.md").read_text().startswith("# Suite `tiny`")
+    assert set(summary["tables"]["val_nelbo_t[0.5,0.75)"]) == {"mdm", "loop"}  # NELBO by noise level
     assert (out / "oneshot_acc.png").stat().st_size > 1000
     # a second call finds every run trained and evaluated: nothing is retrained
     logs.clear()

@@ -68,6 +68,9 @@ class LossOutput:
     nll_sum: torch.Tensor  # scalar, detached: the weighted NLL sum
     num_tokens: int  # non-pad tokens in the batch
     num_masked: torch.Tensor  # scalar tensor (no device sync in the training step)
+    seq_nll: torch.Tensor | None = None  # (B,), detached: each sequence's weighted NLL sum
+    seq_tokens: torch.Tensor | None = None  # (B,): each sequence's scored (non-pad) tokens
+    t: torch.Tensor | None = None  # (B,): the noise levels drawn
 
 
 def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, *, num_loops: int, eps: float,
@@ -87,5 +90,7 @@ def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, *, num_loop
     scored = valid if maskable is None else (maskable if valid is None else valid & maskable)
     num_tokens = int(scored.sum()) if scored is not None else x0.numel()
     nll_sum = terms.sum()
+    seq_tokens = scored.sum(1) if scored is not None else torch.full((x0.shape[0],), x0.shape[1], device=x0.device)
     return LossOutput(loss=nll_sum / max(num_tokens, 1), nll_sum=nll_sum.detach(),
-                      num_tokens=num_tokens, num_masked=masked.sum())
+                      num_tokens=num_tokens, num_masked=masked.sum(), seq_nll=terms.detach().sum(1),
+                      seq_tokens=seq_tokens, t=t)

@@ -8,6 +8,8 @@ import torch
 
 from loopmdm.training import checkpoint as ckpt
 
+T_BINS = [0.0, 0.25, 0.5, 0.75, 1.0]  # NELBO split by the noise level drawn (paper: gains at mid t)
+
 
 def _val_curve(run_dir) -> list[dict]:
     """(flops, val_nll) of every validation record of the run, in order."""
@@ -50,6 +52,6 @@ def evaluate_run(suite, spec, scale, log) -> dict:
                                      loops, eps=cfg.diffusion.eps, batch_size=cfg.eval.batch_size,
                                      num_batches=scale.num_test if suite.kind == "lm" else 8,
                                      seed=cfg.eval.seed, prompt_len=data.prompt_len, device=run.device,
-                                     precision=cfg.train.precision)
+                                     precision=cfg.train.precision, t_bins=T_BINS)
     ckpt.write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     return result

@@ -155,7 +155,13 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, best_lr,
     nelbo = _metric_table(suite, evaluations, arms, lambda ev: [(r["loops"], r["nll"]) for r in ev["nelbo"]])
     summary["tables"]["val_nelbo"] = {a: {str(s): v for s, v in d.items()} for a, d in nelbo.items()}
     md += _render_table("Validation NELBO (nats per scored token) at inference S", nelbo, loops)
-    _plot(out_dir / "val_nelbo.png", f"{suite.name}: validation NELBO", "NELBO (nats/token)", nelbo, loops)
+    _plot(out_dir / ("val_nelbo.png" if not suite.runs_of else f"val_nelbo-{suite.name}.png"), f"{suite.name}: validation NELBO", "NELBO (nats/token)", nelbo, loops)
+    first = next(iter(evaluations.values()))["nelbo"][0]
+    for label in first.get("by_t", {}):
+        by_t = _metric_table(suite, evaluations, arms, lambda ev, b=label: [
+            (r["loops"], r["by_t"][b]) for r in ev["nelbo"] if r.get("by_t", {}).get(b) is not None])
+        summary["tables"][f"val_nelbo_t{label}"] = {a: {str(s): v for s, v in d.items()} for a, d in by_t.items()}
+        md += _render_table(f"Validation NELBO of sequences with t in {label}", by_t, loops)
     if suite.kind == "task":
         for order in suite.orders:
             task = next(iter(evaluations.values()))["orders"][order][0]
@@ -193,6 +199,7 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, best_lr,
     _plot_curves(out_dir / "val_curves.png", evaluations)
     md += [f"Wall time of this call: {wall_seconds / 60:.1f} min on {summary['machine']}.", ""]
     summary["evaluations"] = evaluations
-    ckpt.write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
-    ckpt.write_text_atomic(out_dir / "summary.md", "\n".join(md))
+    stem = "summary" if not suite.runs_of else f"summary-{suite.name}"
+    ckpt.write_text_atomic(out_dir / f"{stem}.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    ckpt.write_text_atomic(out_dir / f"{stem}.md", "\n".join(md))
     return summary

@@ -122,7 +122,8 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
         scale = Scale(budget_flops=scale.budget_flops * 1e-3 if scale_name == "cpu" else 2e10,
                       sweep_fraction=0.5, lrs=scale.lrs[:2], seeds=scale.seeds[:1], num_test=16,
                       overrides=scale.overrides)
-    out_dir = Path(out or f"results/{name}-{scale_name}" + ("-dryrun" if dry_run else ""))
+    out_dir = Path(out or f"results/{suite.runs_of or name}-{scale_name}" + ("-dryrun" if dry_run else ""))
+    # a view suite (runs_of) shares the runs and eval.json of `runs_of`; its report files are its own
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     sweep, _ = plan(suite, scale, out_dir, None)
@@ -136,5 +137,5 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
         evaluations[spec.name] = evaluate_run(suite, spec, scale, log)
     summary = write_report(suite, scale_name, scale, out_dir, sweep, final, best, evaluations,
                            wall_seconds=time.time() - t0, dry_run=dry_run)
-    log(f"wrote {out_dir / 'summary.md'}")
+    log(f"wrote {out_dir / ('summary.md' if not suite.runs_of else f'summary-{suite.name}.md')}")
     return summary

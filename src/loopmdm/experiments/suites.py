@@ -41,6 +41,7 @@ class Suite:
     scales: dict = field(default_factory=dict)
     orders: tuple = ()  # decoding orders for task suites
     loops: tuple = (1, 2, 4, 8, 12, 16)  # inference loop counts evaluated
+    runs_of: str = ""  # a view of another suite's runs (results/<runs_of>-<scale>): no training of its own
 
 
 ALL_ARMS = ("mdm", "loop", "deeper", "uniform", "inject")
@@ -71,6 +72,10 @@ SUITES = {
                  "gpu": Scale(2e15, 0.25, (3e-4, 1e-3, 3e-3), (0, 1), 32, ("train.batch_size=128",))},
                 loops=(1, 2, 4, 6, 8, 12, 16, 24)),
 }
+# Inference-time loops on the `lm` suite's runs: NELBO at S in {1, 2, 4, 6, 8, 12, 16, 24} beside
+# MDM, split by the noise level t (the report's by-t tables); trains nothing `lm` has not.
+SUITES["inference-loops"] = Suite("inference-loops", "tiny", ALL_ARMS, "lm", SUITES["lm"].scales,
+                                  loops=(1, 2, 4, 6, 8, 12, 16, 24), runs_of="lm")
 
 
 def get_suite(name: str) -> Suite:
