@@ -114,6 +114,29 @@ def _plot_curves(path: Path, evaluations: dict) -> None:
     plt.close(fig)
 
 
+def _difficulty_table(order: str, evaluations: dict, arms: list, summary: dict) -> list[str]:
+    """Boards solved by difficulty (rounds of single-deduction a puzzle needs), per arm and S,
+    summed over seeds: the solve rate and the number of puzzles in each column."""
+    rows, columns = {}, set()
+    for ev in evaluations.values():
+        for rec in ev["orders"][order]:
+            for diff, entry in rec["by_difficulty"].items():
+                cell = rows.setdefault((ev["arm"], rec["loops"]), {}).setdefault(diff, [0.0, 0])
+                cell[0] += entry["solved"] * entry["n"]
+                cell[1] += entry["n"]
+                columns.add(diff)
+    columns = sorted(columns, key=lambda d: (d == "guess", d.zfill(3)))
+    table = {f"{arm} S={s}": {d: (v[0] / v[1] if v[1] else None) for d, v in cells.items()}
+             for (arm, s), cells in sorted(rows.items(), key=lambda kv: (arms.index(kv[0][0]), kv[0][1]))}
+    summary["tables"][f"{order}_solved_by_difficulty"] = table
+    n = {d: max(v[1] for cells in rows.values() for dd, v in cells.items() if dd == d) for d in columns}
+    lines = [f"**{order}: boards solved by difficulty** (rounds of naked/hidden singles; n = puzzles)", "",
+             "| arm, S | " + " | ".join(f"{d} (n={n[d]})" for d in columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, cells in table.items():
+        lines.append(f"| {name} | " + " | ".join("" if cells.get(d) is None else f"{cells[d]:.2f}" for d in columns) + " |")
+    return lines + [""]
+
+
 def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, best_lr, evaluations,
                  wall_seconds: float, dry_run: bool) -> dict:
     arms = [a for a in suite.arms if any(ev["arm"] == a for ev in evaluations.values())]
@@ -184,6 +207,7 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, best_lr,
                                       lambda ev, o=order: [(r["loops"], r["cell_acc"]) for r in ev["orders"][o]])
                 summary["tables"][f"{order}_cell_acc"] = {a: {str(s): v for s, v in d.items()} for a, d in cells.items()}
                 md += _render_table(f"{order}: cell accuracy", cells, loops)
+                md += _difficulty_table(order, evaluations, arms, summary)
     if "mdm" in arms and suite.kind == "lm":
         ratios = {}
         for name, ev in evaluations.items():
