@@ -10,7 +10,7 @@ from loopmdm.errors import LoopMDMError
 from loopmdm.experiments import suites as suites_mod
 from loopmdm.experiments.report import flops_to_match
 from loopmdm.experiments.runner import run_suite
-from loopmdm.experiments.suites import ALL_ARMS, KNOB_ARMS, Scale, Suite, arm_overrides, get_suite, layer_passes
+from loopmdm.experiments.suites import KNOB_ARMS, Scale, Suite, arm_overrides, get_suite, layer_passes
 from loopmdm.model.flops import train_flops
 
 

@@ -33,7 +33,6 @@ def evaluate_run(suite, spec, scale, log) -> dict:
     from loopmdm.evaluation.solve import solve_task, task_test_set
     from loopmdm.runs import load_run
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run = load_run(spec.out_dir, device="cpu" if not torch.cuda.is_available() else "auto")
     data = run.prepared_data()
     loops = list(suite.loops) if run.model.is_looped else [1]
