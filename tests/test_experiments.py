@@ -72,3 +72,18 @@ eval: {{batch_size: 16}}
     again = run_suite("tiny", "cpu", out=str(tmp_path / "out"), jobs=2, log=logs.append)
     assert not [m for m in logs if m.startswith(("train ", "eval "))]
     assert again["tables"] == summary["tables"]
+
+
+def test_knob_arms_train_at_the_loop_arms_lr_with_one_seed_and_no_sweep_of_their_own(tmp_path):
+    from dataclasses import replace
+
+    from loopmdm.experiments.runner import plan
+
+    suite = replace(get_suite("sudoku"), arms=("mdm", "loop-lr", "loop-trunc"))
+    scale = Scale(1e12, 0.2, (1e-3, 3e-3), (0, 1), 8)
+    sweep, _ = plan(suite, scale, tmp_path, None)
+    assert sorted({s.arm for s in sweep}) == ["loop", "mdm"]  # loop swept for the knobs, not asked for itself
+    _, final = plan(suite, scale, tmp_path, {"mdm": 1e-3, "loop": 3e-3})
+    assert [(s.name, s.lr) for s in final] == [("mdm-s0", 1e-3), ("mdm-s1", 1e-3),
+                                              ("loop-lr-s0", 3e-3), ("loop-trunc-s0", 3e-3)]
+    assert "model.grad_loops=2" in final[-1].overrides

@@ -227,7 +227,8 @@ def cmd_experiment(args) -> None:
     names = list(args.suites)
     for name in names:
         run_suite(name, args.scale, out=args.out if len(names) == 1 else None, jobs=args.jobs,
-                  dry_run=args.dry_run, arms=args.arms.split(",") if args.arms else None, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
+                  dry_run=args.dry_run, arms=args.arms.split(",") if args.arms else None,
+                  loops=_loops_list(args.loops) if args.loops else None, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
 
 
 def cmd_flops(args) -> None:
@@ -339,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (default 2)")
     p.add_argument("--dry-run", action="store_true", help="every stage at a token budget: tests the pipeline")
     p.add_argument("--arms", help="comma-separated arms instead of the suite's: mdm, loop, deeper, uniform, inject, "
-                                  "and the knob arms loop-lr, loop-late, loop-time, loop-trunc, loop-smax2x")
+                                  "and the knob arms loop-lr, loop-late, loop-time, loop-trunc, loop-smax2x "
+                                  "(one seed each, at the loop arm's best lr)")
+    p.add_argument("--loops", help="comma-separated inference loop counts to evaluate instead of the suite's")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("flops", help="parameters and analytic training FLOPs per token of a config")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loopmdm.errors import LoopMDMError, require
-from loopmdm.experiments.suites import Scale, Suite, arm_overrides, get_suite
+from loopmdm.experiments.suites import KNOB_ARMS, Scale, Suite, arm_overrides, get_suite
 from loopmdm.training import checkpoint as ckpt
 
 
@@ -79,16 +79,32 @@ def train_runs(suite: Suite, specs: list[RunSpec], jobs: int, log) -> None:
             future.result()
 
 
+def swept_arms(suite: Suite) -> list[str]:
+    """Arms with a learning-rate sweep of their own. A knob arm (KNOB_ARMS) is a one-change
+    ablation of the paper's recipe: it trains at the `loop` arm's best lr, so `loop` is swept
+    whenever a knob arm is asked for, even if `loop` itself is not among the arms."""
+    arms = [a for a in suite.arms if a not in KNOB_ARMS]
+    if "loop" not in arms and any(a in KNOB_ARMS for a in suite.arms):
+        arms.append("loop")
+    return arms
+
+
+def arm_seeds(arm: str, scale: Scale) -> tuple:
+    """Final seeds of an arm: the knob arms are a screen, one seed (the first) each."""
+    return scale.seeds[:1] if arm in KNOB_ARMS else scale.seeds
+
+
 def plan(suite: Suite, scale: Scale, out: Path, best_lr: dict | None) -> tuple[list[RunSpec], list[RunSpec]]:
     sweep = [RunSpec(f"sweep-{arm}-lr{_lr_name(lr)}", arm, lr, 0, scale.budget_flops * scale.sweep_fraction,
                      out / "runs" / f"sweep-{arm}-lr{_lr_name(lr)}",
                      arm_overrides(suite, arm, scale.budget_flops * scale.sweep_fraction), scale.overrides)
-             for arm in suite.arms for lr in scale.lrs]
+             for arm in swept_arms(suite) for lr in scale.lrs]
     final = []
     if best_lr is not None:
-        final = [RunSpec(f"{arm}-s{seed}", arm, best_lr[arm], seed, scale.budget_flops,
-                         out / "runs" / f"{arm}-s{seed}", arm_overrides(suite, arm, scale.budget_flops), scale.overrides)
-                 for arm in suite.arms for seed in scale.seeds]
+        final = [RunSpec(f"{arm}-s{seed}", arm, best_lr[arm if arm not in KNOB_ARMS else "loop"], seed,
+                         scale.budget_flops, out / "runs" / f"{arm}-s{seed}",
+                         arm_overrides(suite, arm, scale.budget_flops), scale.overrides)
+                 for arm in suite.arms for seed in arm_seeds(arm, scale)]
     return sweep, final
 
 
@@ -103,9 +119,12 @@ def pick_best_lr(sweep: list[RunSpec]) -> dict:
 
 
 def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: int = 2,
-              dry_run: bool = False, arms: list[str] | None = None, log=print) -> dict:
+              dry_run: bool = False, arms: list[str] | None = None, loops: list[int] | None = None,
+              log=print) -> dict:
     """Run (or resume) a suite end to end and return its summary. `arms` replaces the suite's
-    arm list (e.g. to add the knob arms of experiments/suites.py: loop-lr, loop-late, ...)."""
+    arm list (e.g. to add the knob arms of experiments/suites.py: loop-lr, loop-late, ...);
+    `loops` replaces the inference loop counts evaluated (a run evaluated earlier keeps its
+    eval.json, so its table cells stay those it was evaluated at)."""
     import dataclasses
 
     from loopmdm.experiments.evaluate import evaluate_run
@@ -116,6 +135,9 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
         for arm in arms:
             arm_overrides(suite, arm)  # validates the name
         suite = dataclasses.replace(suite, arms=tuple(arms))
+    if loops:
+        require(all(s >= 1 for s in loops), f"loops {loops} must all be >= 1")
+        suite = dataclasses.replace(suite, loops=tuple(sorted(set(loops))))
     require(scale_name in suite.scales, f"scale '{scale_name}' is not allowed; choose one of: {', '.join(suite.scales)}")
     scale = suite.scales[scale_name]
     if dry_run:  # every stage at a token budget: checks the pipeline, measures nothing

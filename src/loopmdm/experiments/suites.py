@@ -94,7 +94,7 @@ def layer_passes(cfg: Config, expected: bool = True) -> float:
 
 def arm_overrides(suite: Suite, arm: str, budget: float | None = None) -> list[str]:
     """Config overrides that turn the suite's base config into `arm` (trained to `budget` FLOPs)."""
-    allowed = tuple(suite.arms) + tuple(KNOB_ARMS)
+    allowed = tuple(dict.fromkeys((*suite.arms, "loop", *KNOB_ARMS)))  # `loop` is the base of every knob arm
     require(arm in allowed, f"arm '{arm}' is not allowed in suite '{suite.name}'; choose from: {', '.join(allowed)}")
     base = load_config(suite.config)
     m = base.model
