@@ -58,8 +58,10 @@ def test_khop_answers_follow_the_listed_edges():
     for row in x:
         answers = row[khop.prompt_len(8):]
         np.testing.assert_array_equal(answers, khop.answers_from_prompt(row, 8, 6))
-        assert len(set(answers.tolist()) | {int(row[16])}) == 7  # one cycle: no repeats within 6 hops
-        assert sorted(row[0:16:2].tolist()) == list(range(8))  # every node has one listed edge
+        assert len(set(answers.tolist()) | {int(row[8])}) == 7  # one cycle: no repeats within 6 hops
+        assert sorted(((row[:8] - 8) // 8).tolist()) == list(range(8))  # every node has one listed edge
+        assert answers.max() < 8 and row[:8].min() >= 8  # answers are nodes, the prompt's edges edge tokens
+    assert len(khop.symbols(8)) == 8 + 64 and khop.symbols(8)[8 + 3 * 8 + 5] == "3>5"
     with pytest.raises(LoopMDMError, match="hops=8"):
         khop.check(8, 8)
 
@@ -74,14 +76,14 @@ def test_task_data_is_disjoint_and_knows_its_prompt(tmp_path):
     assert cfg.data.seq_len == khop.seq_len(6, 3) and cfg.data.tokenizer == "task"
     data = prepare_data(cfg.data)
     train, val = np.asarray(data.blocks("train")), np.asarray(data.blocks("val"))
-    assert train.shape == (2000, 16) and len(val) > 0
+    assert train.shape == (2000, 10) and len(val) > 0
     assert not ({r.tobytes() for r in train} & {r.tobytes() for r in val})
-    assert data.prompt_len == 13 and data.meta["answer_start"] == 13
-    assert data.vocab_size == 8  # 6 nodes + EOS + pad
-    assert data.tokenizer.encode("n3 n0") == [3, 0]
+    assert data.prompt_len == 7 and data.meta["answer_start"] == 7
+    assert data.vocab_size == 6 + 36 + 2  # 6 nodes, 36 edge tokens, EOS, pad
+    assert data.tokenizer.encode("n3 n0 3>5") == [3, 0, 6 + 3 * 6 + 5]
     dense = prepare_data(_task_cfg(tmp_path, "data.task=khop", "data.task_size=6", "data.task_hops=3",
                                    "data.task_prompt_given=false").data)
-    assert dense.prompt_len == 0 and dense.meta["answer_start"] == 13
+    assert dense.prompt_len == 0 and dense.meta["answer_start"] == 7
 
 
 def test_tiny_sudoku_cannot_have_disjoint_splits(tmp_path):

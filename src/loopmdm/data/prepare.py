@@ -31,7 +31,7 @@ from loopmdm.data.tokenizer import TextTokenizer, build_tokenizer
 from loopmdm.errors import LoopMDMError, require
 
 # Bump when the on-disk layout or packing changes, so old caches are not reused.
-FORMAT_VERSION = 3  # 2: streaming preparation, train documents in corpus order; 3: unigram counts
+FORMAT_VERSION = 4  # 2: streaming preparation, train documents in corpus order; 3: unigram counts; 4: khop edge tokens
 UNIGRAM_FILE = "train_unigram_counts.npy"
 SPLITS = ("train", "val")
 ENCODE_CHUNK = 256  # documents per encode_batch call

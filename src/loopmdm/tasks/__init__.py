@@ -43,8 +43,8 @@ TASKS = {
     ),
     "khop": Task(
         name="khop",
-        description="k-hop pointer chasing on a random cycle of `size` nodes, `hops` answer slots",
-        symbols=lambda size, hops: [f"n{i}" for i in range(size)],
+        description="k-hop pointer chasing on a random cycle of `size` nodes (one token per edge), `hops` answer slots",
+        symbols=lambda size, hops: khop.symbols(size),
         seq_len=khop.seq_len,
         prompt_len=lambda size, hops: khop.prompt_len(size),
         examples=khop.random_examples,

@@ -1,14 +1,18 @@
 """k-hop pointer chasing: a depth probe beyond the paper.
 
-The prompt lists the N edges of a random cycle over N nodes as shuffled (src, dst) pairs,
-then a start node s; the K answer slots hold f(s), f(f(s)), ..., f^K(s). Finding hop j from
-the prompt alone takes j sequential look-ups, so under one-shot decoding (every answer slot
-from one denoiser call) hop j needs ~j rounds of attention: a fixed-depth stack runs out,
-a loop can keep going. A single cycle makes the K answers distinct (K < N), so no hop can be
-read off a short cycle.
+The prompt lists the N edges of a random cycle over N nodes in random order, each edge one
+token "a>b", then a start node s; the K answer slots hold f(s), f(f(s)), ..., f^K(s).
 
-Sequence: [src_1 dst_1 ... src_N dst_N  s  a_1 ... a_K]; token id = node id. Only the K
-answer slots are ever masked (the prompt is always given: meta `prompt_len`).
+Why one token per edge: hop j then takes exactly j look-ups, each one attention step (the
+slot holding node c attends to the edge token whose source is c and reads its target), so
+under one-shot decoding (every answer slot from one denoiser call) hop j needs ~j + 1 rounds
+of attention: a fixed-depth stack runs out, a loop can keep going. With (src, dst) as two
+tokens each look-up first needs an induction-style pairing of neighbours, which a small model
+did not learn in a CPU budget at all (docs/RESULTS.md, k-hop calibration). A single cycle
+makes the K answers distinct (K < N), so no hop can be read off a short cycle.
+
+Sequence: [e_1 ... e_N  s  a_1 ... a_K]. Token ids: node i = i (0..N-1); edge a>b = N + a*N + b.
+Only the K answer slots are ever masked (the prompt is always given: meta `prompt_len`).
 """
 
 from __future__ import annotations
@@ -19,16 +23,21 @@ from loopmdm.errors import require
 
 
 def check(n_nodes: int, hops: int) -> None:
-    require(n_nodes >= 3, f"khop nodes={n_nodes} must be >= 3")
+    require(3 <= n_nodes <= 64, f"khop nodes={n_nodes} must be in [3, 64] (the vocabulary holds nodes^2 edge tokens)")
     require(1 <= hops < n_nodes, f"khop hops={hops} must be in [1, nodes={n_nodes})")
 
 
+def symbols(n_nodes: int) -> list[str]:
+    """Token strings, id = index: the nodes, then every edge a>b."""
+    return [f"n{i}" for i in range(n_nodes)] + [f"{a}>{b}" for a in range(n_nodes) for b in range(n_nodes)]
+
+
 def seq_len(n_nodes: int, hops: int) -> int:
-    return 2 * n_nodes + 1 + hops
+    return n_nodes + 1 + hops
 
 
 def prompt_len(n_nodes: int) -> int:
-    return 2 * n_nodes + 1
+    return n_nodes + 1
 
 
 def random_examples(n_nodes: int, hops: int, count: int, seed: int) -> np.ndarray:
@@ -41,8 +50,7 @@ def random_examples(n_nodes: int, hops: int, count: int, seed: int) -> np.ndarra
     rows = np.arange(count)[:, None]
     succ[rows, order] = np.roll(order, -1, axis=1)  # succ[node] = next node on the cycle
     src = np.argsort(rng.random((count, N)), axis=1)  # edges listed in random order
-    dst = np.take_along_axis(succ, src, axis=1)
-    edges = np.stack([src, dst], axis=2).reshape(count, 2 * N)
+    edges = N + src * N + np.take_along_axis(succ, src, axis=1)
     start = rng.integers(0, N, count)
     answers = np.empty((count, hops), dtype=np.int64)
     node = start
@@ -55,9 +63,9 @@ def random_examples(n_nodes: int, hops: int, count: int, seed: int) -> np.ndarra
 def answers_from_prompt(prompt: np.ndarray, n_nodes: int, hops: int) -> np.ndarray:
     """Reference solver: follow the edges listed in the prompt (for checking generated data)."""
     prompt = np.asarray(prompt)
-    edges = prompt[: 2 * n_nodes].reshape(n_nodes, 2)
-    succ = dict((int(a), int(b)) for a, b in edges)
-    node, out = int(prompt[2 * n_nodes]), []
+    edges = prompt[:n_nodes] - n_nodes
+    succ = {int(e) // n_nodes: int(e) % n_nodes for e in edges}
+    node, out = int(prompt[n_nodes]), []
     for _ in range(hops):
         node = succ[node]
         out.append(node)
