@@ -67,10 +67,11 @@ SUITES = {
                     {"cpu": Scale(2.4e13, 0.2, (1e-3, 3e-3, 1e-2), (0, 1), 300),
                      "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 1000, GPU_TASK)},
                     orders=("raster", "confidence", "oneshot")),
-    # cpu: 1.2e13 FLOPs is ~830 MDM steps of batch 16 x 128 tokens (DiT 4 x 128, one thread each);
+    # cpu: 7.2e12 FLOPs is ~500 MDM steps of batch 16 x 128 tokens (DiT 4 x 128, one thread each),
+    # ~8 min a run, so sweep + 10 final runs fit ~90 min at --jobs 2;
     # gpu: 8x wider batches and a 256-wide model (unmeasured: no GPU has run it yet).
     "lm": Suite("lm", "configs/experiments/lm.yaml", ALL_ARMS, "lm",
-                {"cpu": Scale(1.2e13, 0.3, (3e-4, 1e-3, 3e-3), (0, 1), 8),
+                {"cpu": Scale(7.2e12, 0.5, (3e-4, 1e-3, 3e-3), (0, 1), 8),
                  "gpu": Scale(2e15, 0.25, (3e-4, 1e-3, 3e-3), (0, 1), 32,
                               ("train.batch_size=128", "model.d_model=256", "train.eval_every=500"))},
                 loops=(1, 2, 4, 6, 8, 12, 16, 24)),
