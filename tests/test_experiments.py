@@ -87,3 +87,25 @@ def test_knob_arms_train_at_the_loop_arms_lr_with_one_seed_and_no_sweep_of_their
     assert [(s.name, s.lr) for s in final] == [("mdm-s0", 1e-3), ("mdm-s1", 1e-3),
                                               ("loop-lr-s0", 3e-3), ("loop-trunc-s0", 3e-3)]
     assert "model.grad_loops=2" in final[-1].overrides
+
+
+def test_an_lr_optimum_at_the_grids_edge_gets_one_more_sweep_run(tmp_path):
+    from dataclasses import replace
+
+    from loopmdm.experiments.runner import edge_extensions, plan
+
+    suite = replace(get_suite("sudoku"), arms=("mdm", "loop", "deeper"))
+    scale = Scale(1e12, 0.5, (1e-3, 3e-3, 1e-2), (0,), 8)
+    sweep, _ = plan(suite, scale, tmp_path, None)
+    nll = {("mdm", 1e-3): 1.0, ("mdm", 3e-3): 2.0, ("mdm", 1e-2): 3.0,  # best at the low edge
+           ("loop", 1e-3): 3.0, ("loop", 3e-3): 2.0, ("loop", 1e-2): 1.0,  # best at the high edge
+           ("deeper", 1e-3): 2.0, ("deeper", 3e-3): 1.0, ("deeper", 1e-2): 3.0}  # inside: nothing to add
+    for spec in sweep:
+        spec.out_dir.mkdir(parents=True)
+        (spec.out_dir / "train_summary.json").write_text(json.dumps({"val_nll": nll[(spec.arm, spec.lr)]}))
+    extra = edge_extensions(suite, scale, sweep, tmp_path)
+    assert sorted((s.arm, s.lr) for s in extra) == [("loop", 0.03), ("mdm", 0.000333)]
+    for spec in extra:  # the extension is better still: it is taken, and not extended again
+        spec.out_dir.mkdir(parents=True)
+        (spec.out_dir / "train_summary.json").write_text(json.dumps({"val_nll": 0.5}))
+    assert edge_extensions(suite, scale, sweep + extra, tmp_path) == []

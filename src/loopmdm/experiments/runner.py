@@ -108,6 +108,31 @@ def plan(suite: Suite, scale: Scale, out: Path, best_lr: dict | None) -> tuple[l
     return sweep, final
 
 
+def edge_extensions(suite: Suite, scale: Scale, sweep: list[RunSpec], out: Path) -> list[RunSpec]:
+    """One more sweep run for every arm whose best lr is at an edge of the grid it tried: a
+    grid step (the ratio of the first two lrs) beyond that edge, so no arm is compared at an
+    optimum the grid cut off. One extension per arm and direction (the report shows the lrs)."""
+    if len(scale.lrs) < 2:
+        return []
+    step = scale.lrs[1] / scale.lrs[0]
+    best = pick_best_lr(sweep)
+    extra = []
+    for arm, lr in best.items():
+        tried = sorted(s.lr for s in sweep if s.arm == arm)
+        if lr == tried[-1] and lr <= max(scale.lrs):
+            new = lr * step
+        elif lr == tried[0] and lr >= min(scale.lrs):
+            new = lr / step
+        else:
+            continue
+        new = float(f"{new:.3g}")
+        budget = scale.budget_flops * scale.sweep_fraction
+        extra.append(RunSpec(f"sweep-{arm}-lr{_lr_name(new)}", arm, new, 0, budget,
+                             out / "runs" / f"sweep-{arm}-lr{_lr_name(new)}",
+                             arm_overrides(suite, arm, budget), scale.overrides))
+    return extra
+
+
 def pick_best_lr(sweep: list[RunSpec]) -> dict:
     """Per arm, the learning rate with the lowest final validation NELBO of the sweep."""
     best: dict = {}
@@ -150,6 +175,11 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     t0 = time.time()
     sweep, _ = plan(suite, scale, out_dir, None)
     train_runs(suite, sweep, jobs, log)
+    extra = edge_extensions(suite, scale, sweep, out_dir)
+    if extra:
+        log("best lr at the edge of the grid for " + ", ".join(f"{s.arm} (trying {s.lr:g})" for s in extra))
+        train_runs(suite, extra, jobs, log)
+        sweep += extra
     best = pick_best_lr(sweep)
     log("best learning rates: " + ", ".join(f"{a} {lr:g}" for a, lr in best.items()))
     _, final = plan(suite, scale, out_dir, best)
