@@ -72,6 +72,12 @@ eval: {{batch_size: 16}}
     again = run_suite("tiny", "cpu", out=str(tmp_path / "out"), jobs=2, log=logs.append)
     assert not [m for m in logs if m.startswith(("train ", "eval "))]
     assert again["tables"] == summary["tables"]
+    # report only: with the loop arm's evaluation gone, it reports MDM alone and trains nothing
+    (out / "runs" / "loop-s0" / "eval.json").unlink()
+    logs.clear()
+    partial = run_suite("tiny", "cpu", out=str(out), report_only=True, log=logs.append)
+    assert not [m for m in logs if m.startswith(("train ", "eval "))]
+    assert set(partial["arms"]) == {"mdm"} and partial["arms"]["mdm"]["lr"] == 1e-3
 
 
 def test_knob_arms_train_at_the_loop_arms_lr_with_one_seed_and_no_sweep_of_their_own(tmp_path):

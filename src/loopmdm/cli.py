@@ -228,7 +228,7 @@ def cmd_experiment(args) -> None:
     for name in names:
         run_suite(name, args.scale, out=args.out if len(names) == 1 else None, jobs=args.jobs,
                   dry_run=args.dry_run, arms=args.arms.split(",") if args.arms else None,
-                  loops=_loops_list(args.loops) if args.loops else None, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
+                  loops=_loops_list(args.loops) if args.loops else None, report_only=args.report_only, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
 
 
 def cmd_flops(args) -> None:
@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "and the knob arms loop-lr, loop-late, loop-time, loop-trunc, loop-smax2x "
                                   "(one seed each, at the loop arm's best lr)")
     p.add_argument("--loops", help="comma-separated inference loop counts to evaluate instead of the suite's")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: write the report of the runs already finished")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("flops", help="parameters and analytic training FLOPs per token of a config")

@@ -145,7 +145,7 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, best_lr,
         overrides = arm_overrides(suite, arm, scale.budget_flops)
         cfg = load_config(suite.config, overrides)
         evs = [ev for ev in evaluations.values() if ev["arm"] == arm]
-        arm_info[arm] = {"overrides": overrides, "lr": best_lr[arm],
+        arm_info[arm] = {"overrides": overrides, "lr": evs[0]["lr"],  # what the runs trained at
                          "layer_passes_per_step": layer_passes(cfg), "params": evs[0]["params"],
                          "steps": [ev["step"] for ev in evs], "train_minutes": [ev["train_time"] / 60 for ev in evs]}
     sweep_table = {}

@@ -145,11 +145,12 @@ def pick_best_lr(sweep: list[RunSpec]) -> dict:
 
 def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: int = 2,
               dry_run: bool = False, arms: list[str] | None = None, loops: list[int] | None = None,
-              log=print) -> dict:
+              report_only: bool = False, log=print) -> dict:
     """Run (or resume) a suite end to end and return its summary. `arms` replaces the suite's
     arm list (e.g. to add the knob arms of experiments/suites.py: loop-lr, loop-late, ...);
     `loops` replaces the inference loop counts evaluated (a run evaluated earlier keeps its
-    eval.json, so its table cells stay those it was evaluated at)."""
+    eval.json, so its table cells stay those it was evaluated at). `report_only` trains and
+    evaluates nothing: it reports the runs already on disk (e.g. while a suite is still running)."""
     import dataclasses
 
     from loopmdm.experiments.evaluate import evaluate_run
@@ -174,15 +175,23 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     sweep, _ = plan(suite, scale, out_dir, None)
+    if report_only:
+        sweep = [s for s in sweep if (s.out_dir / "train_summary.json").is_file()]
+        require(sweep, f"no finished sweep run under {out_dir / 'runs'}: nothing to report")
     train_runs(suite, sweep, jobs, log)
     extra = edge_extensions(suite, scale, sweep, out_dir)
+    if report_only:
+        extra = [s for s in extra if (s.out_dir / "train_summary.json").is_file()]
     if extra:
         log("best lr at the edge of the grid for " + ", ".join(f"{s.arm} (trying {s.lr:g})" for s in extra))
         train_runs(suite, extra, jobs, log)
         sweep += extra
     best = pick_best_lr(sweep)
     log("best learning rates: " + ", ".join(f"{a} {lr:g}" for a, lr in best.items()))
-    _, final = plan(suite, scale, out_dir, best)
+    _, final = plan(suite, scale, out_dir, {**{a: 0.0 for a in swept_arms(suite)}, **best})
+    if report_only:
+        final = [s for s in final if (s.out_dir / "eval.json").is_file()]
+        log(f"report only: {len(final)} evaluated final runs")
     train_runs(suite, final, jobs, log)
     evaluations = {}
     for spec in final:
