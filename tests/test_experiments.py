@@ -115,3 +115,16 @@ def test_an_lr_optimum_at_the_grids_edge_gets_one_more_sweep_run(tmp_path):
         spec.out_dir.mkdir(parents=True)
         (spec.out_dir / "train_summary.json").write_text(json.dumps({"val_nll": 0.5}))
     assert edge_extensions(suite, scale, sweep + extra, tmp_path) == []
+
+
+def test_a_finished_run_at_another_lr_than_planned_is_refused_not_reused(tmp_path):
+    from loopmdm.experiments.runner import RunSpec, train_runs
+
+    run = tmp_path / "mdm-s0"
+    run.mkdir()
+    (run / "train_summary.json").write_text("{}")
+    (run / "config.yaml").write_text("train:\n  lr: 0.001\n")
+    spec = RunSpec("mdm-s0", "mdm", 3e-4, 0, 1e12, run)
+    with pytest.raises(LoopMDMError, match="trained at lr 0.001, but the sweep now picks 0.0003"):
+        train_runs(get_suite("sudoku"), [spec], 1, print)
+    train_runs(get_suite("sudoku"), [RunSpec("mdm-s0", "mdm", 1e-3, 0, 1e12, run)], 1, print)  # same lr: done

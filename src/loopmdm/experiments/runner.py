@@ -53,8 +53,24 @@ def _lr_name(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
+def _check_trained_lr(spec: RunSpec) -> None:
+    """A finished run counts as done only if it trained at the lr the plan now asks for (a
+    sweep extension can move an arm's best lr after its final runs were trained)."""
+    from omegaconf import OmegaConf
+
+    saved = spec.out_dir / "config.yaml"
+    if saved.is_file():
+        lr = float(OmegaConf.load(saved).train.lr)
+        require(abs(lr - spec.lr) <= 1e-12 * max(lr, spec.lr),
+                f"run '{spec.out_dir}' trained at lr {lr:g}, but the sweep now picks {spec.lr:g} for arm "
+                f"'{spec.arm}'; move that run folder away to retrain it (or use --report-only)")
+
+
 def train_runs(suite: Suite, specs: list[RunSpec], jobs: int, log) -> None:
     """Train every spec that has no train_summary.json yet, `jobs` at a time."""
+    for spec in specs:
+        if (spec.out_dir / "train_summary.json").is_file():
+            _check_trained_lr(spec)
     todo = [s for s in specs if not (s.out_dir / "train_summary.json").is_file()]
     if not todo:
         return
@@ -178,13 +194,14 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     if report_only:
         sweep = [s for s in sweep if (s.out_dir / "train_summary.json").is_file()]
         require(sweep, f"no finished sweep run under {out_dir / 'runs'}: nothing to report")
-    train_runs(suite, sweep, jobs, log)
+    train = (lambda specs: None) if report_only else (lambda specs: train_runs(suite, specs, jobs, log))
+    train(sweep)
     extra = edge_extensions(suite, scale, sweep, out_dir)
     if report_only:
         extra = [s for s in extra if (s.out_dir / "train_summary.json").is_file()]
     if extra:
         log("best lr at the edge of the grid for " + ", ".join(f"{s.arm} (trying {s.lr:g})" for s in extra))
-        train_runs(suite, extra, jobs, log)
+        train(extra)
         sweep += extra
     best = pick_best_lr(sweep)
     log("best learning rates: " + ", ".join(f"{a} {lr:g}" for a, lr in best.items()))
@@ -192,7 +209,7 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     if report_only:
         final = [s for s in final if (s.out_dir / "eval.json").is_file()]
         log(f"report only: {len(final)} evaluated final runs")
-    train_runs(suite, final, jobs, log)
+    train(final)
     evaluations = {}
     for spec in final:
         evaluations[spec.name] = evaluate_run(suite, spec, scale, log)
