@@ -78,6 +78,7 @@ eval: {{batch_size: 16}}
     partial = run_suite("tiny", "cpu", out=str(out), report_only=True, log=logs.append)
     assert not [m for m in logs if m.startswith(("train ", "eval "))]
     assert set(partial["arms"]) == {"mdm"} and partial["arms"]["mdm"]["lr"] == 1e-3
+    assert "Report only" in (out / "summary.md").read_text()
 
 
 def test_knob_arms_train_at_the_loop_arms_lr_with_one_seed_and_no_sweep_of_their_own(tmp_path):

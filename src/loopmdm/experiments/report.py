@@ -137,7 +137,7 @@ def _difficulty_table(order: str, evaluations: dict, arms: list, summary: dict) 
 
 
 def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, best_lr, evaluations,
-                 wall_seconds: float, dry_run: bool) -> dict:
+                 wall_seconds: float | None, dry_run: bool) -> dict:
     arms = [a for a in suite.arms if any(ev["arm"] == a for ev in evaluations.values())]
     loops = list(suite.loops)
     arm_info = {}
@@ -222,7 +222,10 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, best_lr,
                "MDM's final NELBO, same seed; paper: 3.34× on LM1B):", ""]
         md += [f"- {name}: " + (f"{r:.2f}×" if r else "never reached") for name, r in ratios.items()] + [""]
     _plot_curves(out_dir / "val_curves.png", evaluations)
-    md += [f"Wall time of this call: {wall_seconds / 60:.1f} min on {summary['machine']}.", ""]
+    if wall_seconds is None:  # --report-only: nothing ran in this call; the runs' own times are above
+        md += [f"Report only, on {summary['machine']}: training times are the runs' own (table above).", ""]
+    else:
+        md += [f"Wall time of this call: {wall_seconds / 60:.1f} min on {summary['machine']}.", ""]
     summary["evaluations"] = evaluations
     stem = "summary" if not suite.runs_of else f"summary-{suite.name}"
     ckpt.write_text_atomic(out_dir / f"{stem}.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
