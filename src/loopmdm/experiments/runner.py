@@ -53,6 +53,10 @@ def _lr_name(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
+def _trained(spec: RunSpec) -> bool:
+    return (spec.out_dir / "train_summary.json").is_file()
+
+
 def _check_trained_lr(spec: RunSpec) -> None:
     """A finished run counts as done only if it trained at the lr the plan now asks for (a
     sweep extension can move an arm's best lr after its final runs were trained)."""
@@ -68,10 +72,9 @@ def _check_trained_lr(spec: RunSpec) -> None:
 
 def train_runs(suite: Suite, specs: list[RunSpec], jobs: int, log) -> None:
     """Train every spec that has no train_summary.json yet, `jobs` at a time."""
-    for spec in specs:
-        if (spec.out_dir / "train_summary.json").is_file():
-            _check_trained_lr(spec)
-    todo = [s for s in specs if not (s.out_dir / "train_summary.json").is_file()]
+    for spec in filter(_trained, specs):
+        _check_trained_lr(spec)
+    todo = [s for s in specs if not _trained(s)]
     if not todo:
         return
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -110,17 +113,23 @@ def arm_seeds(arm: str, scale: Scale) -> tuple:
     return scale.seeds[:1] if arm in KNOB_ARMS else scale.seeds
 
 
+def _sweep_spec(suite: Suite, scale: Scale, arm: str, lr: float, out: Path) -> RunSpec:
+    budget = scale.budget_flops * scale.sweep_fraction
+    name = f"sweep-{arm}-lr{_lr_name(lr)}"
+    return RunSpec(name, arm, lr, 0, budget, out / "runs" / name, arm_overrides(suite, arm, budget), scale.overrides)
+
+
 def plan(suite: Suite, scale: Scale, out: Path, best_lr: dict | None) -> tuple[list[RunSpec], list[RunSpec]]:
-    sweep = [RunSpec(f"sweep-{arm}-lr{_lr_name(lr)}", arm, lr, 0, scale.budget_flops * scale.sweep_fraction,
-                     out / "runs" / f"sweep-{arm}-lr{_lr_name(lr)}",
-                     arm_overrides(suite, arm, scale.budget_flops * scale.sweep_fraction), scale.overrides)
-             for arm in swept_arms(suite) for lr in scale.lrs]
+    """The sweep runs, and (given each swept arm's best lr) the final runs; an arm whose lr
+    source is missing from `best_lr` (an unfinished sweep, under --report-only) has none."""
+    sweep = [_sweep_spec(suite, scale, arm, lr, out) for arm in swept_arms(suite) for lr in scale.lrs]
     final = []
+    lr_of = {arm: "loop" if arm in KNOB_ARMS else arm for arm in suite.arms}
     if best_lr is not None:
-        final = [RunSpec(f"{arm}-s{seed}", arm, best_lr[arm if arm not in KNOB_ARMS else "loop"], seed,
+        final = [RunSpec(f"{arm}-s{seed}", arm, best_lr[lr_of[arm]], seed,
                          scale.budget_flops, out / "runs" / f"{arm}-s{seed}",
                          arm_overrides(suite, arm, scale.budget_flops), scale.overrides)
-                 for arm in suite.arms for seed in arm_seeds(arm, scale)]
+                 for arm in suite.arms if lr_of[arm] in best_lr for seed in arm_seeds(arm, scale)]
     return sweep, final
 
 
@@ -141,11 +150,7 @@ def edge_extensions(suite: Suite, scale: Scale, sweep: list[RunSpec], out: Path)
             new = lr / step
         else:
             continue
-        new = float(f"{new:.3g}")
-        budget = scale.budget_flops * scale.sweep_fraction
-        extra.append(RunSpec(f"sweep-{arm}-lr{_lr_name(new)}", arm, new, 0, budget,
-                             out / "runs" / f"sweep-{arm}-lr{_lr_name(new)}",
-                             arm_overrides(suite, arm, budget), scale.overrides))
+        extra.append(_sweep_spec(suite, scale, arm, float(f"{new:.3g}"), out))
     return extra
 
 
@@ -192,20 +197,20 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     t0 = time.time()
     sweep, _ = plan(suite, scale, out_dir, None)
     if report_only:
-        sweep = [s for s in sweep if (s.out_dir / "train_summary.json").is_file()]
+        sweep = list(filter(_trained, sweep))
         require(sweep, f"no finished sweep run under {out_dir / 'runs'}: nothing to report")
     train = (lambda specs: None) if report_only else (lambda specs: train_runs(suite, specs, jobs, log))
     train(sweep)
     extra = edge_extensions(suite, scale, sweep, out_dir)
     if report_only:
-        extra = [s for s in extra if (s.out_dir / "train_summary.json").is_file()]
+        extra = list(filter(_trained, extra))
     if extra:
         log("best lr at the edge of the grid for " + ", ".join(f"{s.arm} (trying {s.lr:g})" for s in extra))
         train(extra)
         sweep += extra
     best = pick_best_lr(sweep)
     log("best learning rates: " + ", ".join(f"{a} {lr:g}" for a, lr in best.items()))
-    _, final = plan(suite, scale, out_dir, {**{a: 0.0 for a in swept_arms(suite)}, **best})
+    _, final = plan(suite, scale, out_dir, best)
     if report_only:
         final = [s for s in final if (s.out_dir / "eval.json").is_file()]
         log(f"report only: {len(final)} evaluated final runs")
