@@ -136,7 +136,7 @@ def _difficulty_table(order: str, evaluations: dict, arms: list, summary: dict) 
     return lines + [""]
 
 
-def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, best_lr, evaluations,
+def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluations,
                  wall_seconds: float | None, dry_run: bool) -> dict:
     arms = [a for a in suite.arms if any(ev["arm"] == a for ev in evaluations.values())]
     loops = list(suite.loops)
@@ -169,8 +169,9 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, best_lr,
                   f"{info['layer_passes_per_step']:.2f} | {info['params']:,} | {info['steps']} | "
                   f"{', '.join(f'{m:.1f}' for m in info['train_minutes'])} |")
     lrs = sorted({lr for d in sweep_table.values() for lr in d})  # the grid plus any edge extensions
-    md += ["", "Sweep (final validation NELBO at the sweep budget; an lr outside the grid was tried "
-               "because the arm's best was at the grid's edge):", "",
+    extended = " (an lr outside the grid was tried where the arm's best was at the grid's edge)" \
+        if set(lrs) - set(scale.lrs) else ""
+    md += ["", f"Sweep (final validation NELBO at the sweep budget{extended}):", "",
            "| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
     for arm, d in sweep_table.items():
         md.append(f"| {arm} | " + " | ".join(f"{d[lr]:.4f}" if lr in d else "" for lr in lrs) + " |")

@@ -218,7 +218,7 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     evaluations = {}
     for spec in final:
         evaluations[spec.name] = evaluate_run(suite, spec, scale, log)
-    summary = write_report(suite, scale_name, scale, out_dir, sweep, final, best, evaluations,
+    summary = write_report(suite, scale_name, scale, out_dir, sweep, final, evaluations,
                            wall_seconds=None if report_only else time.time() - t0, dry_run=dry_run)
     log(f"wrote {out_dir / ('summary.md' if not suite.runs_of else f'summary-{suite.name}.md')}")
     return summary
