@@ -1,4 +1,4 @@
-"""`loopmdm prepare | train | eval | sample | flops` — a thin layer over library functions.
+"""`loopmdm prepare | train | eval | sample | sample-bench | solve | analyze | experiment | flops` — a thin layer over library functions.
 
 Configs: a preset name from configs/ (tiny, paper-lm1b, ...) or a YAML path, then
 `key=value` overrides (OmegaConf dot-list syntax, e.g. train.max_steps=100 eval.loops=[1,12]).
@@ -102,14 +102,22 @@ def cmd_eval(args) -> None:
         print(f"{r['loops']:>6} {r['nll']:>12.4f} {r['ppl']:>10.2f} {r['tokens']:>10} {r['draws']:>6}")
 
 
+def _halting(args):
+    from loopmdm.sampling.loop_runner import Halting
+
+    if args.halt_tau is None:
+        require(args.halt == "call" and args.halt_min == 1,
+                "--halt and --halt-min need --halt-tau (the relative-change threshold that stops the loop)")
+        return None
+    return Halting(args.halt_tau, args.halt_min, args.halt)
+
+
 def cmd_sample(args) -> None:
     import torch
 
-    from loopmdm.diffusion.schedule import make_schedule
-    from loopmdm.devices import autocast_context
-    from loopmdm.sampling.loop_schedule import ConstantLoops
-    from loopmdm.sampling.samplers import decode_samples, sample
     from loopmdm.runs import load_run
+    from loopmdm.sampling.generate import SamplerSpec, generate
+    from loopmdm.sampling.samplers import decode_samples
 
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     cfg, model = run.cfg, run.model
@@ -120,6 +128,8 @@ def cmd_sample(args) -> None:
     seq_len = cfg.data.seq_len if args.length is None else args.length
     require(1 <= seq_len <= cfg.data.seq_len, f"--length {seq_len} must be in [1, {cfg.data.seq_len}], "
                                               f"the length this run was trained on (data.seq_len={cfg.data.seq_len})")
+    require(not (args.sampler == "cache" and cfg.model.time_conditioning),
+            "--sampler cache reuses predictions across time steps and needs a time-agnostic model; use ancestral")
     mask_id = model.mask_id
     template = torch.full((args.num, seq_len), mask_id, dtype=torch.long)
     prompt = run.tokenizer.encode(args.prompt) if args.prompt else []
@@ -130,32 +140,88 @@ def cmd_sample(args) -> None:
         template[:, :len(prompt)] = torch.tensor(prompt)
     if suffix:
         template[:, seq_len - len(suffix):] = torch.tensor(suffix)
-    generator = torch.Generator(device=run.device).manual_seed(args.seed)
-    time_agnostic = not cfg.model.time_conditioning
+    spec = SamplerSpec(str(args.loops), _halting(args), args.warm_start)
+    spec.schedule  # noqa: B018 -- a bad --loops spelling fails here, in one line
 
     from tqdm import tqdm
 
-    bar = tqdm(total=args.steps, desc="sampling", unit="step", delay=2.0, file=sys.stderr, leave=False)
+    viewer = None
+    if args.show:
+        from loopmdm.sampling.show import StepViewer
 
-    def denoiser(x, num_loops, t):
-        bar.update(1)  # the cache sampler skips calls: the bar may end short of its total
-        with autocast_context(run.device, cfg.train.precision):  # the sampler works in float64 after
-            return model(x, num_loops=num_loops, t=t).float()
-
-    result = sample(denoiser, mask_id=mask_id, x_init=template.to(run.device), steps=args.steps,
-                    loops=ConstantLoops(args.loops), sampler=args.sampler,
-                    schedule=make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
-                    temperature=args.temperature, generator=generator, time_agnostic=time_agnostic,
-                    device=run.device)
+        viewer = StepViewer(run.tokenizer, mask_id, args.steps)
+    bar = tqdm(total=args.steps, desc="sampling", unit="step", delay=2.0, file=sys.stderr, leave=False,
+               disable=args.show)
+    on_step = viewer.on_step if viewer else (lambda i, x: bar.update(1) if i < args.steps else None)
+    result, stats = generate(model, cfg, template.to(run.device), spec, steps=args.steps, sampler=args.sampler,
+                             temperature=args.temperature, seed=args.seed, on_step=on_step,
+                             on_call=viewer.on_call if viewer else None)
     bar.close()
     texts = decode_samples(run.tokenizer, result.tokens.cpu(), mask_id)
     if args.json:
-        print(json.dumps({"samples": texts, "nfe": result.nfe, "loop_passes": result.loop_passes,
-                          "sampler": args.sampler, "steps": args.steps, "loops": args.loops}))
+        print(json.dumps({"samples": texts, "nfe": result.nfe, **stats}))
         return
     for i, text in enumerate(texts):
-        print(f"--- sample {i} ({args.sampler}, {args.steps} steps, S={args.loops}, {result.nfe} denoiser calls)")
+        print(f"--- sample {i} ({args.sampler}, {args.steps} steps, {spec.label})")
         print(text)
+    print(f"compute: {stats['calls']} denoiser calls, {stats['loops_mean']:.2f} loops per call "
+          f"(histogram {stats['loops_hist']}), {stats['flops_per_token'] / 1e9:.3f} GFLOPs per generated token"
+          + (f" ({stats['active_flops_per_token'] / 1e9:.3f} if halted rows/positions were skipped)"
+             if stats['active_flops_per_token'] < 0.999 * stats['flops_per_token'] else "")
+          + f", {stats['wall_s']:.2f} s ({stats['samples_per_s']:.2f} samples/s)")
+
+
+def cmd_sample_bench(args) -> None:
+    import shlex
+    from pathlib import Path
+
+    from loopmdm.devices import describe_machine
+    from loopmdm.evaluation import sample_bench as sb
+    from loopmdm.runs import load_run
+
+    run = load_run(args.run, device=args.device)
+    judge = None
+    if args.judge:
+        judge_run = load_run(args.judge, device=args.device)
+        require(judge_run.cfg.model.causal, f"--judge {args.judge} is not an autoregressive run "
+                                            "(train one with model.causal=true, docs/RESULTS.md)")
+        require(judge_run.tokenizer.fingerprint() == run.tokenizer.fingerprint(),
+                f"--judge {args.judge} uses a different tokenizer than {args.run}; train it on the same data config")
+        judge = judge_run.model
+    steps_list = _loops_list(args.steps)
+    loops = _loops_list(args.loops)
+    taus = [float(x) for x in args.taus.split(",") if x.strip()]
+    require(taus and all(t > 0 for t in taus), f"--taus {args.taus!r} must be numbers > 0, comma-separated")
+    sampler = args.sampler or run.cfg.sample.sampler
+    require(not (sampler == "cache" and run.cfg.model.time_conditioning),
+            "--sampler cache needs a time-agnostic model; use ancestral")
+    specs = sb.default_specs(run.model, loops, taus)
+    data = run.prepared_data()
+    reference = sb.reference_quality(judge, data.blocks("val"), args.num,
+                                     data.pad_id if run.cfg.data.packing == "pad" else None)
+
+    def progress(r):
+        print(f"steps {r['steps']:>4}  {r['label']:<44} gen PPL {r.get('gen_ppl', float('nan')):8.1f}  "
+              f"entropy {r['entropy']:.2f}  loops/call {r['loops_mean']:5.2f}  "
+              f"GFLOPs/token {r['active_flops_per_token'] / 1e9:.3f}  {r['samples_per_s']:.2f} samples/s",
+              file=sys.stderr, flush=True)
+
+    records = sb.run_bench(run, specs, steps_list, num=args.num, sampler=sampler, seed=args.seed,
+                           judge=judge, progress=progress)
+    n_params = run.model.num_params()
+    meta = {"run": str(args.run), "judge": args.judge, "step": run.step, "params": n_params, "sampler": sampler,
+            "num": args.num, "seed": args.seed, "machine": describe_machine(run.device),
+            "command": "loopmdm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
+            "description": (f"{n_params / 1e6:.2f}M-parameter model at step {run.step}, {args.num} samples of "
+                            f"{run.cfg.data.seq_len} tokens per configuration, sampler `{sampler}`, seed {args.seed}; "
+                            f"judge: {args.judge or 'none'}; machine: {describe_machine(run.device)}.")}
+    out = Path(args.out) if args.out else Path(args.run) / "sample-bench"
+    paths = sb.write_outputs(out, meta, reference, records)
+    if args.json:
+        print(json.dumps({"meta": meta, "reference": reference, "records": records}))
+        return
+    print(sb.markdown_table(records, reference))
+    print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def cmd_solve(args) -> None:
@@ -258,6 +324,8 @@ def with_run_options(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from loopmdm.sampling.infill import ORDERS
+    from loopmdm.sampling.loop_runner import GRANULARITIES
+    from loopmdm.sampling.samplers import SAMPLERS
 
     parser = argparse.ArgumentParser(prog="loopmdm", description="Looped masked diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -294,19 +362,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate text with the trained model")
     p.add_argument("run", help="run directory written by `loopmdm train`")
-    p.add_argument("--loops", type=int, help="loop iterations per denoiser call (default: sample.num_loops)")
+    p.add_argument("--loops", help="loop iterations per denoiser call: an integer, 'noise:LOW:HIGH' (more loops at "
+                                   "intermediate t) or 'linear:FIRST:LAST' (default: sample.num_loops)")
     p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
     p.add_argument("--num", type=int, help="number of samples (default: sample.num_samples)")
     p.add_argument("--length", type=int, help="tokens per sample, at most the training length (the default)")
     p.add_argument("--prompt", default="", help="text the samples start with (never changed)")
     p.add_argument("--suffix", default="", help="text the samples end with (infilling)")
-    p.add_argument("--sampler", choices=["ancestral", "cache", "confidence"], help="default: sample.sampler")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: sample.sampler")
     p.add_argument("--temperature", type=float, help="default: sample.temperature")
     p.add_argument("--seed", type=int, help="default: sample.seed")
+    p.add_argument("--halt-tau", type=float, help="adaptive halting: stop looping once the relative change of the "
+                                                  "hidden state falls below this (--loops is then the cap)")
+    p.add_argument("--halt-min", type=int, default=1, help="adaptive halting: at least this many loops (default 1)")
+    p.add_argument("--halt", default="call", choices=GRANULARITIES,
+                   help="what halts: the whole call (default), each sequence, or each token")
+    p.add_argument("--warm-start", action="store_true",
+                   help="start the loop from the previous step's final state where the token did not change (ours)")
+    p.add_argument("--show", action="store_true", help="render the unmasking of the first sample step by step")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("sample-bench", help="generation quality against compute: fixed S, t-schedules, adaptive halting, warm starts")
+    p.add_argument("run", help="run directory of a diffusion model")
+    p.add_argument("--judge", help="run directory of an autoregressive judge (model.causal=true) on the same data")
+    p.add_argument("--steps", default="16,64,256", help="denoising step counts (default 16,64,256)")
+    p.add_argument("--loops", default="1,2,4,8,12,24", help="fixed loop counts; the largest caps adaptive halting")
+    p.add_argument("--taus", default="0.2,0.1,0.05", help="adaptive-halting thresholds (default 0.2,0.1,0.05)")
+    p.add_argument("--num", type=int, default=16, help="samples per configuration (default 16)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the run's sample.sampler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default RUN/sample-bench)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sample_bench)
 
     p = sub.add_parser("solve", help="task accuracy (Sudoku, k-hop) against the number of loops")
     p.add_argument("run", help="run directory of a model trained with data.source=task")

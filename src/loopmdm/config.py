@@ -61,6 +61,9 @@ class ModelConfig:
     input_injection: bool = False  # re-add the prelude output before each iteration
     grad_loops: int = 0  # >0: only the last k iterations carry gradients (truncated BPTT)
     checkpoint_loops: bool = False  # activation checkpointing per loop iteration
+    # true: causal attention and a next-token loss instead of the diffusion NELBO -- the
+    # autoregressive judge of generative perplexity (evaluation/judge.py), not a diffusion model.
+    causal: bool = False
 
     @property
     def is_looped(self) -> bool:
@@ -294,6 +297,10 @@ def validate_model(m: ModelConfig) -> None:
     require(0.0 <= m.noise_eps < 1.0, f"model.noise_eps={m.noise_eps} must be in [0, 1)")
     if m.block == "llama":
         require(not m.time_conditioning, "model.time_conditioning=true needs model.block=dit (adaLN)")
+    if m.causal:
+        require(not m.is_looped and not m.time_conditioning,
+                "model.causal=true (the autoregressive judge) needs no loop (model.loop_start=null "
+                "model.loop_end=null) and model.time_conditioning=false")
 
 
 def validate(cfg: Config) -> None:

@@ -20,6 +20,7 @@ from loopmdm.devices import autocast_context
 from loopmdm.diffusion.objective import diffusion_loss, maskable_after
 from loopmdm.diffusion.schedule import NoiseSchedule
 from loopmdm.errors import require
+from loopmdm.evaluation.judge import ar_loss
 
 
 @torch.no_grad()
@@ -42,6 +43,10 @@ def evaluate_nelbo(model, blocks: np.ndarray, schedule: NoiseSchedule, loops: li
     n_batches = math.ceil(len(eval_rows(len(blocks), batch_size, num_batches)) / batch_size) if batch_size > 0 else 0
     bar = tqdm(total=len(loops) * n_batches, desc="eval", unit="batch", delay=2.0, file=sys.stderr,
                disable=not progress, dynamic_ncols=True, leave=False)
+    # A causal model (the autoregressive judge, evaluation/judge.py) is scored by its exact
+    # next-token NLL; everything else by the diffusion NELBO.
+    causal = getattr(getattr(model, "cfg", None), "causal", False)
+    loss_fn = (lambda m, x, *_, **kw: ar_loss(m, x, kw.get("valid"))) if causal else diffusion_loss
     for num_loops in loops:
         bar.set_postfix(S=num_loops)
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -53,7 +58,7 @@ def evaluate_nelbo(model, blocks: np.ndarray, schedule: NoiseSchedule, loops: li
             valid = (x0 != pad_id) if pad_id is not None and bool((x0 == pad_id).any()) else None
             for _ in range(draws):
                 with autocast_context(device, precision):
-                    out = diffusion_loss(model, x0, schedule, num_loops=num_loops, eps=eps,
+                    out = loss_fn(model, x0, schedule, num_loops=num_loops, eps=eps,
                                          antithetic=True, generator=generator, valid=valid,
                                          maskable=maskable_after(prompt_len, x0))
                 nll_sum += float(out.nll_sum.double())

@@ -60,8 +60,9 @@ KNOB_ARMS = {
 
 SUITES = {
     "khop": Suite("khop", "configs/experiments/khop.yaml", ALL_ARMS, "task",
-                  {"cpu": Scale(1.2e13, 0.3, (1e-3, 3e-3, 1e-2), (0, 1), 500),
-                   "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000, GPU_TASK)},
+                  {"cpu": Scale(2.4e13, 0.25, (3e-4, 1e-3, 3e-3), (0, 1), 500),
+                   "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000,
+                                GPU_TASK + ("data.task_size=8", "data.task_hops=6"))},
                   orders=("oneshot",)),
     "sudoku": Suite("sudoku", "configs/experiments/sudoku.yaml", ALL_ARMS, "task",
                     {"cpu": Scale(2.4e13, 0.2, (1e-3, 3e-3, 1e-2), (0, 1), 300),

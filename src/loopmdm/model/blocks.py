@@ -24,11 +24,11 @@ class DiTBlock(nn.Module):
     attention probabilities unless `attention_dropout` (an option, not MDLM)."""
 
     def __init__(self, dim: int, n_heads: int, mlp_ratio: float, cond_dim: int, dropout: float = 0.0,
-                 attention_dropout: bool = False):
+                 attention_dropout: bool = False, causal: bool = False):
         super().__init__()
         hidden = int(mlp_ratio * dim)
         self.norm1 = LayerNormNoBias(dim)
-        self.attn = SelfAttention(dim, n_heads, dropout if attention_dropout else 0.0)
+        self.attn = SelfAttention(dim, n_heads, dropout if attention_dropout else 0.0, causal)
         self.norm2 = LayerNormNoBias(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
@@ -67,10 +67,10 @@ class LlamaBlock(nn.Module):
     """SMDM/LLaDA block: RMSNorm, attention, SwiGLU, no biases, no conditioning."""
 
     def __init__(self, dim: int, n_heads: int, mlp_ratio: float, cond_dim: int = 0, dropout: float = 0.0,
-                 attention_dropout: bool = False):
+                 attention_dropout: bool = False, causal: bool = False):
         super().__init__()
         self.norm1 = RMSNorm(dim)
-        self.attn = SelfAttention(dim, n_heads, dropout if attention_dropout else 0.0)
+        self.attn = SelfAttention(dim, n_heads, dropout if attention_dropout else 0.0, causal)
         self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
         self.dropout = nn.Dropout(dropout)

@@ -48,7 +48,7 @@ class LoopedDenoiser(nn.Module):
 
         def make_blocks(n: int) -> nn.ModuleList:
             return nn.ModuleList(block_cls(d, cfg.n_heads, cfg.mlp_ratio, cfg.cond_dim, cfg.dropout,
-                                           cfg.attention_dropout) for _ in range(n))
+                                           cfg.attention_dropout, cfg.causal) for _ in range(n))
 
         start, end = (cfg.loop_start, cfg.loop_end) if cfg.is_looped else (cfg.n_layers, cfg.n_layers)
         self.prelude = make_blocks(start)
@@ -117,14 +117,18 @@ class LoopedDenoiser(nn.Module):
         return self.head(h, c)
 
     # ----------------------------------------------------------------- the loop driver
-    def iterate_loop(self, h0: torch.Tensor, c, key_mask=None, num_loops: int | None = None):
+    def iterate_loop(self, h0: torch.Tensor, c, key_mask=None, num_loops: int | None = None,
+                     h_start: torch.Tensor | None = None, merge=None):
         """Yield H^1, H^2, ... from H^0 = prelude output: the one place the loop is run.
 
         `forward()`, loop diagnostics and adaptive halting all drive the loop through this
         generator, so input injection, truncated gradients and per-iteration checkpointing
         behave identically everywhere. `num_loops=None` loops until the caller stops
         (adaptive halting); truncated gradients need the total, so they apply only when it
-        is given."""
+        is given. Sampling hooks (sampling/loop_runner.py): `h_start` replaces H^0 as the
+        state the loop starts from (warm start; input injection still re-adds H^0), and
+        `merge(k, h_prev, h_new)` returns the state kept after iteration k (halting freezes
+        converged positions)."""
         if not self.is_looped:
             return
         if num_loops is not None:
@@ -132,8 +136,9 @@ class LoopedDenoiser(nn.Module):
         grad_loops = self.cfg.grad_loops
         # Truncated backprop (Huginn; ablation): early iterations run without a graph.
         first_grad_iter = max(0, num_loops - grad_loops) if grad_loops > 0 and num_loops is not None else 0
-        h, k = h0, 0
+        h, k = (h0 if h_start is None else h_start), 0
         while num_loops is None or k < num_loops:
+            h_prev = h
             if self.cfg.input_injection and k > 0:
                 h = h + h0  # ablation: re-inject the prelude output (S = 1 unchanged)
             if k < first_grad_iter and torch.is_grad_enabled():
@@ -144,6 +149,8 @@ class LoopedDenoiser(nn.Module):
             else:
                 h = self.loop_step(h, c, key_mask)
             k += 1
+            if merge is not None:
+                h = merge(k, h_prev, h)
             yield h
 
     # ----------------------------------------------------------------- forward

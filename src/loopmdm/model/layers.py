@@ -81,11 +81,13 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_m
 class SelfAttention(nn.Module):
     """Bidirectional multi-head attention with RoPE on q and k; no biases (MDLM, LLaMA).
     `dropout` acts on the attention probabilities; the blocks pass 0 (MDLM) unless
-    model.attention_dropout is set."""
+    model.attention_dropout is set. `causal` = each query sees only itself and earlier keys
+    (model.causal: the autoregressive judge of generative perplexity, evaluation/judge.py)."""
 
-    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0):
+    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0, causal: bool = False):
         super().__init__()
         self.n_heads = n_heads
+        self.causal = causal
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
         self.dropout = dropout
@@ -100,11 +102,15 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)
         # key_mask (B, L) True = attend; pads are hidden from every query.
         attn_mask = key_mask[:, None, None, :] if key_mask is not None else None
+        if self.causal and (attn_mask is not None or self.probe is not None):
+            tril = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            attn_mask = tril if attn_mask is None else attn_mask & tril
         dropout_p = self.dropout if self.training else 0.0
         if self.probe is not None:
             y = explicit_attention(q, k, v, attn_mask, dropout_p, self.probe)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                               is_causal=self.causal and attn_mask is None)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 

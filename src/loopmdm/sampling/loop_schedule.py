@@ -61,6 +61,56 @@ class LinearLoops(LoopSchedule):
         return int(math.floor(self.start + (self.end - self.start) * frac + 0.5))
 
 
+@dataclass(frozen=True)
+class NoiseLoops(LoopSchedule):
+    """More loops at intermediate noise: S(t) = low + (high - low) * 4 t (1 - t), rounded half
+    up -- `high` at t = 1/2, `low` at t = 0 and 1 (the paper finds the loop's gain at
+    intermediate noise levels; ours, a schedule over the trajectory S(t))."""
+
+    low: int
+    high: int
+
+    def __post_init__(self):
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            require(_is_int(value) and value >= 1, f"NoiseLoops {name} must be an integer >= 1, got {value!r}")
+
+    def num_loops(self, step: int, num_steps: int, t: float) -> int:
+        bump = 4.0 * t * (1.0 - t)
+        return int(math.floor(self.low + (self.high - self.low) * min(max(bump, 0.0), 1.0) + 0.5))
+
+
+# One registry of schedule spellings (`loopmdm sample --loops`, `sample-bench`).
+LOOP_SCHEDULES = {"linear": LinearLoops, "noise": NoiseLoops}
+
+
+def parse_loop_schedule(text: str) -> LoopSchedule:
+    """'8' -> ConstantLoops(8); 'linear:A:B' -> LinearLoops(A, B) over the steps;
+    'noise:LOW:HIGH' -> NoiseLoops(LOW, HIGH) over t."""
+    text = str(text).strip()
+    spellings = "an integer >= 1, " + ", ".join(f"'{name}:A:B'" for name in LOOP_SCHEDULES)
+    parts = text.split(":")
+    try:
+        if len(parts) == 1:
+            return ConstantLoops(int(parts[0]))
+        if len(parts) == 3 and parts[0] in LOOP_SCHEDULES:
+            return LOOP_SCHEDULES[parts[0]](int(parts[1]), int(parts[2]))
+    except ValueError:
+        pass
+    raise LoopMDMError(f"loop schedule '{text}' is not allowed; use {spellings}")
+
+
+def describe(schedule: LoopSchedule) -> str:
+    """The spelling `parse_loop_schedule` reads back."""
+    if isinstance(schedule, ConstantLoops):
+        return str(schedule.loops)
+    for name, cls in LOOP_SCHEDULES.items():
+        if isinstance(schedule, cls):
+            a, b = (getattr(schedule, f) for f in cls.__dataclass_fields__)
+            return f"{name}:{a}:{b}"
+    return repr(schedule)
+
+
 def as_loop_schedule(x: int | LoopSchedule) -> LoopSchedule:
     """An int means `ConstantLoops(x)`; a `LoopSchedule` (or any object with a callable
     `num_loops(step, num_steps, t)`) is returned unchanged."""

@@ -92,6 +92,11 @@ class _Caller:
     def __init__(self, denoiser, loops: LoopSchedule, steps: int, vocab: int):
         self.denoiser, self.loops, self.steps, self.vocab = denoiser, loops, steps, vocab
         self.loops_per_call: list[int] = []
+        self.on_step = None
+
+    def stepped(self, i: int, x: torch.Tensor) -> None:
+        if self.on_step is not None:
+            self.on_step(i, x)
 
     def loops_at(self, step: int, t: float) -> int:
         n = self.loops.num_loops(step, self.steps, t)
@@ -123,10 +128,12 @@ def sample(
     generator: torch.Generator | None = None,
     time_agnostic: bool = True,
     device: torch.device | str | None = None,
+    on_step=None,
 ) -> SampleResult:
     """Generate the masked positions of `x_init` (or of an all-mask (batch_size, seq_len)
     sequence). Positions of `x_init` that are not `mask_id` are fixed and returned unchanged.
-    `schedule` is required by `ancestral` and `cache`; `confidence` ignores it."""
+    `schedule` is required by `ancestral` and `cache`; `confidence` ignores it. `on_step(i, x)`,
+    if given, sees the tokens after each denoising step i (read-only; `loopmdm sample --show`)."""
     require(sampler in SAMPLERS, f"unknown sampler '{sampler}'; choose one of: {', '.join(SAMPLERS)}")
     require(_is_int(mask_id) and mask_id >= 1, f"mask_id must be an integer >= 1 (the vocabulary size V), got {mask_id!r}")
     require(_is_int(steps) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
@@ -162,11 +169,14 @@ def sample(
         x = x_init.to(device=dev, dtype=torch.long, copy=True)
 
     call = _Caller(denoiser, loop_schedule, steps, mask_id)
+    call.on_step = on_step
     ts = torch.linspace(1.0, EPS_FINAL, steps + 1, dtype=torch.float64)
     if sampler == "confidence":
         _confidence(x, call, ts, steps, mask_id, temperature, generator)
     else:
         _ancestral(x, call, ts, steps, mask_id, temperature, generator, schedule, use_cache=sampler == "cache")
+    if on_step is not None:
+        on_step(steps, x)  # the final tokens (after noise removal)
     assert not (x == mask_id).any()
     return SampleResult(tokens=x, nfe=len(call.loops_per_call), loops_per_call=call.loops_per_call, loop_passes=sum(call.loops_per_call))
 
@@ -193,6 +203,7 @@ def _ancestral(x, call: _Caller, ts, steps, mask_id, temperature, generator, sch
             rows, cols = rows[unmask], cols[unmask]
             x[rows, cols] = _pick_tokens(logits[rows, cols], temperature, generator, x.device)
         cached, cached_loops = (logits, n_loops) if use_cache and not changed else (None, None)
+        call.stepped(i, x)
     # Noise removal: whatever is still masked takes the argmax of a final prediction.
     masked = x == mask_id
     if masked.any():
@@ -224,6 +235,7 @@ def _confidence(x, call: _Caller, ts, steps, mask_id, temperature, generator):
         rank = torch.empty_like(order).scatter_(1, order, positions)
         commit = masked & (rank < k_i[:, None])
         x[commit] = proposal[commit]
+        call.stepped(i, x)
 
 
 def decode_samples(tokenizer, tokens: torch.Tensor, mask_id: int) -> list[str]:

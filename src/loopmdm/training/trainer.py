@@ -29,6 +29,7 @@ from loopmdm.data.loader import BlockLoader, eval_rows
 from loopmdm.data.prepare import PreparedData
 from loopmdm.devices import autocast_context, resolve_device
 from loopmdm.diffusion.objective import diffusion_loss, maskable_after
+from loopmdm.evaluation.judge import ar_loss
 from loopmdm.diffusion.schedule import make_schedule
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.evaluation.nelbo import evaluate_nelbo
@@ -231,10 +232,13 @@ class Trainer:
             sync = micro == self.accum_steps - 1
             with (nullcontext() if sync else self.dist.no_sync(self.train_model)):
                 with autocast_context(self.device, tc.precision):
-                    out = diffusion_loss(self.train_model, x0, self.schedule, num_loops=num_loops,
-                                         eps=cfg.diffusion.eps, antithetic=cfg.diffusion.antithetic,
-                                         generator=self.generator, valid=valid, mask_id=self.model.mask_id,
-                                         maskable=maskable_after(self.data.prompt_len, x0))
+                    if cfg.model.causal:  # the autoregressive judge (evaluation/judge.py)
+                        out = ar_loss(self.train_model, x0, valid)
+                    else:
+                        out = diffusion_loss(self.train_model, x0, self.schedule, num_loops=num_loops,
+                                             eps=cfg.diffusion.eps, antithetic=cfg.diffusion.antithetic,
+                                             generator=self.generator, valid=valid, mask_id=self.model.mask_id,
+                                             maskable=maskable_after(self.data.prompt_len, x0))
                 (out.loss / self.accum_steps).backward()
             loss_sum += out.loss.detach() / self.accum_steps
         if tc.grad_clip > 0:
