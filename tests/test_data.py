@@ -15,7 +15,8 @@ import torch
 from loopmdm.config import DataConfig
 from loopmdm.data.corpus import Document, iter_documents, load_splits, split_documents
 from loopmdm.data.loader import BlockLoader, iter_eval_batches
-from loopmdm.data.prepare import load_prepared, prepare_data
+from loopmdm.data.prepare import prepare_data
+from loopmdm.data.prepared import load_prepared
 from loopmdm.data.tokenizer import TextTokenizer, build_tokenizer
 from loopmdm.errors import LoopMDMError
 

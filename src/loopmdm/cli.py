@@ -51,7 +51,7 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from loopmdm.data.loader import eval_rows
-    from loopmdm.data.prepare import load_prepared
+    from loopmdm.data.prepared import load_prepared
     from loopmdm.diffusion.schedule import make_schedule
     from loopmdm.evaluation.nelbo import evaluate_nelbo
     from loopmdm.runs import check_tokenizer_match, load_run
@@ -71,7 +71,7 @@ def cmd_eval(args) -> None:
     batch_size = args.batch_size or cfg.eval.batch_size
     if args.text is not None:  # the user's own text, all of it, with the run's tokenizer and length
         blocks, info = run.text_blocks(args.text)
-        split, pad_id, prompt_len = "text", run.tokenizer.pad_id, 0
+        split, pad_id, prompt_len, prompt_sep = "text", run.tokenizer.pad_id, 0, None
         source = f"text: {' '.join(args.text)} ({info['files']} file(s), {info['tokens']} tokens)"
         num_batches = 0 if args.batches is None else args.batches
         unigram = run.unigram_xent(blocks[eval_rows(len(blocks), batch_size, num_batches)])
@@ -79,14 +79,14 @@ def cmd_eval(args) -> None:
         data = run.prepared_data() if args.data is None else load_prepared(args.data)
         check_tokenizer_match(run, data)
         split = "val" if args.split == "val" else "train"
-        blocks, source, prompt_len = data.blocks(split), str(data.path), data.prompt_len
+        blocks, source, prompt_len, prompt_sep = data.blocks(split), str(data.path), data.prompt_len, data.prompt_sep_id
         pad_id = data.pad_id if data.meta.get("packing") == "pad" else None
         num_batches = cfg.eval.num_batches if args.batches is None else args.batches
         unigram = data.unigram_xent(blocks[eval_rows(len(blocks), batch_size, num_batches)])  # the scored rows
     results = evaluate_nelbo(run.model, blocks, make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
                              loops, eps=cfg.diffusion.eps, batch_size=batch_size, num_batches=num_batches,
                              draws=args.draws or cfg.eval.draws, seed=cfg.eval.seed if args.seed is None else args.seed,
-                             pad_id=pad_id, prompt_len=prompt_len, device=run.device,
+                             pad_id=pad_id, prompt_len=prompt_len, prompt_sep_id=prompt_sep, device=run.device,
                              precision=args.precision or cfg.train.precision, progress=True)
     for r in results:
         r.update({"split": split, "step": run.step, "data": source,
@@ -234,7 +234,7 @@ def cmd_solve(args) -> None:
     loops = _loops_list(args.loops)
     test = task_test_set(data, args.num, seed=args.seed)
     results = solve_task(run.model, data, test, loops, args.order, run.device,
-                         precision=args.precision or run.cfg.train.precision)
+                         precision=args.precision or run.cfg.train.precision, block_len=args.block)
     for r in results:
         r.update({"step": run.step, "task": test["task"]})
     if args.json:
@@ -242,7 +242,9 @@ def cmd_solve(args) -> None:
         return
     print(f"run {run.run_dir} (step {run.step}), task {test['task']}, {len(test['x'])} test examples, order {args.order}")
     for r in results:
-        if test["task"] == "khop":
+        if test["task"] == "pairs":
+            print(f"S={r['loops']:>3}  exact match {r['exact']:.3f}  answer-token accuracy {r['token_acc']:.3f}  ({r['nfe']} calls)")
+        elif test["task"] == "khop":
             hops = " ".join(f"{a:.3f}" for a in r["per_hop"])
             print(f"S={r['loops']:>3}  accuracy {r['acc']:.3f}  all hops {r['all_hops']:.3f}  per hop: {hops}")
         else:
@@ -266,7 +268,7 @@ def cmd_analyze(args) -> None:
     diag = loop_diagnostics(run.model, data.blocks("val"), make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
                             eps=cfg.diffusion.eps, max_loops=max_loops, batch_size=args.batch_size or cfg.eval.batch_size,
                             num_batches=args.batches, seed=cfg.eval.seed if args.seed is None else args.seed,
-                            prompt_len=data.prompt_len, t_bins=DEFAULT_T_BINS, device=run.device,
+                            prompt_len=data.prompt_len, prompt_sep_id=data.prompt_sep_id, t_bins=DEFAULT_T_BINS, device=run.device,
                             pad_id=data.pad_id if data.meta.get("packing") == "pad" else None,
                             precision=args.precision or cfg.train.precision)
     diag.update({"run": str(run.run_dir), "step": run.step, "max_train_loops": cfg.model.max_train_loops})
@@ -399,14 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sample_bench)
 
-    p = sub.add_parser("solve", help="task accuracy (Sudoku, k-hop) against the number of loops")
-    p.add_argument("run", help="run directory of a model trained with data.source=task")
+    p = sub.add_parser("solve", help="task accuracy (Sudoku, k-hop, prompt/answer pairs) against the number of loops")
+    p.add_argument("run", help="run directory of a model trained with data.source=task or data.source=pairs")
     p.add_argument("--order", default="raster", choices=list(ORDERS),
                    help="decoding order: raster (row-major, the paper's restricted order), confidence "
                         "(easy first), oneshot (all blanks from one call)")
     p.add_argument("--loops", default="1,2,4,8,16", help="comma-separated loop counts (default 1,2,4,8,16)")
     p.add_argument("--num", type=int, default=500, help="test examples (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the puzzle blanks (default 0)")
+    p.add_argument("--block", type=int, default=0,
+                   help="with --order confidence: semi-autoregressive blocks of this many answer tokens (LLaDA)")
     with_run_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_solve)

@@ -22,7 +22,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 BLOCK_STYLES = ("dit", "llama")
 SCHEDULES = ("loglinear", "linear", "cosine")
-SOURCES = ("embedded", "text", "hf", "task")
+SOURCES = ("embedded", "text", "hf", "task", "pairs")
 TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased", "task")
 PACKINGS = ("wrap", "pad")
 LR_SCHEDULES = ("constant", "cosine")
@@ -113,6 +113,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = ""  # empty: runs/<preset name>
+    # A run directory whose weights (EMA) start this run instead of a random init: fine-tuning
+    # (`data.source=pairs`). Its model config and tokenizer must match this run's.
+    init_from: str = ""
     seed: int = 0
     batch_size: int = 32  # sequences per optimizer step, summed over ranks and micro-steps
     micro_batch_size: int = 0  # 0 = batch_size / world_size (no accumulation)
@@ -320,6 +323,8 @@ def validate(cfg: Config) -> None:
     require(0.0 < da.val_fraction < 1.0, f"data.val_fraction={da.val_fraction} must be in (0, 1)")
     if da.source == "text":
         require(len(da.paths) > 0, "data.source=text needs data.paths=[file or glob, ...]")
+    if da.source == "pairs":
+        require(len(da.paths) > 0, "data.source=pairs needs data.paths=[a JSONL file of {\"prompt\": ..., \"answer\": ...} lines, ...]")
     if da.source == "hf":
         require(bool(da.hf_name), "data.source=hf needs data.hf_name (a datasets name or local path)")
     if da.source == "task":

@@ -22,7 +22,8 @@ import torch
 from omegaconf import OmegaConf
 
 from loopmdm.config import Config, config_from_dict
-from loopmdm.data.prepare import UNIGRAM_FILE, BlockWriter, PreparedData, add_one_log_probs, load_prepared, prepare_data
+from loopmdm.data.prepare import BlockWriter, prepare_data
+from loopmdm.data.prepared import UNIGRAM_FILE, PreparedData, add_one_log_probs, load_prepared
 from loopmdm.data.tokenizer import TextTokenizer
 from loopmdm.devices import resolve_device
 from loopmdm.errors import LoopMDMError, require

@@ -81,7 +81,7 @@ def attention_probes(model, make_probe):
 
 @torch.no_grad()
 def loop_diagnostics(model, blocks: np.ndarray, schedule: NoiseSchedule, *, eps: float, max_loops: int,
-                     batch_size: int = 32, num_batches: int = 2, seed: int = 1234, prompt_len: int = 0,
+                     batch_size: int = 32, num_batches: int = 2, seed: int = 1234, prompt_len: int = 0, prompt_sep_id: int | None = None,
                      t_bins=DEFAULT_T_BINS, device: torch.device | str = "cpu", pad_id: int | None = None,
                      precision: str = "fp32", attention: bool = True) -> dict:
     """Per-iteration diagnostics of a looped model on `num_batches` (0 = all) batches of
@@ -116,7 +116,7 @@ def loop_diagnostics(model, blocks: np.ndarray, schedule: NoiseSchedule, *, eps:
         x0 = x0.to(device)
         B = x0.shape[0]
         valid = (x0 != pad_id) if pad_id is not None and bool((x0 == pad_id).any()) else None
-        maskable = maskable_after(prompt_len, x0)
+        maskable = maskable_after(prompt_len, x0, prompt_sep_id)
         # The same draws, in the same order, as diffusion_loss inside evaluate_nelbo.
         t = sample_times(B, eps, True, generator, device)
         x_t, masked = forward_mask(x0, t, schedule, model.mask_id, generator, valid, maskable)

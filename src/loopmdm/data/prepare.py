@@ -1,4 +1,5 @@
-"""Tokenize and pack a corpus once into fixed-length blocks on disk, then memory-map them.
+"""The write side of prepared data: tokenize and pack a corpus (or generate a task) once into
+fixed-length blocks on disk. Reading a prepared folder is `data/prepared.py`.
 
 A prepared folder `<cache_dir>/<source>-<tokenizer>-<key>/` holds
 `tokenizer.json`, `train.bin`, `val.bin` (raw uint16/uint32, shape (n_blocks, seq_len))
@@ -19,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence, Tuple
 
@@ -27,101 +28,13 @@ import numpy as np
 
 from loopmdm.config import DataConfig
 from loopmdm.data.corpus import SplitCorpus, expand_paths
-from loopmdm.data.tokenizer import TextTokenizer, build_tokenizer
+from loopmdm.data.prepared import SPLITS, UNIGRAM_FILE, PreparedData, add_one_log_probs, load_prepared
+from loopmdm.data.tokenizer import build_tokenizer
 from loopmdm.errors import LoopMDMError, require
 
 # Bump when the on-disk layout or packing changes, so old caches are not reused.
 FORMAT_VERSION = 4  # 2: streaming preparation, train documents in corpus order; 3: unigram counts; 4: khop edge tokens
-UNIGRAM_FILE = "train_unigram_counts.npy"
-SPLITS = ("train", "val")
 ENCODE_CHUNK = 256  # documents per encode_batch call
-META_KEYS = ("vocab_size", "eos_id", "pad_id", "bos_id", "tokenizer", "tokenizer_fingerprint",
-             "seq_len", "packing", "dtype", "n_train_blocks", "n_val_blocks")
-
-
-@dataclass
-class PreparedData:
-    path: Path
-    meta: dict
-    tokenizer: TextTokenizer
-
-    def blocks(self, split: str) -> np.ndarray:
-        """Read-only memory map of shape (n_blocks, seq_len)."""
-        require(split in SPLITS, f"split '{split}' is not allowed; choose one of: train, val")
-        n = int(self.meta[f"n_{split}_blocks"])
-        dtype = np.dtype(self.meta["dtype"])
-        if n == 0:  # np.memmap cannot map an empty file
-            return np.zeros((0, self.seq_len), dtype=dtype)
-        return np.memmap(self.path / f"{split}.bin", dtype=dtype, mode="r", shape=(n, self.seq_len))
-
-    def unigram_xent(self, blocks: np.ndarray) -> float:
-        """Cross-entropy (nats/token) of `blocks` under the add-one train unigram: the floor a
-        model evaluated on exactly these rows must beat. NaN if the counts file is absent."""
-        path = self.path / UNIGRAM_FILE
-        if not path.is_file():
-            return float("nan")
-        log_p = add_one_log_probs(np.load(path))
-        tokens = np.asarray(blocks)[:, self.prompt_len:].reshape(-1).astype(np.int64)
-        tokens = tokens[tokens != self.pad_id]
-        return float(-log_p[tokens].mean()) if len(tokens) else float("nan")
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.meta["seq_len"])
-
-    @property
-    def pad_id(self) -> int:
-        return int(self.meta["pad_id"])
-
-    @property
-    def eos_id(self) -> int:
-        return int(self.meta["eos_id"])
-
-    @property
-    def prompt_len(self) -> int:
-        """Leading positions that are always given (task prompts): never masked or scored."""
-        return int(self.meta.get("prompt_len", 0))
-
-
-# --- loading ---------------------------------------------------------------------------
-
-def load_prepared(path: str | Path) -> PreparedData:
-    """Open a prepared folder, checking that meta.json, tokenizer and .bin files agree."""
-    path = Path(path)
-    require(path.is_dir(), f"prepared data folder '{path}' does not exist; run data preparation first")
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        require(not ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()),
-                f"'{path}' is a run directory, not a prepared data folder; pass a folder printed by "
-                f"`loopmdm prepare` (or score text files with `loopmdm eval RUN --text FILE`)")
-        require((path / "train.bin").is_file() or (path / "val.bin").is_file(),
-                f"'{path}' is not a prepared data folder (no meta.json); pass a folder printed by `loopmdm prepare`")
-        raise LoopMDMError(f"prepared data folder '{path}' has no meta.json (incomplete); delete it and prepare again")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LoopMDMError(f"'{meta_path}' is not valid JSON ({exc}); delete '{path}' and prepare again") from None
-    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
-    require(not missing, f"'{meta_path}' lacks {', '.join(missing)}; delete '{path}' and prepare again")
-    require(meta["dtype"] in ("uint16", "uint32"), f"'{meta_path}' has dtype '{meta['dtype']}'; allowed: uint16, uint32")
-    tokenizer = TextTokenizer.load(path / "tokenizer.json", meta["tokenizer"])
-    require(tokenizer.fingerprint() == meta["tokenizer_fingerprint"],
-            f"'{path / 'tokenizer.json'}' has fingerprint {tokenizer.fingerprint()}, meta.json says "
-            f"{meta['tokenizer_fingerprint']}; delete '{path}' and prepare again")
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in SPLITS:
-        bin_path = path / f"{split}.bin"
-        expected = int(meta[f"n_{split}_blocks"]) * int(meta["seq_len"]) * itemsize
-        require(bin_path.is_file(), f"'{bin_path}' is missing; delete '{path}' and prepare again")
-        size = bin_path.stat().st_size
-        require(size == expected, f"'{bin_path}' has {size} bytes but meta.json implies {expected} "
-                                  f"({meta[f'n_{split}_blocks']} blocks x {meta['seq_len']} x {itemsize}); "
-                                  f"delete '{path}' and prepare again")
-    return PreparedData(path=path, meta=meta, tokenizer=tokenizer)
 
 
 # --- packing ---------------------------------------------------------------------------
@@ -169,12 +82,6 @@ class BlockWriter:
         self.file.close()
 
 
-def add_one_log_probs(counts: np.ndarray) -> np.ndarray:
-    """log p(id) of the add-one (Laplace) smoothed unigram fitted to per-id `counts`."""
-    counts = counts.astype(np.float64)
-    return np.log((counts + 1.0) / (counts.sum() + len(counts)))
-
-
 def unigram_baselines(train_counts: np.ndarray, val_counts: np.ndarray) -> Tuple[float, float]:
     """(entropy of the train unigram, cross-entropy of val under the add-one train unigram),
     nats/token, from per-id token counts (pads excluded). A model that beats neither has
@@ -194,7 +101,7 @@ def cache_key(cfg: DataConfig) -> str:
     if cfg.source != "task":  # task fields do not affect other sources
         fields = {k: v for k, v in fields.items() if not k.startswith("task")}
     fields["format_version"] = FORMAT_VERSION
-    if cfg.source in ("text", "hf") and cfg.paths:
+    if cfg.source in ("text", "hf", "pairs") and cfg.paths:
         # Local files: their size and mtime join the key, so editing a file re-prepares.
         fields["files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in expand_paths(cfg.paths)]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()[:12]
@@ -253,11 +160,79 @@ def _build_task(cfg: DataConfig, out_dir: Path, log) -> None:
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
+def read_pairs(paths) -> list[tuple[str, str]]:
+    """(prompt, answer) from JSONL files, one {"prompt": str, "answer": str} object per line."""
+    pairs = []
+    for path in expand_paths(paths):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    raise LoopMDMError(f"{path}:{lineno} is not valid JSON ({exc})") from None
+                ok = isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("answer"), str)
+                require(ok, f"{path}:{lineno} must be an object with string fields \"prompt\" and \"answer\"")
+                pairs.append((obj["prompt"], obj["answer"]))
+    require(len(pairs) >= 2, f"data.paths={list(paths)} hold {len(pairs)} prompt/answer pairs; need at least 2")
+    return pairs
+
+
+def _build_pairs(cfg: DataConfig, out_dir: Path, log) -> None:
+    """Prompt/answer pairs for conditional fine-tuning, one pair per row:
+    [prompt][EOS][answer][EOS ... to the end of the row]. The first EOS separates the prompt
+    (always given and attended, never masked) from the answer slot, whose EOS padding is
+    trained on, so the model learns where its answer ends (SMDM / LLaDA SFT; docs/design.md).
+    Pairs are split into train and validation by a seeded shuffle (val_fraction)."""
+    pairs = read_pairs(cfg.paths)
+    rng = np.random.default_rng(cfg.split_seed)
+    order = rng.permutation(len(pairs))
+    n_val = min(max(1, int(round(cfg.val_fraction * len(pairs)))), len(pairs) - 1)
+    splits = {"val": [pairs[i] for i in order[:n_val]], "train": [pairs[i] for i in order[n_val:]]}
+    tokenizer = build_tokenizer(cfg, (p + "\n" + a for p, a in splits["train"]))
+    log(f"tokenizer {cfg.tokenizer}: vocab_size={tokenizer.vocab_size}")
+    eos, L = tokenizer.eos_id, cfg.seq_len
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32)
+    counts, n_rows, longest = {}, {}, 0
+    for split in SPLITS:
+        prompts = tokenizer.encode_batch([p for p, _ in splits[split]])
+        answers = tokenizer.encode_batch([a for _, a in splits[split]])
+        rows, dropped = [], 0
+        for p_ids, a_ids in zip(prompts, answers):
+            require(eos not in p_ids, "a prompt encodes to the EOS token, which separates prompt from answer")
+            longest = max(longest, len(p_ids) + len(a_ids) + 2)
+            if len(p_ids) + len(a_ids) + 2 > L:
+                dropped += 1
+                continue
+            rows.append(p_ids + [eos] + a_ids + [eos] * (L - len(p_ids) - len(a_ids) - 1))
+        require(rows, f"no {split} pair fits data.seq_len={L} (prompt + answer + 2 EOS; the longest needs {longest})")
+        block = np.asarray(rows, dtype=dtype)
+        block.tofile(out_dir / f"{split}.bin")
+        counts[split], n_rows[split] = np.bincount(block.reshape(-1), minlength=tokenizer.vocab_size), len(rows)
+        log(f"{split}: {len(rows)} pairs" + (f" ({dropped} longer than data.seq_len={L} dropped)" if dropped else ""))
+    tokenizer.save(out_dir / "tokenizer.json")
+    np.save(out_dir / UNIGRAM_FILE, counts["train"])
+    entropy, xent = unigram_baselines(counts["train"], counts["val"])
+    meta = {
+        "format_version": FORMAT_VERSION, "vocab_size": tokenizer.vocab_size, "eos_id": eos,
+        "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "tokenizer": tokenizer.name,
+        "tokenizer_fingerprint": tokenizer.fingerprint(), "seq_len": L, "packing": "pairs", "dtype": dtype.name,
+        "n_train_blocks": n_rows["train"], "n_val_blocks": n_rows["val"], "n_train_docs": n_rows["train"],
+        "n_val_docs": n_rows["val"], "n_train_tokens": int(counts["train"].sum()), "n_val_tokens": int(counts["val"].sum()),
+        "source": f"pairs: {', '.join(cfg.paths)}", "prompt_sep_id": eos, "prompt_len": 0,
+        "unigram_entropy": entropy, "unigram_val_xent": xent, "data_config": asdict(cfg),
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
 def _build(cfg: DataConfig, out_dir: Path, log) -> None:
     """Write every file of a prepared folder into `out_dir` (meta.json last), streaming the
     corpus: tokenizer training reads the train documents once, packing reads both splits."""
     if cfg.source == "task":
         return _build_task(cfg, out_dir, log)
+    if cfg.source == "pairs":
+        return _build_pairs(cfg, out_dir, log)
     corpus = SplitCorpus(cfg)
     tokenizer = build_tokenizer(cfg, (d.text for d in corpus.iter("train")))
     log(f"tokenizer {cfg.tokenizer}: vocab_size={tokenizer.vocab_size}")

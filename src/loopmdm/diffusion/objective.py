@@ -44,8 +44,18 @@ def forward_mask(x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, mas
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
-def maskable_after(prompt_len: int, x0: torch.Tensor) -> torch.Tensor | None:
-    """(B, L) True at positions >= prompt_len (a task's answer), None when nothing is given."""
+def maskable_after(prompt_len: int, x0: torch.Tensor, sep_id: int | None = None) -> torch.Tensor | None:
+    """(B, L) True at the answer positions, which may be masked and are scored; None when
+    nothing is given. Fixed-length prompts (tasks): positions >= prompt_len. Variable-length
+    prompts (fine-tuning pairs, `sep_id` given): the positions after each row's first `sep_id`
+    token -- the prompt and its separator stay given and attended, the answer and the EOS
+    padding of its slot are trained on (SMDM / LLaDA SFT). A row without the separator has no
+    answer positions."""
+    if sep_id is not None:
+        is_sep = x0 == sep_id
+        L = x0.shape[1]
+        first = torch.where(is_sep.any(1), is_sep.int().argmax(1), torch.full_like(x0[:, 0], L))
+        return torch.arange(L, device=x0.device)[None, :] > first[:, None]
     if prompt_len <= 0:
         return None
     keep = torch.arange(x0.shape[1], device=x0.device) >= prompt_len

@@ -26,7 +26,7 @@ from loopmdm.evaluation.judge import ar_loss
 @torch.no_grad()
 def evaluate_nelbo(model, blocks: np.ndarray, schedule: NoiseSchedule, loops: list[int], *, eps: float,
                    batch_size: int = 32, num_batches: int = 0, draws: int = 1, seed: int = 1234,
-                   pad_id: int | None = None, prompt_len: int = 0, device: torch.device | str = "cpu",
+                   pad_id: int | None = None, prompt_len: int = 0, prompt_sep_id: int | None = None, device: torch.device | str = "cpu",
                    precision: str = "fp32", progress: bool = False, t_bins: list[float] | None = None) -> list[dict]:
     """One record per loop count: {loops, nll, ppl, tokens, sequences, draws, seed}. With
     `progress`, a bar on stderr once the evaluation has run for 2 s. With `t_bins` (edges,
@@ -60,7 +60,7 @@ def evaluate_nelbo(model, blocks: np.ndarray, schedule: NoiseSchedule, loops: li
                 with autocast_context(device, precision):
                     out = loss_fn(model, x0, schedule, num_loops=num_loops, eps=eps,
                                          antithetic=True, generator=generator, valid=valid,
-                                         maskable=maskable_after(prompt_len, x0))
+                                         maskable=maskable_after(prompt_len, x0, prompt_sep_id))
                 nll_sum += float(out.nll_sum.double())
                 if n_bins:
                     which = np.clip(np.searchsorted(t_bins, out.t.double().cpu().numpy(), side="right") - 1, 0, n_bins - 1)

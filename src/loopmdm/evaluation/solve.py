@@ -16,6 +16,7 @@ import torch
 
 from loopmdm.data.loader import eval_rows
 from loopmdm.devices import autocast_context
+from loopmdm.diffusion.objective import maskable_after
 from loopmdm.errors import require
 from loopmdm.sampling.infill import fill_blanks
 from loopmdm.tasks import sudoku
@@ -27,12 +28,16 @@ SUDOKU_BLANKS = {4: (6, 12), 6: (14, 26), 9: (40, 58)}
 
 def task_test_set(data, num: int, seed: int = 0) -> dict:
     """{"x": masked inputs (N, L), "target": clean rows, "difficulty": per-example int or -1}."""
-    task = data.meta.get("task")
-    require(task in ("sudoku", "khop"), f"prepared data '{data.path}' is not a task dataset (meta task={task!r}); "
-                                         "`loopmdm solve` needs a run trained with data.source=task")
+    task = "pairs" if data.prompt_sep_id is not None else data.meta.get("task")
+    require(task in ("sudoku", "khop", "pairs"), f"prepared data '{data.path}' is not a task dataset (meta task={task!r}); "
+                                                  "`loopmdm solve` needs a run trained with data.source=task or pairs")
     val = np.asarray(data.blocks("val")).astype(np.int64)
     rows = val[eval_rows(len(val), num, 1)] if num < len(val) else val
     mask_id = data.vocab_size
+    if task == "pairs":  # the answer slot (after the first EOS) is blank; exact match of the answer
+        answer = maskable_after(0, torch.as_tensor(rows), data.prompt_sep_id).numpy()
+        return {"task": task, "x": np.where(answer, mask_id, rows), "target": rows,
+                "difficulty": np.full(len(rows), -1), "eos_id": data.eos_id}
     if task == "khop":
         x = rows.copy()
         x[:, int(data.meta["answer_start"]):] = mask_id
@@ -62,6 +67,12 @@ def score(test: dict, filled: np.ndarray, mask_id: int) -> dict:
     x, target = test["x"], test["target"]
     blank = x == mask_id
     correct = (filled == target) & blank
+    if test["task"] == "pairs":
+        def answer(row, b):  # the tokens of the answer slot up to its first EOS
+            ids = list(row[b])
+            return ids[:ids.index(test["eos_id"])] if test["eos_id"] in ids else ids
+        exact = np.array([answer(f, b) == answer(t, b) for f, t, b in zip(filled, target, blank)])
+        return {"exact": float(exact.mean()), "token_acc": float(correct.sum() / max(blank.sum(), 1)), "n": len(x)}
     if test["task"] == "khop":
         per_hop = correct[:, blank[0]].mean(0)
         return {"acc": float(correct.sum() / blank.sum()), "per_hop": [float(a) for a in per_hop],
@@ -84,10 +95,10 @@ def score(test: dict, filled: np.ndarray, mask_id: int) -> dict:
 
 @torch.no_grad()
 def solve_task(model, data, test: dict, loops: list[int], order: str, device, precision: str = "fp32",
-               batch_size: int = 256) -> list[dict]:
+               batch_size: int = 256, block_len: int = 0) -> list[dict]:
     """One record per loop count: accuracy under `order` on `test` (from task_test_set)."""
     model.eval()
-    num_symbols = int(data.meta["task_size"])
+    num_symbols = None if test["task"] == "pairs" else int(data.meta["task_size"])
     mask_id = data.vocab_size
     call = _denoiser(model, device, precision)
     results = []
@@ -95,10 +106,10 @@ def solve_task(model, data, test: dict, loops: list[int], order: str, device, pr
         filled, nfe = [], 0
         for start in range(0, len(test["x"]), batch_size):
             x = torch.as_tensor(test["x"][start:start + batch_size], device=device)
-            out = fill_blanks(call, x, mask_id, order, num_loops if model.is_looped else 1, num_symbols)
+            out = fill_blanks(call, x, mask_id, order, num_loops if model.is_looped else 1, num_symbols, block_len)
             filled.append(out.tokens.cpu().numpy())
             nfe += out.nfe
-        record = {"loops": num_loops, "order": order, "nfe": nfe}
+        record = {"loops": num_loops, "order": order, "nfe": nfe, **({"block_len": block_len} if block_len else {})}
         record.update(score(test, np.concatenate(filled), mask_id))
         results.append(record)
     return results

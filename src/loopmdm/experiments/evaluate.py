@@ -50,7 +50,7 @@ def evaluate_run(suite, spec, scale, log) -> dict:
     result["nelbo"] = evaluate_nelbo(run.model, data.blocks("val"), make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
                                      loops, eps=cfg.diffusion.eps, batch_size=cfg.eval.batch_size,
                                      num_batches=scale.num_test if suite.kind == "lm" else 8,
-                                     seed=cfg.eval.seed, prompt_len=data.prompt_len, device=run.device,
+                                     seed=cfg.eval.seed, prompt_len=data.prompt_len, prompt_sep_id=data.prompt_sep_id, device=run.device,
                                      precision=cfg.train.precision, t_bins=T_BINS)
     ckpt.write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     return result

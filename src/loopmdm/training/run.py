@@ -18,7 +18,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from loopmdm.config import Config, config_from_dict
-from loopmdm.data.prepare import PreparedData, prepare_data
+from loopmdm.data.prepare import prepare_data
+from loopmdm.data.prepared import PreparedData
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.runfiles import (LOCK_FILE, TMP_MARK, RunLock, clean_stale, disk_error, fault_point, is_our_lock, note,
                                write_if_changed)
@@ -177,6 +178,8 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, replace: bool, dist:
     trainer = Trainer(cfg, data, run_dir, dist)
     if resume:
         trainer.resume()  # loads (or falls back); the first write is the metrics truncation
+    elif cfg.train.init_from:
+        trainer.init_from_run(cfg.train.init_from)  # every rank loads the same weights
     if dist.is_main:
         if replace:
             delete_run_files(run_dir)

@@ -26,12 +26,12 @@ from tqdm import tqdm
 from loopmdm.analysis.loop_diagnostics import compact_record, loop_diagnostics
 from loopmdm.config import Config
 from loopmdm.data.loader import BlockLoader, eval_rows
-from loopmdm.data.prepare import PreparedData
+from loopmdm.data.prepared import PreparedData
 from loopmdm.devices import autocast_context, resolve_device
 from loopmdm.diffusion.objective import diffusion_loss, maskable_after
-from loopmdm.evaluation.judge import ar_loss
 from loopmdm.diffusion.schedule import make_schedule
 from loopmdm.errors import LoopMDMError, require
+from loopmdm.evaluation.judge import ar_loss
 from loopmdm.evaluation.nelbo import evaluate_nelbo
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.model.flops import train_flops
@@ -117,6 +117,25 @@ class Trainer:
         return groups
 
     # --------------------------------------------------------------------- state
+    def init_from_run(self, run_dir: str) -> None:
+        """Start from a trained run's weights (EMA, as it would be sampled): fine-tuning. The
+        run's tokenizer must be the data's, and its model must have this run's shapes; the
+        loop range and S_max may differ (they hold no weights)."""
+        from loopmdm.runs import load_run
+
+        source = load_run(run_dir, device="cpu")
+        require(source.tokenizer.fingerprint() == self.data.tokenizer.fingerprint(),
+                f"train.init_from='{run_dir}' was trained with another tokenizer than this data; prepare the "
+                f"data with data.tokenizer_path={Path(run_dir) / 'tokenizer.json'}")
+        mine, theirs = self.model.state_dict(), source.model.state_dict()
+        mismatch = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
+        require(not mismatch and len(mine) == len(theirs),
+                f"train.init_from='{run_dir}' has another model shape (first difference: "
+                f"{(mismatch or sorted(set(theirs) - set(mine)))[:1]}); use its model.* settings")
+        self.model.load_state_dict(theirs)
+        if self.ema:
+            self.ema = EMA(self.model, self.cfg.train.ema)
+
     def train_state(self) -> dict:
         state = {
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time": self.train_time,
@@ -238,7 +257,7 @@ class Trainer:
                         out = diffusion_loss(self.train_model, x0, self.schedule, num_loops=num_loops,
                                              eps=cfg.diffusion.eps, antithetic=cfg.diffusion.antithetic,
                                              generator=self.generator, valid=valid, mask_id=self.model.mask_id,
-                                             maskable=maskable_after(self.data.prompt_len, x0))
+                                             maskable=maskable_after(self.data.prompt_len, x0, self.data.prompt_sep_id))
                 (out.loss / self.accum_steps).backward()
             loss_sum += out.loss.detach() / self.accum_steps
         if tc.grad_clip > 0:
@@ -270,7 +289,7 @@ class Trainer:
                                 eps=cfg.diffusion.eps, batch_size=cfg.eval.batch_size,
                                 num_batches=cfg.train.eval_batches, seed=cfg.eval.seed,
                                 pad_id=self.data.pad_id if self.use_pad_mask else None,
-                                prompt_len=self.data.prompt_len,
+                                prompt_len=self.data.prompt_len, prompt_sep_id=self.data.prompt_sep_id,
                                 device=self.device, precision=cfg.train.precision)[0]
         if self.val_unigram is None:  # the floor on exactly the validated rows (computed once)
             blocks = self.data.blocks("val")
@@ -291,7 +310,7 @@ class Trainer:
         cfg = self.cfg
         diag = loop_diagnostics(model, self.data.blocks("val"), self.schedule, eps=cfg.diffusion.eps,
                                 max_loops=cfg.model.max_train_loops, batch_size=cfg.eval.batch_size, num_batches=2,
-                                seed=cfg.eval.seed, prompt_len=self.data.prompt_len, device=self.device,
+                                seed=cfg.eval.seed, prompt_len=self.data.prompt_len, prompt_sep_id=self.data.prompt_sep_id, device=self.device,
                                 pad_id=self.data.pad_id if self.use_pad_mask else None, precision=cfg.train.precision)
         return {"kind": "loop_diag", "step": self.step, "tokens": self.tokens, "flops": self.flops, **compact_record(diag)}
 

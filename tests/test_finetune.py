@@ -1,0 +1,126 @@
+"""Conditional fine-tuning on prompt/answer pairs: the data layout, what may be masked, the
+start from a pretrained run, semi-autoregressive answer decoding and exact-match scoring."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from loopmdm.cli import main
+from loopmdm.config import load_config
+from loopmdm.data.prepare import prepare_data
+from loopmdm.diffusion.objective import forward_mask, maskable_after
+from loopmdm.diffusion.schedule import make_schedule
+from loopmdm.errors import LoopMDMError
+from loopmdm.sampling.infill import fill_blanks
+from tests.conftest import tiny_overrides
+
+
+def _write_pairs(path, n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            a, b = (int(v) for v in rng.integers(0, 50, 2))
+            f.write(json.dumps({"prompt": f"What is {a} plus {b}?", "answer": f"{a + b}"}) + "\n")
+    return path
+
+
+def test_answer_positions_follow_the_first_separator():
+    x = torch.tensor([[5, 6, 9, 7, 9, 9], [5, 9, 7, 8, 9, 9], [1, 2, 3, 4, 5, 6]])
+    keep = maskable_after(0, x, sep_id=9)
+    assert keep.tolist() == [[False, False, False, True, True, True],
+                             [False, False, True, True, True, True],
+                             [False] * 6]
+    x_t, masked = forward_mask(x, torch.ones(3), make_schedule("loglinear", 1e-3), 10, maskable=keep)
+    assert torch.equal(masked, keep)  # t = 1: the whole answer slot, never the prompt or separator
+    assert torch.equal(x_t[~keep], x[~keep])
+
+
+def test_pairs_are_laid_out_prompt_eos_answer_eos(tmp_path):
+    pairs = _write_pairs(tmp_path / "pairs.jsonl")
+    with open(pairs, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "x " * 200, "answer": "too long"}) + "\n")
+    cfg = load_config(None, tiny_overrides(tmp_path) + ["data.source=pairs", f"data.paths=['{pairs}']",
+                                                       "data.val_fraction=0.1"])
+    data = prepare_data(cfg.data)
+    assert data.prompt_sep_id == data.eos_id and data.meta["n_train_blocks"] + data.meta["n_val_blocks"] == 60
+    tok = data.tokenizer
+    for row in np.asarray(data.blocks("train"))[:5]:
+        ids = row.tolist()
+        sep = ids.index(data.eos_id)
+        prompt, rest = tok.decode(ids[:sep]), ids[sep + 1:]
+        end = rest.index(data.eos_id)
+        a, b = (int(w.strip("?")) for w in prompt.split()[2::2])
+        assert tok.decode(rest[:end]).strip() == str(a + b)
+        assert all(i == data.eos_id for i in rest[end:])  # the slot is padded with EOS, which is trained on
+
+
+def test_pairs_reject_bad_lines(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": 3}\n', encoding="utf-8")
+    cfg = load_config(None, tiny_overrides(tmp_path) + ["data.source=pairs", f"data.paths=['{bad}']"])
+    with pytest.raises(LoopMDMError, match=r"bad.jsonl:2 must be an object"):
+        prepare_data(cfg.data)
+
+
+def test_semi_autoregressive_blocks_fill_left_to_right():
+    """A denoiser most confident at the last position: plain confidence fills it first, with
+    blocks of 2 the first block's two blanks come before anything later."""
+    L, V, mask = 6, 4, 4
+
+    def denoiser(x, num_loops, t):
+        logits = torch.zeros(x.shape[0], L, V)
+        logits[:, :, 1] = torch.arange(L, dtype=torch.float32)  # confidence grows with position
+        return logits
+
+    order = {}
+    for block in (0, 2):
+        x = torch.tensor([[0, 0, mask, mask, mask, mask]])
+        seen = []
+
+        def spy(x, n, t):
+            seen.append((x[0] == mask).nonzero().flatten().tolist())
+            return denoiser(x, n, t)
+        fill_blanks(spy, x, mask, "confidence", 1, block_len=block)
+        order[block] = [sorted(set(a) - set(b))[0] for a, b in zip(seen, seen[1:] + [[]])]
+    assert order[0] == [5, 4, 3, 2] and order[2] == [3, 2, 5, 4]
+    with pytest.raises(LoopMDMError, match="block"):
+        fill_blanks(denoiser, torch.tensor([[mask]]), mask, "raster", 1, block_len=2)
+
+
+def test_finetune_from_a_pretrained_run_and_solve(tmp_path, capsys):
+    base = tiny_overrides(tmp_path)
+    assert main(["train", "tiny", *base, "train.max_steps=4"]) == 0
+    run = tmp_path / "run"
+    pairs = _write_pairs(tmp_path / "pairs.jsonl")
+    ft = [o for o in base if not o.startswith(("train.out_dir", "data.source", "data.paths"))] + [
+        "data.source=pairs", f"data.paths=['{pairs}']", f"data.tokenizer_path={run / 'tokenizer.json'}",
+        f"train.init_from={run}", f"train.out_dir={tmp_path / 'ft'}", "train.max_steps=4"]
+    # init_from starts from exactly the pretrained EMA weights (and a fresh EMA of them).
+    from loopmdm.runs import load_run
+    from loopmdm.training.run import attach_vocab
+    from loopmdm.training.trainer import Trainer
+
+    cfg = load_config("tiny", ft)
+    data = prepare_data(cfg.data)
+    attach_vocab(cfg, data)
+    trainer = Trainer(cfg, data, tmp_path / "unused")
+    trainer.init_from_run(str(run))
+    pretrained = load_run(run, device="cpu").model.state_dict()
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, pretrained[k]), k
+        if k in trainer.ema.shadow:
+            assert torch.equal(trainer.ema.shadow[k], pretrained[k].float()), k
+    assert main(["train", "tiny", *ft]) == 0
+    capsys.readouterr()
+    code = main(["solve", str(tmp_path / "ft"), "--order", "confidence", "--block", "2", "--loops", "1,2",
+                 "--num", "6", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and [r["loops"] for r in out] == [1, 2]
+    for r in out:
+        assert 0.0 <= r["exact"] <= 1.0 and 0.0 <= r["token_acc"] <= 1.0 and r["task"] == "pairs" and r["block_len"] == 2
+    # A fine-tuning run must share the pretrained run's tokenizer.
+    other = [o for o in ft if not o.startswith(("data.tokenizer_path", "train.out_dir"))] + [f"train.out_dir={tmp_path / 'ft2'}"]
+    assert main(["train", "tiny", *other]) == 2
+    assert "another tokenizer" in capsys.readouterr().err
