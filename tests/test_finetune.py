@@ -124,3 +124,38 @@ def test_finetune_from_a_pretrained_run_and_solve(tmp_path, capsys):
     other = [o for o in ft if not o.startswith(("data.tokenizer_path", "train.out_dir"))] + [f"train.out_dir={tmp_path / 'ft2'}"]
     assert main(["train", "tiny", *other]) == 2
     assert "another tokenizer" in capsys.readouterr().err
+
+
+def test_pair_sources(tmp_path, capsys):
+    from loopmdm.tasks import sudoku
+    from loopmdm.tasks.pairs import make_pairs
+
+    chain = make_pairs("rg:chain_sum:min_terms=2,max_terms=3,min_digits=1,max_digits=1", 40, seed=3)
+    assert chain == make_pairs("rg:chain_sum:min_terms=2,max_terms=3,min_digits=1,max_digits=1", 40, seed=3)
+    for p in chain:  # the answer is the value of the expression, the difficulty its number of terms
+        expr = p["prompt"].rsplit(":", 1)[1].strip().rstrip("=").strip()
+        assert int(p["answer"]) == eval(expr) and p["difficulty"] == len(expr.split()) // 2 + 1
+    gsm = make_pairs("gsm8k-test", 5000)
+    assert len(gsm) == 1319 and all(p["answer"].lstrip("-").replace(".", "").isdigit() for p in gsm)
+    assert gsm[0]["answer"] == "18" and "ducks" in gsm[0]["prompt"]
+    for p in make_pairs("sudoku:4", 5, seed=1):
+        puzzle = np.array([0 if c == "." else int(c) for c in p["prompt"].split()])
+        board = np.array([int(c) for c in p["answer"].split()])
+        assert sudoku.solves(board, puzzle, 4) and p["difficulty"] >= 1
+    for bad, needle in (("rg:nope", "not registered"), ("csv:x", "not allowed"), ("sudoku:5", "5")):
+        assert main(["pairs", bad, "--out", str(tmp_path / "x.jsonl")]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_finetune_command_reports_accuracy_by_difficulty(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # finetune writes generated pairs under data_cache/
+    base = tiny_overrides(tmp_path)
+    assert main(["train", "tiny", *base, "train.max_steps=3"]) == 0
+    source = "rg:chain_sum:min_terms=2,max_terms=3,min_digits=1,max_digits=1"
+    assert main(["finetune", source, "--init", str(tmp_path / "run"), "--num", "200", "train.max_steps=3",
+                 "data.seq_len=64", "data.val_fraction=0.2"]) == 0
+    capsys.readouterr()
+    ft = tmp_path / "run-ft-chain_sum"
+    assert main(["solve", str(ft), "--order", "confidence", "--loops", "1", "--num", "40", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)[0]
+    assert set(record["by_difficulty"]) == {"2", "3"} and sum(v["n"] for v in record["by_difficulty"].values()) == 40

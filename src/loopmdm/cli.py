@@ -49,6 +49,48 @@ def cmd_train(args) -> None:
             print(json.dumps(summary, indent=2))
 
 
+def cmd_pairs(args) -> None:
+    from loopmdm.tasks.pairs import make_pairs, write_pairs
+
+    pairs = make_pairs(args.source, args.num, args.seed)
+    path = write_pairs(pairs, args.out)
+    with_difficulty = sum("difficulty" in p for p in pairs)
+    print(f"wrote {len(pairs)} pairs from {args.source} to {path}"
+          + (f" ({with_difficulty} with a difficulty)" if with_difficulty else ""))
+
+
+def cmd_finetune(args) -> None:
+    """`loopmdm train` on prompt/answer pairs, starting from a pretrained run: its config,
+    tokenizer and weights; the pairs come from a JSONL file or a source of `loopmdm pairs`."""
+    import hashlib
+    from pathlib import Path
+
+    from loopmdm.config import load_config
+    from loopmdm.runs import read_run_config
+    from loopmdm.tasks.pairs import make_pairs, write_pairs
+    from loopmdm.training.distributed import dist_context
+    from loopmdm.training.run import train
+
+    init = Path(args.init)
+    read_run_config(init)  # a clear error if --init is not a run directory
+    source = Path(args.source)
+    if source.is_file():
+        pairs_file = source
+    else:
+        key = hashlib.sha256(f"{args.source}|{args.num}|{args.seed}".encode()).hexdigest()[:10]
+        pairs_file = Path("data_cache") / "pairs" / f"{args.source.replace(':', '_').replace('/', '_')}-{key}.jsonl"
+        if not pairs_file.is_file():
+            write_pairs(make_pairs(args.source, args.num, args.seed), pairs_file)
+    name = source.stem if source.is_file() else args.source.split(":")[1] if ":" in args.source else args.source
+    defaults = ["data.source=pairs", f"data.paths=['{pairs_file}']", f"data.tokenizer_path={init / 'tokenizer.json'}",
+                f"train.init_from={init}", f"train.out_dir={init}-ft-{name}", "train.warmup_steps=0"]
+    cfg = load_config(str(init / "config.yaml"), defaults + list(args.overrides))
+    with dist_context(cfg.train.device) as dist:
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, dist=dist)
+        if dist.is_main:
+            print(json.dumps(summary, indent=2))
+
+
 def cmd_eval(args) -> None:
     from loopmdm.data.loader import eval_rows
     from loopmdm.data.prepared import load_prepared
@@ -243,7 +285,9 @@ def cmd_solve(args) -> None:
     print(f"run {run.run_dir} (step {run.step}), task {test['task']}, {len(test['x'])} test examples, order {args.order}")
     for r in results:
         if test["task"] == "pairs":
-            print(f"S={r['loops']:>3}  exact match {r['exact']:.3f}  answer-token accuracy {r['token_acc']:.3f}  ({r['nfe']} calls)")
+            diffs = "  ".join(f"{k}:{v['exact']:.2f}(n={v['n']})" for k, v in r["by_difficulty"].items())
+            print(f"S={r['loops']:>3}  exact match {r['exact']:.3f}  answer-token accuracy {r['token_acc']:.3f}  "
+                  f"({r['nfe']} calls)  by difficulty {diffs}")
         elif test["task"] == "khop":
             hops = " ".join(f"{a:.3f}" for a in r["per_hop"])
             print(f"S={r['loops']:>3}  accuracy {r['acc']:.3f}  all hops {r['all_hops']:.3f}  per hop: {hops}")
@@ -345,6 +389,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pairs", help="write prompt/answer pairs (reasoning-gym, GSM8K test, Sudoku) as JSONL")
+    p.add_argument("source", help="rg:NAME[:key=value,...] (reasoning-gym), gsm8k-test, or sudoku:N")
+    p.add_argument("--num", type=int, default=1000, help="pairs to write (default 1000; gsm8k-test has 1,319)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the JSONL file to write")
+    p.set_defaults(func=cmd_pairs)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained run on prompt/answer pairs (answer-only loss)")
+    p.add_argument("source", help="a JSONL file of {prompt, answer} lines, or a `loopmdm pairs` source")
+    p.add_argument("--init", required=True, help="the pretrained run directory (its config, tokenizer and weights)")
+    p.add_argument("--num", type=int, default=20000, help="pairs to generate from a source (default 20000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=500 data.seq_len=64")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="validation NELBO / perplexity bound at several loop counts")
     p.add_argument("run", help="run directory written by `loopmdm train`")
@@ -458,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    if args.command in ("train", "eval", "sample", "solve", "analyze"):
+    if args.command in ("train", "finetune", "eval", "sample", "solve", "analyze"):
         from loopmdm.training.allocator import tune_glibc_malloc
 
         tune_glibc_malloc()  # CPU steps reuse memory instead of page-faulting (training/allocator.py)

@@ -160,8 +160,9 @@ def _build_task(cfg: DataConfig, out_dir: Path, log) -> None:
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def read_pairs(paths) -> list[tuple[str, str]]:
-    """(prompt, answer) from JSONL files, one {"prompt": str, "answer": str} object per line."""
+def read_pairs(paths) -> list[tuple[str, str, int]]:
+    """(prompt, answer, difficulty) from JSONL files, one {"prompt": str, "answer": str} object
+    per line, with an optional integer "difficulty" (-1 when absent)."""
     pairs = []
     for path in expand_paths(paths):
         with open(path, encoding="utf-8") as f:
@@ -174,7 +175,10 @@ def read_pairs(paths) -> list[tuple[str, str]]:
                     raise LoopMDMError(f"{path}:{lineno} is not valid JSON ({exc})") from None
                 ok = isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("answer"), str)
                 require(ok, f"{path}:{lineno} must be an object with string fields \"prompt\" and \"answer\"")
-                pairs.append((obj["prompt"], obj["answer"]))
+                difficulty = obj.get("difficulty", -1)
+                require(isinstance(difficulty, int) and not isinstance(difficulty, bool),
+                        f"{path}:{lineno}: \"difficulty\" must be an integer, got {difficulty!r}")
+                pairs.append((obj["prompt"], obj["answer"], difficulty))
     require(len(pairs) >= 2, f"data.paths={list(paths)} hold {len(pairs)} prompt/answer pairs; need at least 2")
     return pairs
 
@@ -190,25 +194,27 @@ def _build_pairs(cfg: DataConfig, out_dir: Path, log) -> None:
     order = rng.permutation(len(pairs))
     n_val = min(max(1, int(round(cfg.val_fraction * len(pairs)))), len(pairs) - 1)
     splits = {"val": [pairs[i] for i in order[:n_val]], "train": [pairs[i] for i in order[n_val:]]}
-    tokenizer = build_tokenizer(cfg, (p + "\n" + a for p, a in splits["train"]))
+    tokenizer = build_tokenizer(cfg, (p + "\n" + a for p, a, _ in splits["train"]))
     log(f"tokenizer {cfg.tokenizer}: vocab_size={tokenizer.vocab_size}")
     eos, L = tokenizer.eos_id, cfg.seq_len
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32)
     counts, n_rows, longest = {}, {}, 0
     for split in SPLITS:
-        prompts = tokenizer.encode_batch([p for p, _ in splits[split]])
-        answers = tokenizer.encode_batch([a for _, a in splits[split]])
-        rows, dropped = [], 0
-        for p_ids, a_ids in zip(prompts, answers):
+        prompts = tokenizer.encode_batch([p for p, _, _ in splits[split]])
+        answers = tokenizer.encode_batch([a for _, a, _ in splits[split]])
+        rows, difficulty, dropped = [], [], 0
+        for p_ids, a_ids, (_, _, d) in zip(prompts, answers, splits[split]):
             require(eos not in p_ids, "a prompt encodes to the EOS token, which separates prompt from answer")
             longest = max(longest, len(p_ids) + len(a_ids) + 2)
             if len(p_ids) + len(a_ids) + 2 > L:
                 dropped += 1
                 continue
             rows.append(p_ids + [eos] + a_ids + [eos] * (L - len(p_ids) - len(a_ids) - 1))
+            difficulty.append(d)
         require(rows, f"no {split} pair fits data.seq_len={L} (prompt + answer + 2 EOS; the longest needs {longest})")
         block = np.asarray(rows, dtype=dtype)
         block.tofile(out_dir / f"{split}.bin")
+        np.save(out_dir / f"{split}_difficulty.npy", np.asarray(difficulty, dtype=np.int64))
         counts[split], n_rows[split] = np.bincount(block.reshape(-1), minlength=tokenizer.vocab_size), len(rows)
         log(f"{split}: {len(rows)} pairs" + (f" ({dropped} longer than data.seq_len={L} dropped)" if dropped else ""))
     tokenizer.save(out_dir / "tokenizer.json")

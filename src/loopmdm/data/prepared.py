@@ -64,6 +64,12 @@ class PreparedData:
     def eos_id(self) -> int:
         return int(self.meta["eos_id"])
 
+    def difficulty(self, split: str) -> np.ndarray:
+        """Per-row difficulty of fine-tuning pairs (-1 = unknown; all -1 for other data)."""
+        path = self.path / f"{split}_difficulty.npy"
+        n = int(self.meta[f"n_{split}_blocks"])
+        return np.load(path) if path.is_file() else np.full(n, -1, dtype=np.int64)
+
     @property
     def prompt_sep_id(self) -> int | None:
         """Fine-tuning pairs: each row's prompt ends at its first token with this id (EOS)."""

