@@ -44,7 +44,9 @@ def test_pairs_are_laid_out_prompt_eos_answer_eos(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path) + ["data.source=pairs", f"data.paths=['{pairs}']",
                                                        "data.val_fraction=0.1"])
     data = prepare_data(cfg.data)
-    assert data.prompt_sep_id == data.eos_id and data.meta["n_train_blocks"] + data.meta["n_val_blocks"] == 60
+    assert data.prompt_sep_id == data.eos_id and data.meta["n_train_blocks"] + data.meta["n_val_blocks"] <= 60
+    train_rows = {bytes(r) for r in np.asarray(data.blocks("train"))}
+    assert not any(bytes(r) in train_rows for r in np.asarray(data.blocks("val")))  # disjoint splits
     tok = data.tokenizer
     for row in np.asarray(data.blocks("train"))[:5]:
         ids = row.tolist()
@@ -158,4 +160,4 @@ def test_finetune_command_reports_accuracy_by_difficulty(tmp_path, capsys, monke
     ft = tmp_path / "run-ft-chain_sum"
     assert main(["solve", str(ft), "--order", "confidence", "--loops", "1", "--num", "40", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)[0]
-    assert set(record["by_difficulty"]) == {"2", "3"} and sum(v["n"] for v in record["by_difficulty"].values()) == 40
+    assert set(record["by_difficulty"]) == {"2", "3"} and sum(v["n"] for v in record["by_difficulty"].values()) == record["n"] > 0

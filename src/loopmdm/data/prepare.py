@@ -188,12 +188,20 @@ def _build_pairs(cfg: DataConfig, out_dir: Path, log) -> None:
     [prompt][EOS][answer][EOS ... to the end of the row]. The first EOS separates the prompt
     (always given and attended, never masked) from the answer slot, whose EOS padding is
     trained on, so the model learns where its answer ends (SMDM / LLaDA SFT; docs/design.md).
-    Pairs are split into train and validation by a seeded shuffle (val_fraction)."""
+    Pairs are split into train and validation by a seeded shuffle (val_fraction); validation
+    pairs whose prompt occurs in train are dropped."""
     pairs = read_pairs(cfg.paths)
     rng = np.random.default_rng(cfg.split_seed)
     order = rng.permutation(len(pairs))
     n_val = min(max(1, int(round(cfg.val_fraction * len(pairs)))), len(pairs) - 1)
     splits = {"val": [pairs[i] for i in order[:n_val]], "train": [pairs[i] for i in order[n_val:]]}
+    # Disjoint splits: a validation prompt that also occurs in train is dropped (generators repeat).
+    train_prompts = {p for p, _, _ in splits["train"]}
+    n_dup = sum(p in train_prompts for p, _, _ in splits["val"])
+    splits["val"] = [pair for pair in splits["val"] if pair[0] not in train_prompts]
+    require(splits["val"], f"every validation prompt also occurs in train ({n_dup} duplicates); give more distinct pairs")
+    if n_dup:
+        log(f"{n_dup} validation pairs dropped: their prompt also occurs in train")
     tokenizer = build_tokenizer(cfg, (p + "\n" + a for p, a, _ in splits["train"]))
     log(f"tokenizer {cfg.tokenizer}: vocab_size={tokenizer.vocab_size}")
     eos, L = tokenizer.eos_id, cfg.seq_len
