@@ -218,13 +218,14 @@ def test_sample_cli_halting_show_and_accounting(judged_runs, capsys):
 
 def test_sample_bench_writes_table_and_plot(judged_runs, capsys, tmp_path):
     code = main(["sample-bench", str(judged_runs / "run"), "--judge", str(judged_runs / "judge"), "--steps", "4",
-                 "--loops", "1,2", "--taus", "0.5", "--num", "2", "--out", str(tmp_path / "bench"), "--json"])
+                 "--loops", "1,2", "--taus", "0.5", "--num", "2", "--infill", "3", "--out", str(tmp_path / "bench"), "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     labels = [r["label"] for r in result["records"]]
     assert labels[:2] == ["S=1", "S=2"] and any("halt-token" in x for x in labels) and any("+warm" in x for x in labels)
     for r in result["records"]:
         assert r["gen_ppl"] > 1 and r["entropy"] > 0 and r["calls"] >= 1
+        assert 0.0 <= r["infill_acc"] <= 1.0 and r["infill_ppl"] > 1
     assert result["reference"]["gen_ppl"] > 1
     for name in ("sample_bench.json", "sample_bench.md", "sample_bench.png"):
         assert (tmp_path / "bench" / name).stat().st_size > 0

@@ -248,8 +248,10 @@ def cmd_sample_bench(args) -> None:
               f"GFLOPs/token {r['active_flops_per_token'] / 1e9:.3f}  {r['samples_per_s']:.2f} samples/s",
               file=sys.stderr, flush=True)
 
+    require(args.infill >= 0, f"--infill {args.infill} must be >= 0")
+    infill_rows = sb.infill_template(data.blocks("val"), args.infill, run.model.mask_id) if args.infill else None
     records = sb.run_bench(run, specs, steps_list, num=args.num, sampler=sampler, seed=args.seed,
-                           judge=judge, progress=progress)
+                           judge=judge, progress=progress, infill_rows=infill_rows)
     n_params = run.model.num_params()
     meta = {"run": str(args.run), "judge": args.judge, "step": run.step, "params": n_params, "sampler": sampler,
             "num": args.num, "seed": args.seed, "machine": describe_machine(run.device),
@@ -455,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loops", default="1,2,4,8,12,24", help="fixed loop counts; the largest caps adaptive halting")
     p.add_argument("--taus", default="0.2,0.1,0.05", help="adaptive-halting thresholds (default 0.2,0.1,0.05)")
     p.add_argument("--num", type=int, default=16, help="samples per configuration (default 16)")
+    p.add_argument("--infill", type=int, default=0,
+                   help="also fill the middle half of this many validation rows: accuracy and judge PPL (default 0)")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the run's sample.sampler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default RUN/sample-bench)")

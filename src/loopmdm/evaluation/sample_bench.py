@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loopmdm.errors import require
@@ -53,9 +54,23 @@ def reference_quality(judge, blocks, num: int, pad_id: int | None) -> dict:
     return out
 
 
+def infill_template(blocks, num: int, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditional generation on held-out text: `num` validation rows (spread over the split)
+    with their middle half masked; returns (template, truth)."""
+    from loopmdm.data.loader import eval_rows
+
+    rows = torch.as_tensor(np.asarray(blocks)[eval_rows(len(blocks), num, 1)].astype("int64"))
+    L = rows.shape[1]
+    template = rows.clone()
+    template[:, L // 4: L - L // 4] = mask_id
+    return template, rows
+
+
 def run_bench(run, specs: list[SamplerSpec], steps_list, *, num: int, sampler: str, seed: int,
-              temperature: float = 1.0, judge=None, progress=None) -> list[dict]:
-    """One record per (steps, spec): quality and compute."""
+              temperature: float = 1.0, judge=None, progress=None, infill_rows=None) -> list[dict]:
+    """One record per (steps, spec): quality and compute. With `infill_rows` (a template and
+    its truth from `infill_template`) also conditional quality: the accuracy of the filled
+    middle against the held-out text and the judge's perplexity of the completed rows."""
     model, cfg = run.model, run.cfg
     seq_len = cfg.data.seq_len
     records = []
@@ -67,6 +82,14 @@ def run_bench(run, specs: list[SamplerSpec], steps_list, *, num: int, sampler: s
             stats["entropy"] = unigram_entropy(result.tokens)
             if judge is not None:
                 stats.update(generative_perplexity(judge, result.tokens))
+            if infill_rows is not None:
+                template, truth = (r.to(run.device) for r in infill_rows)
+                filled, _ = generate(model, cfg, template, spec, steps=steps, sampler=sampler,
+                                     temperature=temperature, seed=seed)
+                blank = template == model.mask_id
+                stats["infill_acc"] = float((filled.tokens == truth)[blank].float().mean())
+                if judge is not None:
+                    stats["infill_ppl"] = generative_perplexity(judge, filled.tokens)["gen_ppl"]
             records.append(stats)
             if progress is not None:
                 progress(stats)
@@ -78,16 +101,19 @@ def _num(x, digits=2):
 
 
 def markdown_table(records: list[dict], reference: dict) -> str:
-    lines = ["| steps | sampler | gen PPL | entropy | calls | loops/call | loops/row | GFLOPs/token (active) | samples/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    infill = any("infill_acc" in r for r in records)
+    extra_head = " infill acc | infill PPL |" if infill else ""
+    lines = ["| steps | sampler | gen PPL | entropy | calls | loops/call | loops/row | GFLOPs/token (active) | samples/s |" + extra_head,
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if infill else "")]
     lines.append(f"| — | validation text (reference) | {_num(reference.get('gen_ppl'), 1)} | {_num(reference['entropy'])} "
-                 "| | | | | |")
+                 "| | | | | |" + (" 1.00 | |" if infill else ""))
     for r in records:
         active = "" if abs(r["active_flops_per_token"] - r["flops_per_token"]) < 1e-6 * r["flops_per_token"] \
             else f" ({r['active_flops_per_token'] / 1e9:.3f})"
         lines.append(f"| {r['steps']} | {r['label']} | {_num(r.get('gen_ppl'), 1)} | {_num(r['entropy'])} | {r['calls']} "
                      f"| {r['loops_mean']:.2f} | {r['row_loops_mean']:.2f} | {r['flops_per_token'] / 1e9:.3f}{active} "
-                     f"| {r['samples_per_s']:.2f} |")
+                     f"| {r['samples_per_s']:.2f} |"
+                     + (f" {_num(r.get('infill_acc'), 3)} | {_num(r.get('infill_ppl'), 1)} |" if infill else ""))
     return "\n".join(lines) + "\n"
 
 
