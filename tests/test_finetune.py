@@ -161,3 +161,23 @@ def test_finetune_command_reports_accuracy_by_difficulty(tmp_path, capsys, monke
     assert main(["solve", str(ft), "--order", "confidence", "--loops", "1", "--num", "40", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)[0]
     assert set(record["by_difficulty"]) == {"2", "3"} and sum(v["n"] for v in record["by_difficulty"].values()) == record["n"] > 0
+
+
+def test_solve_scores_external_pairs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = tiny_overrides(tmp_path)
+    pairs = _write_pairs(tmp_path / "pairs.jsonl")
+    ft = [o for o in base if not o.startswith(("data.source", "data.paths"))] + [
+        "data.source=pairs", f"data.paths=['{pairs}']", "train.max_steps=2"]
+    assert main(["train", "tiny", *ft]) == 0
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"prompt": "What is 1 plus 2?", "answer": "3", "difficulty": 2}) + "\n"
+                    + json.dumps({"prompt": "long " * 100, "answer": "0"}) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["solve", str(tmp_path / "run"), "--pairs", str(test), "--order", "raster", "--loops", "1,2",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    records = json.loads(out)
+    assert [r["n"] for r in records] == [1, 1] and "1 pairs longer" in err
+    assert list(records[0]["by_difficulty"]) == ["2"]
+    assert main(["solve", str(tmp_path / "run"), "--pairs", str(tmp_path / "nope.jsonl")]) == 2

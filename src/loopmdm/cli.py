@@ -274,9 +274,18 @@ def cmd_solve(args) -> None:
 
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     require(args.num >= 1, f"--num {args.num} must be >= 1")
-    data = run.prepared_data()
     loops = _loops_list(args.loops)
-    test = task_test_set(data, args.num, seed=args.seed)
+    data = run.prepared_data()
+    if args.pairs:  # external prompt/answer pairs, e.g. the GSM8K test set
+        from loopmdm.data.prepare import read_pairs
+        from loopmdm.evaluation.solve import pairs_test_set
+
+        require(data.prompt_sep_id is not None, f"--pairs needs a run fine-tuned on pairs (data.source=pairs); {args.run} is not")
+        test = pairs_test_set(run.tokenizer, read_pairs([args.pairs]), run.cfg.data.seq_len, run.model.mask_id, args.num)
+        if test["skipped"]:
+            print(f"note: {test['skipped']} pairs longer than the run's length {run.cfg.data.seq_len} left out", file=sys.stderr)
+    else:
+        test = task_test_set(data, args.num, seed=args.seed)
     results = solve_task(run.model, data, test, loops, args.order, run.device,
                          precision=args.precision or run.cfg.train.precision, block_len=args.block)
     for r in results:
@@ -474,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loops", default="1,2,4,8,16", help="comma-separated loop counts (default 1,2,4,8,16)")
     p.add_argument("--num", type=int, default=500, help="test examples (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the puzzle blanks (default 0)")
+    p.add_argument("--pairs", help="score these prompt/answer pairs (JSONL, e.g. `loopmdm pairs gsm8k-test`) instead of the run's validation split")
     p.add_argument("--block", type=int, default=0,
                    help="with --order confidence: semi-autoregressive blocks of this many answer tokens (LLaDA)")
     with_run_options(p)

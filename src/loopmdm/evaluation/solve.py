@@ -57,6 +57,27 @@ def task_test_set(data, num: int, seed: int = 0) -> dict:
     return {"task": task, "x": x, "target": rows, "difficulty": np.array(difficulty), "size": n}
 
 
+def pairs_test_set(tokenizer, pairs: list, seq_len: int, mask_id: int, num: int = 0) -> dict:
+    """A test set from external prompt/answer pairs (e.g. the GSM8K test set), laid out as
+    fine-tuning rows ([prompt][EOS][answer][EOS...]) with the answer slot blank. Pairs that do
+    not fit `seq_len` are left out and counted (`skipped`)."""
+    eos = tokenizer.eos_id
+    rows, difficulty, skipped = [], [], 0
+    for prompt, answer, d in pairs[:num or None]:
+        p_ids, a_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
+        if len(p_ids) + len(a_ids) + 2 > seq_len or eos in p_ids:
+            skipped += 1
+            continue
+        rows.append(p_ids + [eos] + a_ids + [eos] * (seq_len - len(p_ids) - len(a_ids) - 1))
+        difficulty.append(d)
+    require(rows, f"none of the {len(pairs[:num or None])} pairs fits the run's length {seq_len} "
+                  "(prompt + answer + 2 EOS); fine-tune with a larger data.seq_len")
+    rows = np.asarray(rows, dtype=np.int64)
+    answer = maskable_after(0, torch.as_tensor(rows), eos).numpy()
+    return {"task": "pairs", "x": np.where(answer, mask_id, rows), "target": rows,
+            "difficulty": np.asarray(difficulty), "eos_id": eos, "skipped": skipped}
+
+
 def _denoiser(model, device, precision):
     def call(x, num_loops, t):
         with autocast_context(device, precision):
