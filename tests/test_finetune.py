@@ -180,4 +180,8 @@ def test_solve_scores_external_pairs(tmp_path, capsys, monkeypatch):
     records = json.loads(out)
     assert [r["n"] for r in records] == [1, 1] and "1 pairs longer" in err
     assert list(records[0]["by_difficulty"]) == ["2"]
+    assert main(["solve", str(tmp_path / "run"), "--pairs", str(test), "--answer-len", "3", "--order", "raster",
+                 "--loops", "1", "--json"]) == 0
+    record = json.loads(capsys.readouterr()[0])[0]
+    assert record["nfe"] == 3  # one call per blank: only 3 answer positions are blank
     assert main(["solve", str(tmp_path / "run"), "--pairs", str(tmp_path / "nope.jsonl")]) == 2

@@ -281,11 +281,13 @@ def cmd_solve(args) -> None:
         from loopmdm.evaluation.solve import pairs_test_set
 
         require(data.prompt_sep_id is not None, f"--pairs needs a run fine-tuned on pairs (data.source=pairs); {args.run} is not")
-        test = pairs_test_set(run.tokenizer, read_pairs([args.pairs]), run.cfg.data.seq_len, run.model.mask_id, args.num)
+        test = pairs_test_set(run.tokenizer, read_pairs([args.pairs]), run.cfg.data.seq_len, run.model.mask_id, args.num,
+                              args.answer_len)
         if test["skipped"]:
             print(f"note: {test['skipped']} pairs longer than the run's length {run.cfg.data.seq_len} left out", file=sys.stderr)
     else:
-        test = task_test_set(data, args.num, seed=args.seed)
+        require(args.answer_len == 0 or data.prompt_sep_id is not None, "--answer-len is for runs fine-tuned on pairs")
+        test = task_test_set(data, args.num, seed=args.seed, answer_len=args.answer_len)
     results = solve_task(run.model, data, test, loops, args.order, run.device,
                          precision=args.precision or run.cfg.train.precision, block_len=args.block)
     for r in results:
@@ -484,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=500, help="test examples (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the puzzle blanks (default 0)")
     p.add_argument("--pairs", help="score these prompt/answer pairs (JSONL, e.g. `loopmdm pairs gsm8k-test`) instead of the run's validation split")
+    p.add_argument("--answer-len", type=int, default=0,
+                   help="pairs: blank only the first K answer positions, the rest given as EOS (default: the whole slot)")
     p.add_argument("--block", type=int, default=0,
                    help="with --order confidence: semi-autoregressive blocks of this many answer tokens (LLaDA)")
     with_run_options(p)

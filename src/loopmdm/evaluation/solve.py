@@ -26,7 +26,20 @@ from loopmdm.tasks import sudoku
 SUDOKU_BLANKS = {4: (6, 12), 6: (14, 26), 9: (40, 58)}
 
 
-def task_test_set(data, num: int, seed: int = 0) -> dict:
+def _blank_answer(rows: np.ndarray, sep_id: int, mask_id: int, answer_len: int = 0) -> np.ndarray:
+    """Blank the answer slot (after the first separator). With `answer_len` K only its first K
+    positions are blank and the rest is given as EOS padding: the answer length as an option
+    (LLaDA's generation length), K calls instead of the whole slot under one-at-a-time orders."""
+    answer = maskable_after(0, torch.as_tensor(rows), sep_id).numpy()
+    x = np.where(answer, mask_id, rows)
+    if answer_len > 0:
+        start = answer.argmax(1)[:, None]
+        beyond = answer & (np.arange(rows.shape[1])[None, :] >= start + answer_len)
+        x = np.where(beyond, sep_id, x)
+    return x
+
+
+def task_test_set(data, num: int, seed: int = 0, answer_len: int = 0) -> dict:
     """{"x": masked inputs (N, L), "target": clean rows, "difficulty": per-example int or -1}."""
     task = "pairs" if data.prompt_sep_id is not None else data.meta.get("task")
     require(task in ("sudoku", "khop", "pairs"), f"prepared data '{data.path}' is not a task dataset (meta task={task!r}); "
@@ -36,8 +49,7 @@ def task_test_set(data, num: int, seed: int = 0) -> dict:
     rows = val[picked]
     mask_id = data.vocab_size
     if task == "pairs":  # the answer slot (after the first EOS) is blank; exact match of the answer
-        answer = maskable_after(0, torch.as_tensor(rows), data.prompt_sep_id).numpy()
-        return {"task": task, "x": np.where(answer, mask_id, rows), "target": rows,
+        return {"task": task, "x": _blank_answer(rows, data.prompt_sep_id, mask_id, answer_len), "target": rows,
                 "difficulty": data.difficulty("val")[picked], "eos_id": data.eos_id}
     if task == "khop":
         x = rows.copy()
@@ -57,7 +69,7 @@ def task_test_set(data, num: int, seed: int = 0) -> dict:
     return {"task": task, "x": x, "target": rows, "difficulty": np.array(difficulty), "size": n}
 
 
-def pairs_test_set(tokenizer, pairs: list, seq_len: int, mask_id: int, num: int = 0) -> dict:
+def pairs_test_set(tokenizer, pairs: list, seq_len: int, mask_id: int, num: int = 0, answer_len: int = 0) -> dict:
     """A test set from external prompt/answer pairs (e.g. the GSM8K test set), laid out as
     fine-tuning rows ([prompt][EOS][answer][EOS...]) with the answer slot blank. Pairs that do
     not fit `seq_len` are left out and counted (`skipped`)."""
@@ -73,8 +85,7 @@ def pairs_test_set(tokenizer, pairs: list, seq_len: int, mask_id: int, num: int 
     require(rows, f"none of the {len(pairs[:num or None])} pairs fits the run's length {seq_len} "
                   "(prompt + answer + 2 EOS); fine-tune with a larger data.seq_len")
     rows = np.asarray(rows, dtype=np.int64)
-    answer = maskable_after(0, torch.as_tensor(rows), eos).numpy()
-    return {"task": "pairs", "x": np.where(answer, mask_id, rows), "target": rows,
+    return {"task": "pairs", "x": _blank_answer(rows, eos, mask_id, answer_len), "target": rows,
             "difficulty": np.asarray(difficulty), "eos_id": eos, "skipped": skipped}
 
 
@@ -93,7 +104,8 @@ def score(test: dict, filled: np.ndarray, mask_id: int) -> dict:
         def answer(row, b):  # the tokens of the answer slot up to its first EOS
             ids = list(row[b])
             return ids[:ids.index(test["eos_id"])] if test["eos_id"] in ids else ids
-        exact = np.array([answer(f, b) == answer(t, b) for f, t, b in zip(filled, target, blank)])
+        slot = maskable_after(0, torch.as_tensor(target), test["eos_id"]).numpy()  # blank + given EOS padding
+        exact = np.array([answer(f, s) == answer(t, s) for f, t, s in zip(filled, target, slot)])
         by_diff = {}
         for d in sorted(set(int(v) for v in test["difficulty"])):
             pick = test["difficulty"] == d
