@@ -129,3 +129,40 @@ def test_a_finished_run_at_another_lr_than_planned_is_refused_not_reused(tmp_pat
     with pytest.raises(LoopMDMError, match="trained at lr 0.001, but the sweep now picks 0.0003"):
         train_runs(get_suite("sudoku"), [spec], 1, print)
     train_runs(get_suite("sudoku"), [RunSpec("mdm-s0", "mdm", 1e-3, 0, 1e12, run)], 1, print)  # same lr: done
+
+
+def test_finetune_suite_starts_each_arm_from_its_pretrained_run(tmp_path, monkeypatch):
+    """A fine-tuning suite (init_of): every run starts from the same arm and seed of the
+    pretraining suite, on generated pairs, and reports exact match per S and difficulty."""
+    from tests.conftest import bbc_glob
+
+    config = tmp_path / "lm.yaml"
+    config.write_text(f"""name: tiny-lm
+model: {{n_layers: 3, d_model: 32, n_heads: 2, cond_dim: 16, loop_start: 1, loop_end: 2, max_train_loops: 3}}
+data: {{source: text, paths: ['{bbc_glob()}'], bpe_vocab_size: 300, seq_len: 32, val_fraction: 0.2,
+       cache_dir: {tmp_path / 'cache'}}}
+train: {{batch_size: 8, max_steps: 0, max_flops: 1.0e9, warmup_steps: 2, ema: 0.9, log_every: 2, eval_every: 4,
+        eval_batches: 1, checkpoint_every: 4, progress: false, device: cpu, precision: fp32}}
+eval: {{batch_size: 8, num_batches: 1}}
+""")
+    pretrain = Suite("tinylm", str(config), ("mdm", "loop"), "lm", {"cpu": Scale(1e9, 0.5, (1e-3,), (0,), 1)},
+                     loops=(1, 2))
+    finetune = Suite("tinyft", str(config), ("mdm", "loop"), "task",
+                     {"cpu": Scale(1e9, 0.5, (1e-3,), (0,), 8, ("data.seq_len=64",))},
+                     orders=("confidence",), loops=(1, 2), init_of="tinylm",
+                     pairs="rg:chain_sum:min_terms=2,max_terms=3,min_digits=1,max_digits=1", pairs_num=300)
+    monkeypatch.setitem(suites_mod.SUITES, "tinylm", pretrain)
+    monkeypatch.setitem(suites_mod.SUITES, "tinyft", finetune)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoopMDMError, match="run `loopmdm experiment tinylm`"):
+        run_suite("tinyft", "cpu", jobs=2, log=lambda m: None)
+    run_suite("tinylm", "cpu", jobs=2, log=lambda m: None)
+    summary = run_suite("tinyft", "cpu", jobs=2, log=lambda m: None)
+    out = tmp_path / "results" / "tinyft-cpu"
+    config_text = (out / "runs" / "loop-s0" / "config.yaml").read_text()
+    assert "init_from: " + str(tmp_path / "results" / "tinylm-cpu" / "runs" / "loop-s0") in config_text
+    assert "source: pairs" in config_text
+    assert set(summary["tables"]["confidence_exact"]["loop"]) == {"1", "2"}
+    by_diff = summary["tables"]["confidence_exact_by_difficulty"]
+    assert set(next(iter(by_diff.values()))) <= {"2", "3"}
+    assert "exact match by difficulty" in (out / "summary.md").read_text()

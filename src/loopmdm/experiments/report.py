@@ -113,23 +113,26 @@ def _plot_curves(path: Path, evaluations: dict) -> None:
     plt.close(fig)
 
 
-def _difficulty_table(order: str, evaluations: dict, arms: list, summary: dict) -> list[str]:
-    """Boards solved by difficulty (rounds of single-deduction a puzzle needs), per arm and S,
-    summed over seeds: the solve rate and the number of puzzles in each column."""
+def _difficulty_table(order: str, evaluations: dict, arms: list, summary: dict, key: str = "solved",
+                      title: str = "boards solved by difficulty", note: str = "rounds of naked/hidden singles; n = puzzles"
+                      ) -> list[str]:
+    """Boards solved (or pairs answered exactly) by difficulty (rounds of single-deduction a
+    puzzle needs; terms of a sum), per arm and S, summed over seeds: the rate and the number
+    of examples in each column."""
     rows, columns = {}, set()
     for ev in evaluations.values():
         for rec in ev["orders"][order]:
             for diff, entry in rec["by_difficulty"].items():
                 cell = rows.setdefault((ev["arm"], rec["loops"]), {}).setdefault(diff, [0.0, 0])
-                cell[0] += entry["solved"] * entry["n"]
+                cell[0] += entry[key] * entry["n"]
                 cell[1] += entry["n"]
                 columns.add(diff)
     columns = sorted(columns, key=lambda d: (d == "guess", d.zfill(3)))
     table = {f"{arm} S={s}": {d: (v[0] / v[1] if v[1] else None) for d, v in cells.items()}
              for (arm, s), cells in sorted(rows.items(), key=lambda kv: (arms.index(kv[0][0]), kv[0][1]))}
-    summary["tables"][f"{order}_solved_by_difficulty"] = table
+    summary["tables"][f"{order}_{key}_by_difficulty"] = table
     n = {d: max(v[1] for cells in rows.values() for dd, v in cells.items() if dd == d) for d in columns}
-    lines = [f"**{order}: boards solved by difficulty** (rounds of naked/hidden singles; n = puzzles)", "",
+    lines = [f"**{order}: {title}** ({note})", "",
              "| arm, S | " + " | ".join(f"{d} (n={n[d]})" for d in columns) + " |", "|---|" + "---|" * len(columns)]
     for name, cells in table.items():
         lines.append(f"| {name} | " + " | ".join("" if cells.get(d) is None else f"{cells[d]:.2f}" for d in columns) + " |")
@@ -190,10 +193,10 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
     if suite.kind == "task":
         for order in suite.orders:
             task = next(iter(evaluations.values()))["orders"][order][0]
-            key = "acc" if "acc" in task else "solved"
+            key = "acc" if "acc" in task else "exact" if "exact" in task else "solved"
             acc = _metric_table(suite, evaluations, arms,
                                 lambda ev, o=order, k=key: [(r["loops"], r[k]) for r in ev["orders"][o]])
-            name = f"{order}: " + ("answer accuracy" if key == "acc" else "boards solved")
+            name = f"{order}: " + {"acc": "answer accuracy", "exact": "exact match", "solved": "boards solved"}[key]
             summary["tables"][f"{order}_{key}"] = {a: {str(s): v for s, v in d.items()} for a, d in acc.items()}
             md += _render_table(name, acc, loops)
             _plot(out_dir / f"{order}_{key}.png", f"{suite.name}: {name}", key, acc, loops)
@@ -204,6 +207,9 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
                                             lambda ev, o=order, h=hop: [(r["loops"], r["per_hop"][h]) for r in ev["orders"][o]])
                     summary["tables"][f"{order}_hop{hop + 1}"] = {a: {str(s): v for s, v in d.items()} for a, d in per_hop.items()}
                     md += _render_table(f"{order}: accuracy at hop {hop + 1}", per_hop, loops)
+            elif key == "exact":  # fine-tuning pairs: exact match by difficulty (e.g. number of terms)
+                md += _difficulty_table(order, evaluations, arms, summary, key="exact",
+                                        title="exact match by difficulty", note="the pairs' difficulty, e.g. terms of a sum; n = pairs")
             else:
                 cells = _metric_table(suite, evaluations, arms,
                                       lambda ev, o=order: [(r["loops"], r["cell_acc"]) for r in ev["orders"][o]])

@@ -37,9 +37,11 @@ class RunSpec:
     out_dir: Path
     overrides: list = field(default_factory=list)
     scale_overrides: tuple = ()
+    init_overrides: tuple = ()  # fine-tuning suites: the pretrained run and the pairs (attach_init)
 
     def command(self, suite: Suite) -> list[str]:
         cmd = [sys.executable, "-m", "loopmdm.cli", "train", suite.config, *self.scale_overrides, *self.overrides,
+               *self.init_overrides,
                f"train.lr={self.lr}", f"train.seed={self.seed}", f"train.max_flops={self.budget}",
                "train.max_steps=0", "train.max_minutes=0", f"train.out_dir={self.out_dir}", "train.progress=false"]
         if ckpt.has_checkpoint(self.out_dir):
@@ -154,6 +156,18 @@ def edge_extensions(suite: Suite, scale: Scale, sweep: list[RunSpec], out: Path)
     return extra
 
 
+def attach_init(suite: Suite, specs: list[RunSpec], init_root: Path, pairs_file: Path) -> None:
+    """Fine-tuning suites: every run starts from the same arm and seed of `suite.init_of`'s final
+    runs (sweeps from seed 0), with that run's tokenizer, on the suite's prompt/answer pairs."""
+    for spec in specs:
+        source = (init_root / "runs" / f"{spec.arm}-s{spec.seed}").resolve()
+        require((source / "train_summary.json").is_file(),
+                f"suite '{suite.name}' fine-tunes the runs of suite '{suite.init_of}': '{source}' is missing or "
+                f"unfinished; run `loopmdm experiment {suite.init_of}` at this scale first")
+        spec.init_overrides = (f"train.init_from={source}", f"data.tokenizer_path={source / 'tokenizer.json'}",
+                               "data.source=pairs", f"data.paths=['{pairs_file.resolve()}']")
+
+
 def pick_best_lr(sweep: list[RunSpec]) -> dict:
     """Per arm, the learning rate with the lowest final validation NELBO of the sweep."""
     best: dict = {}
@@ -195,13 +209,24 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     # a view suite (runs_of) shares the runs and eval.json of `runs_of`; its report files are its own
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    attach = lambda specs: None  # noqa: E731
+    if suite.init_of:
+        from loopmdm.tasks.pairs import make_pairs, write_pairs
+
+        pairs_file = out_dir / "pairs.jsonl"
+        if not pairs_file.is_file():
+            write_pairs(make_pairs(suite.pairs, suite.pairs_num if not dry_run else 2000, 0), pairs_file)
+        init_root = out_dir.parent / (f"{suite.init_of}-{scale_name}" + ("-dryrun" if dry_run else ""))
+        attach = lambda specs: attach_init(suite, specs, init_root, pairs_file)  # noqa: E731
     sweep, _ = plan(suite, scale, out_dir, None)
+    attach(sweep)
     if report_only:
         sweep = list(filter(_trained, sweep))
         require(sweep, f"no finished sweep run under {out_dir / 'runs'}: nothing to report")
     train = (lambda specs: None) if report_only else (lambda specs: train_runs(suite, specs, jobs, log))
     train(sweep)
     extra = edge_extensions(suite, scale, sweep, out_dir)
+    attach(extra)
     if report_only:
         extra = list(filter(_trained, extra))
     if extra:
@@ -211,6 +236,7 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     best = pick_best_lr(sweep)
     log("best learning rates: " + ", ".join(f"{a} {lr:g}" for a, lr in best.items()))
     _, final = plan(suite, scale, out_dir, best)
+    attach(final)
     if report_only:
         final = [s for s in final if (s.out_dir / "eval.json").is_file()]
         log(f"report only: {len(final)} evaluated final runs")

@@ -42,6 +42,12 @@ class Suite:
     orders: tuple = ()  # decoding orders for task suites
     loops: tuple = (1, 2, 4, 8, 12, 16)  # inference loop counts evaluated
     runs_of: str = ""  # a view of another suite's runs (results/<runs_of>-<scale>): no training of its own
+    # Fine-tuning suites: each arm starts from the same arm and seed of `init_of`'s final runs
+    # (results/<init_of>-<scale>/runs/<arm>-s<seed>; sweeps from seed 0) and trains on prompt/answer
+    # pairs from `pairs` (a `loopmdm pairs` source, `pairs_num` of them, seed 0).
+    init_of: str = ""
+    pairs: str = ""
+    pairs_num: int = 20000
 
 
 ALL_ARMS = ("mdm", "loop", "deeper", "uniform", "inject")
@@ -77,6 +83,20 @@ SUITES = {
                               ("train.batch_size=128", "model.d_model=256", "train.eval_every=500"))},
                 loops=(1, 2, 4, 6, 8, 12, 16, 24)),
 }
+# Reasoning after fine-tuning (the reasoning issue): the `lm` suite's pretrained MDM, LoopMDM and deeper
+# MDM, fine-tuned on multi-step arithmetic (reasoning-gym chain_sum, 1-digit operands, 2-4 terms: the
+# difficulty) with the same recipe and FLOPs; exact match per S and per number of terms.
+# cpu: 6e12 FLOPs is ~360 MDM steps of batch 64 x 40 tokens (~6 min a run on a free core).
+SUITES["arith"] = Suite("arith", SUITES["lm"].config, ("mdm", "loop", "deeper"), "task",
+                        {"cpu": Scale(6e12, 0.5, (1e-4, 3e-4, 1e-3), (0, 1), 400,
+                                      ("data.seq_len=40", "train.batch_size=64", "train.warmup_steps=0",
+                                       "train.eval_every=100", "train.checkpoint_every=100", "train.ema=0.99")),
+                         "gpu": Scale(1e14, 0.25, (1e-4, 3e-4, 1e-3), (0, 1), 1000,
+                                      ("data.seq_len=40", "train.batch_size=256", "train.warmup_steps=0",
+                                       "train.eval_every=200", "train.checkpoint_every=200", "train.ema=0.99",
+                                       "model.d_model=256"))},
+                        orders=("confidence", "raster"), loops=(1, 2, 4, 8, 16), init_of="lm",
+                        pairs="rg:chain_sum:min_terms=2,max_terms=4,min_digits=1,max_digits=1")
 # Inference-time loops on the `lm` suite's runs: NELBO at S in {1, 2, 4, 6, 8, 12, 16, 24} beside
 # MDM, split by the noise level t (the report's by-t tables); trains nothing `lm` has not.
 SUITES["inference-loops"] = Suite("inference-loops", SUITES["lm"].config, ALL_ARMS, "lm", SUITES["lm"].scales,
