@@ -229,5 +229,16 @@ def test_sample_bench_writes_table_and_plot(judged_runs, capsys, tmp_path):
     assert result["reference"]["gen_ppl"] > 1
     for name in ("sample_bench.json", "sample_bench.md", "sample_bench.png"):
         assert (tmp_path / "bench" / name).stat().st_size > 0
+    # Resumable: a second bench with the same settings reuses every measured configuration, and
+    # one with another step count adds its records to the file.
+    before = (tmp_path / "bench" / "sample_bench.json").read_text()
+    assert main(["sample-bench", str(judged_runs / "run"), "--judge", str(judged_runs / "judge"), "--steps", "4",
+                 "--loops", "1,2", "--taus", "0.5", "--num", "2", "--infill", "3", "--out", str(tmp_path / "bench")]) == 0
+    assert "resuming: 8 configurations" in capsys.readouterr().err
+    assert json.loads((tmp_path / "bench" / "sample_bench.json").read_text())["records"] == json.loads(before)["records"]
+    assert main(["sample-bench", str(judged_runs / "run"), "--judge", str(judged_runs / "judge"), "--steps", "2",
+                 "--loops", "1", "--taus", "0.5", "--num", "2", "--infill", "3", "--out", str(tmp_path / "bench"), "--json"]) == 0
+    merged = json.loads(capsys.readouterr().out)["records"]
+    assert [r["steps"] for r in merged] == [2] * 7 + [4] * 8
     code = main(["sample-bench", str(judged_runs / "run"), "--judge", str(judged_runs / "run")])
     assert code == 2 and "not an autoregressive run" in capsys.readouterr().err

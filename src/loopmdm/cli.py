@@ -250,16 +250,20 @@ def cmd_sample_bench(args) -> None:
 
     require(args.infill >= 0, f"--infill {args.infill} must be >= 0")
     infill_rows = sb.infill_template(data.blocks("val"), args.infill, run.model.mask_id) if args.infill else None
-    records = sb.run_bench(run, specs, steps_list, num=args.num, sampler=sampler, seed=args.seed,
-                           judge=judge, progress=progress, infill_rows=infill_rows)
     n_params = run.model.num_params()
     meta = {"run": str(args.run), "judge": args.judge, "step": run.step, "params": n_params, "sampler": sampler,
-            "num": args.num, "seed": args.seed, "machine": describe_machine(run.device),
+            "num": args.num, "seed": args.seed, "infill": args.infill, "machine": describe_machine(run.device),
             "command": "loopmdm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
             "description": (f"{n_params / 1e6:.2f}M-parameter model at step {run.step}, {args.num} samples of "
                             f"{run.cfg.data.seq_len} tokens per configuration, sampler `{sampler}`, seed {args.seed}; "
                             f"judge: {args.judge or 'none'}; machine: {describe_machine(run.device)}.")}
     out = Path(args.out) if args.out else Path(args.run) / "sample-bench"
+    done = sb.load_partial(out, meta)
+    if done:
+        print(f"resuming: {len(done)} configurations already measured in {out / 'sample_bench.json'}", file=sys.stderr)
+    records = sb.run_bench(run, specs, steps_list, num=args.num, sampler=sampler, seed=args.seed,
+                           judge=judge, progress=progress, infill_rows=infill_rows, done=done,
+                           on_record=lambda recs: sb.write_json(out, meta, reference, recs))
     paths = sb.write_outputs(out, meta, reference, records)
     if args.json:
         print(json.dumps({"meta": meta, "reference": reference, "records": records}))

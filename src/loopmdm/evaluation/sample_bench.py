@@ -67,15 +67,24 @@ def infill_template(blocks, num: int, mask_id: int) -> tuple[torch.Tensor, torch
 
 
 def run_bench(run, specs: list[SamplerSpec], steps_list, *, num: int, sampler: str, seed: int,
-              temperature: float = 1.0, judge=None, progress=None, infill_rows=None) -> list[dict]:
+              temperature: float = 1.0, judge=None, progress=None, infill_rows=None,
+              done: list | None = None, on_record=None) -> list[dict]:
     """One record per (steps, spec): quality and compute. With `infill_rows` (a template and
     its truth from `infill_template`) also conditional quality: the accuracy of the filled
-    middle against the held-out text and the judge's perplexity of the completed rows."""
+    middle against the held-out text and the judge's perplexity of the completed rows.
+    Resumable: configurations already in `done` (records of an interrupted bench with the
+    same settings) are kept, not rerun; `on_record(records)` sees the list after each one."""
     model, cfg = run.model, run.cfg
     seq_len = cfg.data.seq_len
+    finished = {(r["steps"], r["label"]): r for r in (done or [])}
+    wanted = {(steps, spec.label) for steps in steps_list for spec in specs}
+    kept = [r for key, r in finished.items() if key not in wanted]  # other step counts of an earlier bench
     records = []
     for steps in steps_list:
         for spec in specs:
+            if (steps, spec.label) in finished:
+                records.append(finished[(steps, spec.label)])
+                continue
             template = torch.full((num, seq_len), model.mask_id, dtype=torch.long, device=run.device)
             result, stats = generate(model, cfg, template, spec, steps=steps, sampler=sampler,
                                      temperature=temperature, seed=seed)
@@ -93,7 +102,9 @@ def run_bench(run, specs: list[SamplerSpec], steps_list, *, num: int, sampler: s
             records.append(stats)
             if progress is not None:
                 progress(stats)
-    return records
+            if on_record is not None:
+                on_record(sorted(records + kept, key=lambda r: r["steps"]))
+    return sorted(records + kept, key=lambda r: r["steps"])
 
 
 def _num(x, digits=2):
@@ -149,10 +160,34 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(out_dir: Path, meta: dict, reference: dict, records: list[dict]) -> list[Path]:
+def settings_key(meta: dict) -> dict:
+    """What must match for an interrupted bench's records to be reused."""
+    return {k: meta[k] for k in ("run", "judge", "step", "sampler", "num", "seed", "infill")}
+
+
+def load_partial(out_dir: Path, meta: dict) -> list[dict]:
+    """Records of an earlier bench into `out_dir` with the same settings (else none)."""
+    path = out_dir / "sample_bench.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        return old["records"] if settings_key(old["meta"]) == settings_key(meta) else []
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def write_json(out_dir: Path, meta: dict, reference: dict, records: list[dict]) -> Path:
+    """sample_bench.json, replaced atomically (a kill mid-write keeps the previous one)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sample_bench.json").write_text(json.dumps({"meta": meta, "reference": reference, "records": records},
-                                                          indent=1) + "\n", encoding="utf-8")
+    path = out_dir / "sample_bench.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "reference": reference, "records": records}, indent=1) + "\n",
+                   encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def write_outputs(out_dir: Path, meta: dict, reference: dict, records: list[dict]) -> list[Path]:
+    write_json(out_dir, meta, reference, records)
     header = (f"# sample-bench: {meta['run']}\n\n{meta['description']}\n\n"
               f"```bash\n{meta['command']}\n```\n\n")
     (out_dir / "sample_bench.md").write_text(header + markdown_table(records, reference), encoding="utf-8")
