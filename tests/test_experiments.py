@@ -79,6 +79,12 @@ eval: {{batch_size: 16}}
     assert not [m for m in logs if m.startswith(("train ", "eval "))]
     assert set(partial["arms"]) == {"mdm"} and partial["arms"]["mdm"]["lr"] == 1e-3
     assert "Report only" in (out / "summary.md").read_text()
+    # --seeds: a one-seed screen of a suite whose scale has two final seeds trains seed 0 only
+    two = Suite("tiny2", str(config), ("mdm",), "task", {"cpu": Scale(3e9, 0.5, (1e-3,), (0, 1), 8)},
+                orders=("oneshot",), loops=(1,))
+    monkeypatch.setitem(suites_mod.SUITES, "tiny2", two)
+    screen = run_suite("tiny2", "cpu", out=str(out), seeds=[0], log=lambda m: None)
+    assert screen["seeds"] == [0] and len(screen["arms"]["mdm"]["steps"]) == 1
 
 
 def test_knob_arms_train_at_the_loop_arms_lr_with_one_seed_and_no_sweep_of_their_own(tmp_path):

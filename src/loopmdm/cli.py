@@ -15,12 +15,14 @@ import sys
 from loopmdm.errors import LoopMDMError, require
 
 
-def _loops_list(text: str) -> list[int]:
+def _loops_list(text: str, allow_zero: bool = False, option: str = "--loops") -> list[int]:
+    low = 0 if allow_zero else 1
+    what = f"{option} '{text}' must be comma-separated integers >= {low}, e.g. {'0,1' if allow_zero else '1,4,12'}"
     try:
         loops = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise LoopMDMError(f"--loops '{text}' must be comma-separated integers >= 1, e.g. 1,4,12") from None
-    require(loops and all(s >= 1 for s in loops), f"--loops '{text}' must be comma-separated integers >= 1, e.g. 1,4,12")
+        raise LoopMDMError(what) from None
+    require(loops and all(s >= low for s in loops), what)
     return loops
 
 
@@ -357,7 +359,8 @@ def cmd_experiment(args) -> None:
     for name in names:
         run_suite(name, args.scale, out=args.out if len(names) == 1 else None, jobs=args.jobs,
                   dry_run=args.dry_run, arms=args.arms.split(",") if args.arms else None,
-                  loops=_loops_list(args.loops) if args.loops else None, report_only=args.report_only, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
+                  loops=_loops_list(args.loops) if args.loops else None, report_only=args.report_only,
+                  seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds") if args.seeds else None, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
 
 
 def cmd_flops(args) -> None:
@@ -521,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "and the knob arms loop-lr, loop-late, loop-time, loop-trunc, loop-smax2x "
                                   "(one seed each, at the loop arm's best lr)")
     p.add_argument("--loops", help="comma-separated inference loop counts to evaluate instead of the suite's")
+    p.add_argument("--seeds", help="final-run seeds, e.g. 0 for a one-seed screen (default: the scale's, 0,1); "
+                                   "a later run with the default adds the rest")
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the report of the runs already finished")
     p.set_defaults(func=cmd_experiment)

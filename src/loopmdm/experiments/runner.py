@@ -180,7 +180,7 @@ def pick_best_lr(sweep: list[RunSpec]) -> dict:
 
 def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: int = 2,
               dry_run: bool = False, arms: list[str] | None = None, loops: list[int] | None = None,
-              report_only: bool = False, log=print) -> dict:
+              report_only: bool = False, seeds: list[int] | None = None, log=print) -> dict:
     """Run (or resume) a suite end to end and return its summary. `arms` replaces the suite's
     arm list (e.g. to add the knob arms of experiments/suites.py: loop-lr, loop-late, ...);
     `loops` replaces the inference loop counts evaluated (a run evaluated earlier keeps its
@@ -201,6 +201,9 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
         suite = dataclasses.replace(suite, loops=tuple(sorted(set(loops))))
     require(scale_name in suite.scales, f"scale '{scale_name}' is not allowed; choose one of: {', '.join(suite.scales)}")
     scale = suite.scales[scale_name]
+    if seeds:
+        require(all(s >= 0 for s in seeds), f"seeds {seeds} must be integers >= 0")
+        scale = dataclasses.replace(scale, seeds=tuple(dict.fromkeys(seeds)))
     if dry_run:  # every stage at a token budget: checks the pipeline, measures nothing
         scale = Scale(budget_flops=scale.budget_flops * 1e-3 if scale_name == "cpu" else 2e10,
                       sweep_fraction=0.5, lrs=scale.lrs[:2], seeds=scale.seeds[:1], num_test=16,
