@@ -161,10 +161,12 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
                "wall_seconds": wall_seconds, "arms": arm_info,
                "sweep_val_nll": {a: {str(lr): v for lr, v in d.items()} for a, d in sweep_table.items()},
                "tables": {}}
+    extended = {spec.lr for spec in sweep if spec.lr not in scale.lrs}
     md = [f"# Suite `{suite.name}` ({scale_name} scale{', DRY RUN: measures nothing' if dry_run else ''})", "",
           f"Base config `{suite.config}`; every final run trains to {scale.budget_flops:.2e} FLOPs; seeds "
-          f"{list(scale.seeds)}; learning rate per arm from a sweep over {list(scale.lrs)} at "
-          f"{scale.sweep_fraction:g}× the budget (seed 0). Values are the mean over seeds ± half their spread.", "",
+          f"{list(scale.seeds)}; learning rate per arm from a sweep over {list(scale.lrs)}"
+          + (f" (extended to {sorted({f'{lr:g}' for lr in extended})} at the grid's edge)" if extended else "")
+          + f" at {scale.sweep_fraction:g}× the budget (seed 0). Values are the mean over seeds ± half their spread.", "",
           "| arm | overrides | best lr | layer passes / step | params | steps | train minutes |",
           "|---|---|---|---|---|---|---|"]
     for arm, info in arm_info.items():
