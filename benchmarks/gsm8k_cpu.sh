@@ -24,7 +24,7 @@ for arm in ${ARMS:-mdm loop}; do
     touch "$run/finetune.done"
   fi
   loops=1,4,8; [ "$arm" = loop ] || loops=1
-  [ -f "$run/gsm8k.json" ] || $LOOPMDM solve "$run" --pairs "$OUT/gsm8k_test.jsonl" --order confidence --answer-len 8 \
+  [ -f "$run/gsm8k.json" ] || $LOOPMDM solve "$run" --pairs "$OUT/gsm8k_test.jsonl" --order confidence --answer-len 8 --num 1319 \
       --loops $loops --json > "$run/gsm8k.json.tmp" && mv "$run/gsm8k.json.tmp" "$run/gsm8k.json"
 done
 echo "done: $OUT"
