@@ -103,25 +103,28 @@ class LoopRunner:
             def merge(k, h_prev, h_new):
                 nonlocal active
                 token_loops.add_(active.float())
-                if halting is not None:
-                    diff = (h_new.float() - h_prev.float()).norm(dim=-1)
-                    change = diff / h_prev.float().norm(dim=-1).clamp_min(1e-12)  # (B, L)
-                    h_new = torch.where(active[..., None], h_new, h_prev)
-                    if k >= halting.min_loops:
-                        if halting.granularity == "call":
-                            if float(change.mean()) < halting.tau:
-                                active = torch.zeros_like(active)
-                        elif halting.granularity == "sequence":
-                            active = active & (change.mean(dim=1, keepdim=True) >= halting.tau)
-                        else:
-                            active = active & (change >= halting.tau)
+                diff = (h_new.float() - h_prev.float()).norm(dim=-1)
+                change = diff / h_prev.float().norm(dim=-1).clamp_min(1e-12)  # (B, L)
+                h_new = torch.where(active[..., None], h_new, h_prev)
+                if k >= halting.min_loops:
+                    if halting.granularity == "call":
+                        if float(change.mean()) < halting.tau:
+                            active = torch.zeros_like(active)
+                    elif halting.granularity == "sequence":
+                        active = active & (change.mean(dim=1, keepdim=True) >= halting.tau)
+                    else:
+                        active = active & (change >= halting.tau)
                 return h_new
 
+            # Without halting: no per-iteration bookkeeping and no device sync in the loop.
             h, k = h0, 0
-            for h in model.iterate_loop(h0, c, None, num_loops, h_start=h_start, merge=merge):
+            for h in model.iterate_loop(h0, c, None, num_loops, h_start=h_start,
+                                        merge=merge if halting is not None else None):
                 k += 1
-                if not bool(active.any()):
+                if halting is not None and not bool(active.any()):
                     break
+            if halting is None:
+                token_loops.fill_(float(k))
             logits = model.run_coda(h, c).float()
         if self.warm_start:
             self._prev_x, self._prev_h = x.clone(), h.detach()
