@@ -149,6 +149,34 @@ def test_pair_sources(tmp_path, capsys):
         assert needle in capsys.readouterr().err
 
 
+def test_gsm8k_train_formats_offline(tmp_path, capsys, monkeypatch):
+    """GSM8K's Hub format (jsonl and parquet, read through `datasets` as online) and SMDM's
+    augmented train.txt: final-number answers, or the reasoning with :cot; difficulty = steps."""
+    import pandas as pd
+
+    from loopmdm.tasks.pairs import make_pairs
+
+    rows = [{"question": "Tom has 3 apples and buys 4. He eats 2. How many?", "answer": "3+4=<<3+4=7>>7\n7-2=<<7-2=5>>5\n#### 5"},
+            {"question": "A pen costs $1,200 cents?", "answer": "No steps.\n#### 1,200"}]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pd.DataFrame(rows).to_parquet(tmp_path / "g.parquet")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    for name in ("g.jsonl", "g.parquet"):
+        pairs = make_pairs(f"gsm8k:{tmp_path / name}", 10)
+        assert [(p["answer"], p["difficulty"]) for p in pairs] == [("5", 2), ("1200", 0)]
+    cot = make_pairs(f"gsm8k:{tmp_path / 'g.jsonl'}:cot", 1)[0]["answer"]
+    assert cot == "3+4=<<3+4=7>>7 7-2=<<7-2=5>>5 #### 5"
+    (tmp_path / "train.txt").write_text("Q one?||<<2*3=6>> <<6+1=7>> #### 7\nQ two?||<<5-1=4>> #### 4\n")
+    aug = make_pairs(f"gsm8k-aug:{tmp_path / 'train.txt'}", 10)
+    assert aug == [{"prompt": "Q one?", "answer": "7", "difficulty": 2}, {"prompt": "Q two?", "answer": "4", "difficulty": 1}]
+    assert make_pairs(f"gsm8k-aug:{tmp_path / 'train.txt'}:cot", 1)[0]["answer"] == "<<2*3=6>> <<6+1=7>> #### 7"
+    (tmp_path / "bad.txt").write_text("no separator here\n")
+    for bad, needle in ((f"gsm8k-aug:{tmp_path / 'bad.txt'}", "question||reasoning"), ("gsm8k:dev", "neither a file"),
+                        (f"gsm8k-aug:{tmp_path / 'nope.txt'}", "not a file")):
+        assert main(["pairs", bad, "--out", str(tmp_path / "x.jsonl")]) == 2
+        assert needle in capsys.readouterr().err
+
+
 def test_finetune_command_reports_accuracy_by_difficulty(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # finetune writes generated pairs under data_cache/
     base = tiny_overrides(tmp_path)

