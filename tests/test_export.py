@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,10 @@ def test_hf_model_matches_the_project_denoiser(variant):
             assert not torch.allclose(hf(input_ids=x, t=0.9).logits, hf(input_ids=x, t=0.1).logits)
             torch.testing.assert_close(hf(input_ids=x, t=0.3).logits,
                                        ours(x, num_loops=3, t=torch.full((3,), 0.3)), atol=ATOL, rtol=0)
+        # bf16 weights without autocast run too (the timestep features follow the weights' dtype)
+        fp32 = hf(input_ids=x, t=t).logits
+        bf16 = hf.to(torch.bfloat16)(input_ids=x, t=t).logits.float()
+        assert bf16.dtype == torch.float32 and (bf16 - fp32).abs().max() < 0.15 * fp32.abs().max()
     with pytest.raises(ValueError, match="num_loops"):
         hf(input_ids=x, num_loops=0)
 
@@ -166,6 +171,20 @@ def test_export_loads_with_auto_classes_and_gives_the_runs_logits(exported, hf_m
         assert tokenizer.pad_token_id == run.tokenizer.pad_id and tokenizer.eos_token_id == run.tokenizer.eos_id
         masked = tokenizer(f"The new {tokenizer.mask_token}{tokenizer.mask_token} sold well.")["input_ids"]
         assert masked.count(V) == 2
+
+
+def test_model_card_examples_run(exported, hf_modules, capsys):
+    run_dir, out = exported
+    card = (out / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert len(blocks) == 2 and "num_loops=3" in blocks[0]
+    namespace = {}
+    for block in blocks:  # as a reader would paste them, in order
+        exec(compile(block, str(out / "README.md"), "exec"), namespace)
+    V = json.loads((out / "config.json").read_text())["vocab_size"]
+    assert namespace["log_probs"].shape[-1] == V
+    assert not (namespace["ids"] == V).any()  # every mask filled
+    assert capsys.readouterr().out.startswith("The new phone")
 
 
 def test_export_reads_back_into_the_project(exported, capsys):

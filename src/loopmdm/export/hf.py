@@ -93,8 +93,9 @@ def tokenizer_files(run: LoadedRun) -> tuple[str, dict]:
     return backend.to_str(pretty=True), config
 
 
-def model_card(run: LoadedRun, source: Path, config: dict, mask_token: str) -> str:
-    m = run.cfg.model
+def model_card(run: LoadedRun, source: Path, out: Path, config: dict, mask_token: str) -> str:
+    """README.md of the export; its python blocks run as written (tests/test_export.py)."""
+    m, path = run.cfg.model, json.dumps(str(out))
     stages = (f"prelude = layers [0, {m.loop_start}), loop_block = layers [{m.loop_start}, {m.loop_end}) "
               f"run `num_loops` times with shared weights, coda = layers [{m.loop_end}, {m.n_layers})"
               if m.is_looped else f"no loop block: {m.n_layers} layers run once (the plain MDM baseline)")
@@ -110,7 +111,7 @@ pipeline_tag: fill-mask
 tags: [loopmdm, masked-diffusion, looped-transformer]
 ---
 
-# LoopMDM (exported from `{source.name}`, step {run.step})
+# LoopMDM (exported from `{source}`, step {run.step})
 
 A looped masked diffusion language model ("Looped Diffusion Language Models", Lee et al.),
 trained with the MDLM objective by the `loopmdm` package and exported with `loopmdm export`.
@@ -118,13 +119,31 @@ trained with the MDLM objective by the `loopmdm` package and exported with `loop
 {stages}. Weights: the run's {"EMA" if config["loopmdm_weights"] == "ema" else "raw (non-EMA)"} weights.
 
 ```python
+import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-model = AutoModelForMaskedLM.from_pretrained("OUT_DIR", trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained("OUT_DIR", trust_remote_code=True)  # or =False: no prompt
+model = AutoModelForMaskedLM.from_pretrained({path}, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained({path}, trust_remote_code=True)  # or False: it needs no code
 x = tokenizer("The new phone {mask_token}{mask_token}{mask_token} today.", return_tensors="pt")
-out = model(**x, num_loops={config["num_loops"]})       # MaskedLMOutput
-log_probs = out.logits.log_softmax(-1)                  # p_theta(x_0 | x_t) at every position
+with torch.no_grad():
+    out = model(**x, num_loops={config["num_loops"]})  # MaskedLMOutput; num_loops = S, any S >= 1
+log_probs = out.logits.log_softmax(-1)  # p_theta(x_0 | x_t) at every position
+```
+
+Generation is iterative unmasking. A minimal greedy sampler (`loopmdm sample` has MDLM's
+ancestral and cached samplers, halting and more): one token per call, the most confident one.
+
+```python
+ids = tokenizer("The new phone", return_tensors="pt").input_ids
+ids = torch.cat([ids, torch.full((1, 8), tokenizer.mask_token_id)], dim=1)
+with torch.no_grad():
+    while (masked := ids == tokenizer.mask_token_id).any():
+        # t: the log-linear schedule's time for this fraction of masks (time-agnostic runs ignore it)
+        probs = model(input_ids=ids, num_loops={config["num_loops"]}, t=masked.float().mean(-1)).logits.softmax(-1)
+        confidence, token = probs.max(-1)
+        i = confidence.masked_fill(~masked, -1.0).argmax(-1)
+        ids[0, i] = token[0, i]
+print(tokenizer.decode(ids[0]))
 ```
 
 Needs transformers >= 5 (the configuration is a v5 dataclass config) and torch; the modelling
@@ -140,8 +159,8 @@ code (`modeling_loopmdm.py`) imports nothing else.
   S ~ U{{1..{m.max_train_loops}}}). More loops = more compute per call; any S >= 1 is allowed.
 - `logits` has shape (B, L, {m.vocab_size}): the real tokens only. The mask token has no column:
   MDLM's SUBS parameterisation gives it probability zero, and leaving it out is the same. The
-  values are the network's raw logits (the `loopmdm` package's `LoopedDenoiser` output, bit for bit
-  on the same weights); `log_softmax(logits)` is p_theta(x_0 | x_t). Only masked positions are
+  values are the network's raw logits, the `loopmdm` package's `LoopedDenoiser` output (the same
+  operations in the same order: bit for bit on CPU in its tests); `log_softmax(logits)` is p_theta(x_0 | x_t). Only masked positions are
   predictions: a sampler keeps unmasked tokens unchanged (SUBS carry-over).
 - `attention_mask` (B, L): 1 = real token, 0 = padding hidden from every query.
 - {time_note}.
@@ -149,9 +168,9 @@ code (`modeling_loopmdm.py`) imports nothing else.
   iteration's output.
 - `labels` gives a plain cross-entropy over positions != -100, not the diffusion NELBO (which
   weights masked positions by -alpha'(t) / (1 - alpha(t)), 1/t for the log-linear schedule).
-- Generation is iterative unmasking (MDLM ancestral / cached sampling); `generate()` is not
-  provided. The `loopmdm` package reads this folder back: `loopmdm sample OUT_DIR`,
-  `loopmdm eval OUT_DIR` (`loopmdm_config.yaml` is the run's full config).
+- `generate()` is not provided (see the sampler above). The `loopmdm` package reads this folder
+  back: `loopmdm sample OUT_DIR`, `loopmdm eval OUT_DIR` (`loopmdm_config.yaml` is the run's
+  full config, `data.json` where its prepared data lived).
 
 Sequence length in training: {run.cfg.data.seq_len} tokens (RoPE; longer inputs run but are untrained).
 Tokenizer: `{run.cfg.data.tokenizer}`, {m.vocab_size} tokens + the mask token; texts are encoded
@@ -210,7 +229,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False
             shutil.copyfile(run.run_dir / DATA_INFO, tmp / DATA_INFO)
         for name in TEMPLATE_FILES:
             shutil.copyfile(TEMPLATE_DIR / name, tmp / name)
-        (tmp / MODEL_CARD).write_text(model_card(run, run_dir, config, tokenizer_config["mask_token"]), encoding="utf-8")
+        (tmp / MODEL_CARD).write_text(model_card(run, run_dir, out, config, tokenizer_config["mask_token"]), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)  # empty, or checked above to be an export holding only our files
         os.replace(tmp, out)
