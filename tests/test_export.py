@@ -16,8 +16,7 @@ import torch
 import loopmdm
 from loopmdm.cli import main
 from loopmdm.config import ModelConfig
-from loopmdm.errors import LoopMDMError
-from loopmdm.export.hf import MODEL_FIELDS, TEMPLATE_DIR, TEMPLATE_FILES, export_run, model_fields
+from loopmdm.export.hf import MODEL_FIELDS, TEMPLATE_DIR, TEMPLATE_FILES, model_fields
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.runs import load_run
 from tests.conftest import tiny_overrides
