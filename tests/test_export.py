@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,9 @@ def test_hf_model_matches_the_project_denoiser(variant):
         for p in ours.parameters():
             p.add_(0.2 * torch.randn_like(p))
     hf = LoopMDMForMaskedLM(LoopMDMConfig(**model_fields(m))).eval()
+    if m.block == "dit":  # built from a config, it starts as MDLM's init: adaLN and head zeroed
+        assert not hf.head.linear.weight.any() and not hf.prelude[0].adaLN_modulation.weight.any()
+        assert hf.prelude[0].mlp[0].weight.std() > 0
     hf.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randint(0, 41, (3, 12))  # includes the mask id 40
     key_mask = torch.ones(3, 12, dtype=torch.bool)
@@ -103,6 +107,9 @@ def test_hf_model_matches_the_project_denoiser(variant):
             assert not torch.allclose(hf(input_ids=x, t=0.9).logits, hf(input_ids=x, t=0.1).logits)
             torch.testing.assert_close(hf(input_ids=x, t=0.3).logits,
                                        ours(x, num_loops=3, t=torch.full((3,), 0.3)), atol=ATOL, rtol=0)
+        labels = torch.where(x < 40, x, -100)  # plain cross-entropy, mask positions ignored
+        loss, logits = hf(input_ids=x, t=t, labels=labels, return_dict=False)
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 40), labels.reshape(-1)))
         # bf16 weights without autocast run too (the timestep features follow the weights' dtype)
         fp32 = hf(input_ids=x, t=t).logits
         bf16 = hf.to(torch.bfloat16)(input_ids=x, t=t).logits.float()
@@ -233,6 +240,16 @@ def test_export_bad_inputs_are_one_line_errors(exported, tmp_path, capsys):
     _one_line_error(capsys, ["export", str(run_dir), str(tmp_path / "o"), "--num-loops", "0"], "--num-loops 0")
     assert not (tmp_path / "o").exists()
 
+    # A damaged export read back by the CLI: one line naming the file.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    (damaged / "model.safetensors").write_bytes(b"not safetensors")
+    _one_line_error(capsys, ["eval", str(damaged)], "model.safetensors", "corrupt")
+    (damaged / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    _one_line_error(capsys, ["sample", str(damaged)], "not a LoopMDM config", "bert")
+    (damaged / "config.json").write_text("{")
+    _one_line_error(capsys, ["solve", str(damaged)], "config.json", "not readable JSON")
+
 
 def test_export_overwrite_raw_weights_and_num_loops(exported, tmp_path, capsys):
     run_dir, out = exported
@@ -252,7 +269,9 @@ def test_export_overwrite_raw_weights_and_num_loops(exported, tmp_path, capsys):
 
 def test_inference_and_export_do_not_import_the_trainer():
     code = ("import sys, loopmdm.runs, loopmdm.export.hf, loopmdm.evaluation.nelbo, loopmdm.evaluation.solve, "
-            "loopmdm.sampling.generate, loopmdm.analysis.loop_diagnostics; "
+            "loopmdm.evaluation.judge, loopmdm.evaluation.sample_bench, loopmdm.sampling.generate, "
+            "loopmdm.sampling.infill, loopmdm.sampling.show, loopmdm.analysis.loop_diagnostics, loopmdm.cli; "
+            "loopmdm.cli.build_parser(); "
             "bad = sorted(m for m in ('loopmdm.training.trainer', 'loopmdm.training.run', 'transformers') if m in sys.modules); "
             "assert not bad, bad")
     env = {**os.environ, "PYTHONPATH": str(Path(loopmdm.__file__).resolve().parents[1])}

@@ -279,7 +279,7 @@ class LoopMDMForMaskedLM(LoopMDMPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, num_loops=None, t=None, labels=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
-        """input_ids: x_t with masked positions set to mask_token_id. attention_mask (B, L):
+        """input_ids: x_t, masked positions set to config.mask_id (tokenizer.mask_token_id). attention_mask (B, L):
         1 = a real token, 0 = padding hidden from every query. num_loops: S, the loop block's
         iterations (default config.num_loops). t: diffusion time in [0, 1], shape (B,) or a
         scalar; used only by a time-conditioned run. labels: plain cross-entropy over positions
