@@ -179,6 +179,38 @@ def test_export_loads_with_auto_classes_and_gives_the_runs_logits(exported, hf_m
         assert masked.count(V) == 2
 
 
+BLOCKED_LOAD = """
+import sys
+class BlockLoopmdm:  # the folder must work where loopmdm is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "loopmdm":
+            raise ImportError("loopmdm is blocked")
+sys.meta_path.insert(0, BlockLoopmdm())
+import torch
+from transformers import AutoModelForMaskedLM
+out, ref = sys.argv[1], torch.load(sys.argv[2])
+model = AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True, local_files_only=True)
+with torch.no_grad():
+    logits = model(input_ids=ref["x"], num_loops=2).logits
+assert not [m for m in sys.modules if m.split(".")[0] == "loopmdm"]
+print((logits - ref["logits"]).abs().max().item())
+"""
+
+
+def test_export_loads_where_loopmdm_cannot_be_imported(exported, tmp_path):
+    run_dir, out = exported
+    run = load_run(run_dir, device="cpu")
+    x = torch.randint(0, run.model.mask_id + 1, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.save({"x": x, "logits": run.model(x, num_loops=2)}, tmp_path / "ref.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", BLOCKED_LOAD, str(out), str(tmp_path / "ref.pt")], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) <= ATOL
+
+
 def test_model_card_examples_run(exported, hf_modules, capsys):
     run_dir, out = exported
     card = (out / "README.md").read_text(encoding="utf-8")
