@@ -198,6 +198,7 @@ print((logits - ref["logits"]).abs().max().item())
 
 
 def test_export_loads_where_loopmdm_cannot_be_imported(exported, tmp_path):
+    pytest.importorskip("transformers")
     run_dir, out = exported
     run = load_run(run_dir, device="cpu")
     x = torch.randint(0, run.model.mask_id + 1, (2, 16), generator=torch.Generator().manual_seed(0))
