@@ -1,4 +1,4 @@
-"""`loopmdm prepare | train | eval | sample | sample-bench | solve | analyze | experiment | flops` — a thin layer over library functions.
+"""`loopmdm prepare | train | eval | sample | sample-bench | solve | analyze | experiment | flops | export` — a thin layer over library functions.
 
 Configs: a preset name from configs/ (tiny, paper-lm1b, ...) or a YAML path, then
 `key=value` overrides (OmegaConf dot-list syntax, e.g. train.max_steps=100 eval.loops=[1,12]).
@@ -379,6 +379,20 @@ def cmd_flops(args) -> None:
         print(f"{key:>32}: {value:.4g}" if isinstance(value, float) else f"{key:>32}: {value}")
 
 
+def cmd_export(args) -> None:
+    from loopmdm.export.hf import export_run
+
+    summary = export_run(args.run, args.out_dir, overwrite=args.overwrite, use_ema=not args.no_ema,
+                         num_loops=args.num_loops)
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"wrote {summary['out_dir']}: {summary['params']:,} parameters from {summary['run']} step {summary['step']} "
+          f"({summary['weights']} weights), num_loops={summary['num_loops']}, mask token {summary['mask_token']!r} "
+          f"(id {summary['mask_token_id']})")
+    print(f"load it with transformers.AutoModelForMaskedLM.from_pretrained({summary['out_dir']!r}, trust_remote_code=True)")
+
+
 def with_run_options(p) -> None:
     """Options of every command that loads a trained run."""
     from loopmdm.config import DEVICES, PRECISIONS
@@ -530,6 +544,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the report of the runs already finished")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("export", help="write a run as a Hugging Face folder (AutoModelForMaskedLM, trust_remote_code)")
+    p.add_argument("run", help="run directory written by `loopmdm train`")
+    p.add_argument("out_dir", help="the folder to write (must be new or empty, or an export with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT_DIR")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--num-loops", type=int, help="the model's default loop count (default: model.max_train_loops)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("flops", help="parameters and analytic training FLOPs per token of a config")
     with_config(p)

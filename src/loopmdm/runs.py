@@ -7,6 +7,8 @@ RUN/metrics.jsonl     one JSON record per log / validation step
 RUN/checkpoints/      see training/checkpoint.py
 
 Training writes run directories (training/run.py); nothing here imports the trainer.
+`load_run` also opens a Hugging Face export of a run (`loopmdm export`, export/hf.py):
+config.json + model.safetensors + tokenizer.json + loopmdm_config.yaml (`load_exported`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
 from loopmdm.config import Config, config_from_dict
 from loopmdm.data.prepare import BlockWriter, prepare_data
@@ -32,6 +37,10 @@ from loopmdm.runfiles import note
 from loopmdm.training import checkpoint as ckpt
 
 T = TypeVar("T")
+
+# A Hugging Face export (export/hf.py writes it): the files this module reads back.
+EXPORT_CONFIG, EXPORT_RUN_CONFIG, EXPORT_WEIGHTS, EXPORT_TOKENIZER = (
+    "config.json", "loopmdm_config.yaml", "model.safetensors", "tokenizer.json")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -170,12 +179,22 @@ def check_tokenizer_match(run: LoadedRun, data: PreparedData) -> None:
             f"(or score text files with --text)")
 
 
+def is_export(path: str | Path) -> bool:
+    """A folder written by `loopmdm export` (and not a run directory)."""
+    path = Path(path)
+    return ((path / EXPORT_CONFIG).is_file() and (path / EXPORT_RUN_CONFIG).is_file()
+            and not (path / "checkpoints").exists())
+
+
 def load_run(run_dir: str | Path, device: str = "auto", use_ema: bool = True) -> LoadedRun:
     """Rebuild the model of a run from its config and newest intact checkpoint (EMA weights by
-    default; a checkpoint whose EMA file is missing counts as damaged unless use_ema=False)."""
+    default; a checkpoint whose EMA file is missing counts as damaged unless use_ema=False).
+    A `loopmdm export` folder is opened with `load_exported`."""
     run_dir = Path(run_dir)
     require(run_dir.exists(), f"run directory '{run_dir}' does not exist (train one with `loopmdm train CONFIG`)")
     require(run_dir.is_dir(), f"'{run_dir}' is a file, not a run directory")
+    if is_export(run_dir):
+        return load_exported(run_dir, device=device, use_ema=use_ema)
     require(not ((run_dir / "meta.json").is_file() and not (run_dir / "checkpoints").exists()),
             f"'{run_dir}' is a prepared data folder, not a run directory (one written by `loopmdm train`)")
     require(ckpt.has_checkpoint(run_dir), f"no checkpoint in '{run_dir}' (has this run saved a checkpoint yet?)")
@@ -202,3 +221,65 @@ def load_run(run_dir: str | Path, device: str = "auto", use_ema: bool = True) ->
     model.to(dev).eval()
     tokenizer = TextTokenizer.load(run_dir / "tokenizer.json", cfg.data.tokenizer)
     return LoadedRun(cfg, model, tokenizer, run_dir, ckpt.step_of(path), dev)
+
+
+def tokenizer_without_mask(path: Path, mask_id: int) -> Tokenizer:
+    """An export's tokenizer.json less the [MASK] token the export added at id `mask_id`:
+    the run's own tokenizer again (same fingerprint, so the run's prepared data still fits)."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t.get("id") != mask_id]
+        return Tokenizer.from_str(json.dumps(spec))
+    except Exception as exc:  # unreadable, not JSON, or not a tokenizer
+        first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoopMDMError(f"cannot load tokenizer file '{path}': {first}") from None
+
+
+def load_exported(export_dir: str | Path, device: str = "auto", use_ema: bool = True) -> LoadedRun:
+    """A `loopmdm export` folder as a LoadedRun (the same model, tokenizer and run config as
+    the run it came from), so `loopmdm eval/sample/solve/analyze` accept it like a run."""
+    export_dir = Path(export_dir)
+    require(is_export(export_dir), f"'{export_dir}' is not a loopmdm export (it needs {EXPORT_CONFIG} and "
+                                   f"{EXPORT_RUN_CONFIG}; write one with `loopmdm export RUN OUT_DIR`)")
+    try:
+        hf_config = json.loads((export_dir / EXPORT_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LoopMDMError(f"'{export_dir / EXPORT_CONFIG}' is not readable JSON ({type(exc).__name__})") from None
+    require(isinstance(hf_config, dict) and hf_config.get("model_type") == "loopmdm",
+            f"'{export_dir / EXPORT_CONFIG}' is not a LoopMDM config (model_type "
+            f"{hf_config.get('model_type') if isinstance(hf_config, dict) else None!r}, expected 'loopmdm')")
+    weights = hf_config.get("loopmdm_weights", "ema")
+    require(use_ema or weights == "raw", f"'{export_dir}' holds only the {weights} weights it was exported with "
+                                         f"(--no-ema needs an export written with --no-ema)")
+    cfg = config_from_dict(read_run_config_file(export_dir / EXPORT_RUN_CONFIG))
+    require(hf_config.get("vocab_size") == cfg.model.vocab_size,
+            f"'{export_dir}': {EXPORT_CONFIG} has vocab_size={hf_config.get('vocab_size')}, "
+            f"{EXPORT_RUN_CONFIG} model.vocab_size={cfg.model.vocab_size}")
+    model = LoopedDenoiser(cfg.model)
+    file = export_dir / EXPORT_WEIGHTS
+    require(file.is_file(), f"export '{export_dir}' has no {EXPORT_WEIGHTS}")
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoopMDMError(f"weights file '{file}' is corrupt or unreadable ({str(exc).splitlines()[0]})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise LoopMDMError(f"'{file}' does not fit {EXPORT_RUN_CONFIG}: {str(exc).splitlines()[1].strip()}") from None
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    tokenizer = TextTokenizer(tokenizer_without_mask(export_dir / EXPORT_TOKENIZER, cfg.model.vocab_size),
+                              cfg.data.tokenizer)
+    require(tokenizer.vocab_size == cfg.model.vocab_size,
+            f"'{export_dir / EXPORT_TOKENIZER}' has {tokenizer.vocab_size} tokens without the mask, the model {cfg.model.vocab_size}")
+    return LoadedRun(cfg, model, tokenizer, export_dir, int(hf_config.get("loopmdm_step", 0)), dev)
+
+
+def read_run_config_file(path: Path) -> dict:
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:
+        raise LoopMDMError(f"'{path}' is missing or not valid YAML") from None
+    require(isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("model", "data", "train")),
+            f"'{path}' is empty or not a run config")
+    return saved
