@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -163,6 +164,10 @@ class FSDPContext(DDPContext):
         for block in model.coda:
             fully_shard(block)
         fully_shard(model)  # the root: embedding, time embedder, head; sets up the root hooks
+        # The logits are a view (nn.Linear on (B, L, d)), which FSDP2 warns about because an in-place
+        # op on them would skip its pre-backward hook. The losses (diffusion/objective.py,
+        # evaluation/judge.py) only read them out of place, so the warning is noise here.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         return model
 
     def no_sync(self, wrapped: torch.nn.Module):
