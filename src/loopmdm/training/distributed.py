@@ -154,9 +154,9 @@ class FSDPContext(DDPContext):
         from torch.distributed.fsdp import fully_shard
 
         # One FSDP unit per transformer block, so only one block's full weights exist at a time.
-        # The loop block runs S times per forward: with reshard_after_forward=False it is
-        # all-gathered once per forward and kept until its backward, instead of S times
-        # (it is 1-2 layers, so keeping it whole costs little memory).
+        # The loop block runs S times per forward: with reshard_after_forward=False the forward
+        # all-gathers it once instead of S times (it is 1-2 layers, so keeping it whole costs
+        # little memory); the backward still gathers it per call (benchmarks/fsdp_collectives.py).
         for block in model.prelude:
             fully_shard(block)
         for block in model.loop_block:
