@@ -124,7 +124,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: str) -> None:
 
 
 def _fsdp_worker(rank: int, world_size: int, port: int, root: str) -> None:
-    """Two runs in one process group: a fresh one, and the resume of a 1-process checkpoint."""
+    """Two runs in one process group: a fresh one (with activation checkpointing), and the
+    resume of a 1-process checkpoint."""
     _setup_rank(rank, world_size, port)
     from torch.distributed.tensor import DTensor
 
@@ -145,8 +146,10 @@ def _fsdp_worker(rank: int, world_size: int, port: int, root: str) -> None:
     Trainer.train_step = recording_step
     with dist_context("cpu", "fsdp") as dist:
         assert isinstance(dist, FSDPContext)
-        train(load_config(None, _overrides(Path(root), "fsdp", "train.parallel=fsdp")), dist=dist,
-              progress_print=lambda *_: None)
+        # With activation checkpointing per loop iteration: recomputation re-enters the FSDP units
+        # in backward; the gradients (and so the losses) must not change.
+        train(load_config(None, _overrides(Path(root), "fsdp", "train.parallel=fsdp", "model.checkpoint_loops=true")),
+              dist=dist, progress_print=lambda *_: None)
         train(load_config(None, _overrides(Path(root), "fsdp-resumed", "train.parallel=fsdp")), resume=True, dist=dist,
               progress_print=lambda *_: None)
     Path(root, f"fsdp-rank{rank}.json").write_text(json.dumps(seen))
