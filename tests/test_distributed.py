@@ -94,6 +94,9 @@ def reference(tmp_path_factory):
     train(load_config(None, _overrides(root, "ref", f"train.max_steps={RESUME_AT}")), progress_print=lambda *_: None)
     shutil.copytree(root / "ref", root / f"ref-at-{RESUME_AT}")
     train(load_config(None, _overrides(root, "ref")), resume=True, progress_print=lambda *_: None)
+    # Fine-tuning start: 2 steps from the reference run's (EMA) weights.
+    train(load_config(None, _overrides(root, "ref-init", f"train.init_from={root / 'ref'}", "train.max_steps=2")),
+          progress_print=lambda *_: None)
     return root
 
 
@@ -124,8 +127,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: str) -> None:
 
 
 def _fsdp_worker(rank: int, world_size: int, port: int, root: str) -> None:
-    """Two runs in one process group: a fresh one (with activation checkpointing), and the
-    resume of a 1-process checkpoint."""
+    """Three runs in one process group: a fresh one (with activation checkpointing), the resume
+    of a 1-process checkpoint, and a fine-tuning start from a 1-process run (train.init_from)."""
     _setup_rank(rank, world_size, port)
     from torch.distributed.tensor import DTensor
 
@@ -152,6 +155,8 @@ def _fsdp_worker(rank: int, world_size: int, port: int, root: str) -> None:
               dist=dist, progress_print=lambda *_: None)
         train(load_config(None, _overrides(Path(root), "fsdp-resumed", "train.parallel=fsdp")), resume=True, dist=dist,
               progress_print=lambda *_: None)
+        train(load_config(None, _overrides(Path(root), "fsdp-init", "train.parallel=fsdp", "train.max_steps=2",
+                                           f"train.init_from={Path(root) / 'ref'}")), dist=dist, progress_print=lambda *_: None)
     Path(root, f"fsdp-rank{rank}.json").write_text(json.dumps(seen))
 
 
@@ -201,6 +206,8 @@ def test_fsdp_two_ranks_match_one_process_and_checkpoints_move_between_world_siz
     _assert_close_losses(_train_losses(root / "fsdp-resumed"), ref_losses, range(1, STEPS + 1))
     _assert_close_weights(ckpt.load_weights(ckpt.checkpoint_path(root / "fsdp-resumed"), use_ema=True, require_ema=True),
                           ckpt.load_weights(ref_ckpt, use_ema=True, require_ema=True))
+    # train.init_from loads the full weights into the shards.
+    _assert_close_losses(_train_losses(root / "fsdp-init"), _train_losses(root / "ref-init"), (1, 2))
 
 
 def test_parallel_option_is_checked(tmp_path):
