@@ -45,7 +45,7 @@ def cmd_train(args) -> None:
     from loopmdm.training.run import train
 
     cfg = load_config(args.config, args.overrides)
-    with dist_context(cfg.train.device) as dist:
+    with dist_context(cfg.train.device, cfg.train.parallel) as dist:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite, dist=dist)
         if dist.is_main:
             print(json.dumps(summary, indent=2))
@@ -87,7 +87,7 @@ def cmd_finetune(args) -> None:
     defaults = ["data.source=pairs", f"data.paths=['{pairs_file}']", f"data.tokenizer_path={init / 'tokenizer.json'}",
                 f"train.init_from={init}", f"train.out_dir={init}-ft-{name}", "train.warmup_steps=0"]
     cfg = load_config(str(init / "config.yaml"), defaults + list(args.overrides))
-    with dist_context(cfg.train.device) as dist:
+    with dist_context(cfg.train.device, cfg.train.parallel) as dist:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite, dist=dist)
         if dist.is_main:
             print(json.dumps(summary, indent=2))

@@ -133,6 +133,9 @@ class TrainConfig:
     ema: float = 0.9999  # 0 disables EMA
     precision: str = "auto"  # auto = bf16 autocast when the device supports it
     device: str = "auto"
+    # Under torchrun: "ddp" (every rank holds the whole model) or "fsdp" (FSDP2: weights,
+    # gradients, optimizer state and EMA sharded per block); training/distributed.py.
+    parallel: str = "ddp"
     log_every: int = 10
     eval_every: int = 200  # 0 = only at the end
     eval_batches: int = 8
@@ -352,6 +355,9 @@ def validate(cfg: Config) -> None:
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.device", t.device, DEVICES)
+    from loopmdm.training.distributed import PARALLELISMS  # the module implementing them owns the names
+
+    _choice("train.parallel", t.parallel, PARALLELISMS)
     if t.micro_batch_size:
         require(t.batch_size % t.micro_batch_size == 0,
                 f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={t.micro_batch_size}")

@@ -5,11 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from loopmdm.training.distributed import full_tensor, shard_like
+
 
 class EMA:
     """shadow <- d * shadow + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n)) after
     n updates. The warm-up (as in timm / TF's num_updates) keeps a short run's EMA from being
-    mostly the random initialisation; after ~10 / (1 - decay) updates it is plain EMA."""
+    mostly the random initialisation; after ~10 / (1 - decay) updates it is plain EMA.
+
+    Under FSDP the shadow copies are DTensors sharded like the parameters (the update is
+    local to each rank's shard, no communication); `full_state_dict` gathers them."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -29,10 +34,15 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Whole tensors (all-gathered under FSDP: every rank must call it)."""
+        return {k: full_tensor(v) for k, v in self.shadow.items()}
+
     def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
+        """Load full tensors (a checkpoint); under FSDP each rank keeps its shard."""
         self.num_updates = num_updates
         for k in self.shadow:
-            self.shadow[k].copy_(state[k])
+            self.shadow[k].copy_(shard_like(state[k], self.shadow[k]))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -4,8 +4,9 @@ Per step (paper Sec. 3): draw S ~ U{1..max_train_loops} from (seed, step); for e
 draw t and x_t ~ q(x_t|x_0), run the looped denoiser with S loops, take MDLM's NELBO on the
 final loop's output, backprop; clip, AdamW, EMA. Every step is charged its analytic FLOPs for
 the S it actually drew. Data parallelism is applied from outside through `DistContext`
-(training/distributed.py): the trainer only asks it to wrap the model, skip gradient sync on
-non-final micro-batches, and average logged scalars.
+(training/distributed.py): the trainer only asks it to wrap the model (DDP or FSDP2), skip
+gradient sync on non-final micro-batches, average logged scalars, and gather / scatter the
+full (world-size independent) states that checkpoints hold.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.model.flops import train_flops
 from loopmdm.runfiles import append_line, disk_error, finite_or_none, note, read_jsonl, write_if_changed
 from loopmdm.training import checkpoint as ckpt
-from loopmdm.training.distributed import DistContext
+from loopmdm.training.distributed import DistContext, full_tensor, local_tensor
 from loopmdm.training.ema import EMA
 from loopmdm.training.loops import train_num_loops
 from loopmdm.training.lr import learning_rate
@@ -132,14 +133,17 @@ class Trainer:
         require(not mismatch and len(mine) == len(theirs),
                 f"train.init_from='{run_dir}' has another model shape (first difference: "
                 f"{(mismatch or sorted(set(theirs) - set(mine)))[:1]}); use its model.* settings")
-        self.model.load_state_dict(theirs)
+        self.dist.load_model_state(self.model, theirs)
         if self.ema:
             self.ema = EMA(self.model, self.cfg.train.ema)
 
     def train_state(self) -> dict:
+        """Counters, optimizer and loader state (under FSDP a collective: every rank calls it,
+        the main rank's result is the full optimizer state)."""
         state = {
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time": self.train_time,
-            "interval": dict(self.interval), "loss_accum": self.loss_accum.cpu(), "optimizer": self.optimizer.state_dict(),
+            "interval": dict(self.interval), "loss_accum": self.loss_accum.cpu(),
+            "optimizer": self.dist.optimizer_state(self.model, self.optimizer),
             "loader": self.loader.state_dict(),
             "config": self.cfg.to_dict(),  # lets a run whose config.yaml was lost be reopened
         }
@@ -149,8 +153,8 @@ class Trainer:
         """Stop (exit 2) rather than log, save or validate a non-finite loss or weights: the
         checkpoint on disk stays the last finite one."""
         finite = math.isfinite(loss_value) and bool(torch.isfinite(self.loss_accum).all()) and bool(torch.stack(
-            [torch.isfinite(p).all() for p in self.model.parameters()]).all())
-        if not finite:
+            [torch.isfinite(local_tensor(p)).all() for p in self.model.parameters()]).all())
+        if self.dist.any(not finite):  # under FSDP each rank sees only its shard
             kept = (f"the last finite checkpoint step-{self.saved_step:07d} is kept" if self.saved_step is not None
                     else "no checkpoint was saved")
             raise LoopMDMError(f"training diverged: the loss or the weights became non-finite (NaN/inf) by step "
@@ -161,9 +165,12 @@ class Trainer:
         if self.step == self.saved_step:  # nothing new (e.g. --resume of a finished run)
             return
         self.check_finite()
+        # Full states, gathered from the shards under FSDP (collectives: every rank takes part).
+        model_state = self.dist.model_state(self.model)
+        ema_state = self.ema.full_state_dict() if self.ema else None
+        train_state = self.train_state()
         if self.dist.is_main:
-            ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(),
-                                 self.ema.state_dict() if self.ema else None, self.train_state())
+            ckpt.save_checkpoint(self.run_dir, self.step, model_state, ema_state, train_state)
         self.saved_step = self.step
         self.dist.barrier()
 
@@ -173,10 +180,10 @@ class Trainer:
         state = ckpt.load_train_state(path)
         ema = ckpt.load_weights(path, use_ema=True, require_ema=True) if self.ema else None
         try:
-            self.model.load_state_dict(weights)
+            self.dist.load_model_state(self.model, weights)
             if self.ema:
                 self.ema.load_state_dict(ema, num_updates=state["step"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
             self.loader.load_state_dict(state["loader"])
             self.step, self.tokens, self.flops = int(state["step"]), state["tokens"], state["flops"]
             self.train_time, self.interval = state["train_time"], dict(state["interval"])
@@ -234,18 +241,21 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.train
         num_loops = (train_num_loops(self.step, tc.seed, cfg.model.max_train_loops, tc.loops_from_step)
                      if self.model.is_looped else 1)
-        # Every random draw of the step (t, masks, dropout) comes from a seed fixed by
-        # (seed, rank, step): ranks differ, and a resumed run repeats the step exactly on any
-        # number of ranks, with no RNG state to carry in the checkpoint.
-        step_seed = ((tc.seed * 1_000_003 + self.dist.rank) * 1_000_003 + self.step) % (2**63)
-        self.generator.manual_seed(step_seed)
-        torch.manual_seed(step_seed)
         lr = learning_rate(self.step, tc, tc.max_steps or None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
+        world, rank = self.dist.world_size, self.dist.rank
         for micro in range(self.accum_steps):
+            # Every random draw (t, masks, dropout) comes from a seed fixed by (seed, step, which
+            # slice of the global batch this micro-batch is: the loader hands rank r of W slice
+            # micro * W + r). So ranks differ, the same global and micro batch draw the same noise
+            # on 1 rank x 4 micro-steps as on 2 x 2 or 4 x 1, and a resumed run repeats the step
+            # exactly, with no RNG state to carry in the checkpoint.
+            slice_seed = ((tc.seed * 1_000_003 + micro * world + rank) * 1_000_003 + self.step) % (2**63)
+            self.generator.manual_seed(slice_seed)
+            torch.manual_seed(slice_seed)
             x0 = self.loader.next_batch().to(self.device, non_blocking=True)
             valid = (x0 != self.data.pad_id) if self.use_pad_mask else None
             sync = micro == self.accum_steps - 1
@@ -261,7 +271,8 @@ class Trainer:
                 (out.loss / self.accum_steps).backward()
             loss_sum += out.loss.detach() / self.accum_steps
         if tc.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            # Under FSDP the norm is a DTensor over the gradient shards; its full value is the global norm.
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
         else:
             grad_norm = torch.zeros((), device=self.device)
         self.optimizer.step()
@@ -273,7 +284,16 @@ class Trainer:
         return loss_sum, num_loops, grad_norm
 
     def eval_model(self) -> torch.nn.Module:
-        """The EMA weights in a separate module (MDLM evaluates and samples with EMA)."""
+        """The EMA weights in a separate module (MDLM evaluates and samples with EMA). Under FSDP
+        every rank gets a whole, unsharded copy, so evaluation needs no collectives (rank 0 alone
+        runs the loop diagnostics)."""
+        if self.dist.shards_model:
+            full = self.ema.full_state_dict() if self.ema else self.dist.model_state(self.model, to_all=True)
+            model = LoopedDenoiser(self.cfg.model).to(self.device)
+            state = model.state_dict()
+            state.update({k: v.to(state[k].dtype) for k, v in full.items()})
+            model.load_state_dict(state)
+            return model
         if not self.ema:
             return self.model
         model = copy.deepcopy(self.model)
