@@ -205,3 +205,9 @@ def test_bad_file_contents_give_one_line(trained_run, tmp_path, capsys):
                    "less than one sequence of 32 tokens")
     with pytest.raises(LoopMDMError, match="no online source"):
         zs.load_set("brown", "hf:", tmp_path)
+
+
+def test_default_sets_are_the_offline_ones(tmp_path):
+    names = [name for name, source in zs.parse_sets(None, tmp_path)]
+    assert "lambada" in names and set(names) <= {"lambada", "brown", "gutenberg"}
+    assert zs.parse_sets("ptb=hf:owner/ptb:cfg,lambada", tmp_path) == [("ptb", "hf:owner/ptb:cfg"), ("lambada", None)]
