@@ -1,4 +1,4 @@
-"""`loopmdm prepare | train | eval | sample | sample-bench | solve | analyze | experiment | flops | export` — a thin layer over library functions.
+"""`loopmdm prepare | pairs | train | finetune | eval | zeroshot | sample | sample-bench | solve | analyze | experiment | flops | export` — a thin layer over library functions.
 
 Configs: a preset name from configs/ (tiny, paper-lm1b, ...) or a YAML path, then
 `key=value` overrides (OmegaConf dot-list syntax, e.g. train.max_steps=100 eval.loops=[1,12]).
@@ -144,6 +144,39 @@ def cmd_eval(args) -> None:
     print(f"{'loops':>6} {'NELBO/token':>12} {'PPL <=':>10} {'tokens':>10} {'draws':>6}")
     for r in results:
         print(f"{r['loops']:>6} {r['nll']:>12.4f} {r['ppl']:>10.2f} {r['tokens']:>10} {r['draws']:>6}")
+
+
+def cmd_zeroshot(args) -> None:
+    from pathlib import Path
+
+    from loopmdm.data.zeroshot_sets import parse_sets
+    from loopmdm.evaluation import zeroshot as zs
+    from loopmdm.runs import load_run
+
+    require(args.draws >= 1 and args.batch_size >= 1, f"--draws {args.draws} and --batch-size {args.batch_size} must be >= 1")
+    sets = parse_sets(args.sets, Path(args.cache_dir))  # bad names fail before the model loads
+    run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
+    loops = _loops_list(args.loops) if args.loops else list(run.cfg.eval.loops)
+    if not run.model.is_looped and loops != [1]:
+        print("note: this model has no loop; every loop count gives the same result, evaluating S=1 only",
+              file=sys.stderr)
+        loops = [1]
+    report = zs.evaluate_zeroshot(run, sets, loops, cache_dir=args.cache_dir, max_docs=args.max_docs,
+                                  packing=args.packing, batch_size=args.batch_size, num_batches=args.batches,
+                                  draws=args.draws, seed=args.seed, precision=args.precision or run.cfg.train.precision,
+                                  progress=True, log=lambda m: print(m, file=sys.stderr, flush=True))
+    table = zs.markdown_table(report)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        out.with_suffix(".md").write_text(f"{table}\n\n{zs.describe(report)}\n", encoding="utf-8")
+        print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(table)
+    print(zs.describe(report))
 
 
 def _halting(args):
@@ -458,6 +491,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON list of records {loops, nll, ppl, ...}")
     p.set_defaults(func=cmd_eval)
 
+    from loopmdm.data.zeroshot_sets import SETS
+
+    p = sub.add_parser("zeroshot", help="zero-shot perplexity bound on held-out corpora (MDLM's sets) per loop count")
+    p.add_argument("run", help="run directory of a language model (data.packing wrap or pad)")
+    p.add_argument("--loops", help="comma-separated loop counts, e.g. 1,6,12 (default: eval.loops)")
+    p.add_argument("--sets", help=f"comma-separated sets, each NAME, NAME=FILE (local .jsonl/.parquet/.csv/.txt) or "
+                                  f"NAME=hf:ID[:CONFIG]; names: {', '.join(SETS)} (default: those available offline)")
+    p.add_argument("--max-docs", type=int, default=0, help="documents per set, spread evenly (default 0 = all)")
+    p.add_argument("--batches", type=int, default=0, help="batches per set, spread evenly (default 0 = all)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per batch (default 64)")
+    p.add_argument("--packing", choices=["wrap", "pad"], help="default: each set's (MDLM wraps them all)")
+    p.add_argument("--draws", type=int, default=1, help="Monte-Carlo draws of (t, mask) per sequence (default 1)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the draws (default 1234)")
+    p.add_argument("--cache-dir", default="data_cache/zeroshot", help="where npm-fetched sets are kept (default data_cache/zeroshot)")
+    p.add_argument("--out", help="also write OUT.json and OUT.md (the table)")
+    with_run_options(p)
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_zeroshot)
+
     p = sub.add_parser("sample", help="generate text with the trained model")
     p.add_argument("run", help="run directory written by `loopmdm train`")
     p.add_argument("--loops", help="loop iterations per denoiser call: an integer, 'noise:LOW:HIGH' (more loops at "
@@ -570,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    if args.command in ("train", "finetune", "eval", "sample", "solve", "analyze"):
+    if args.command in ("train", "finetune", "eval", "zeroshot", "sample", "solve", "analyze"):
         from loopmdm.training.allocator import tune_glibc_malloc
 
         tune_glibc_malloc()  # CPU steps reuse memory instead of page-faulting (training/allocator.py)
