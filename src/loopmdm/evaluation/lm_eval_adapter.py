@@ -14,7 +14,8 @@ task names `loopmdm_<task>`; `loopmdm downstream` adds it for you).
 
 model_args: path (run directory), loops (S, default 1), mc_samples (Monte-Carlo draws per
 loglikelihood request, default 32), estimator (llada | mdlm, evaluation/likelihood.py),
-seed, device (auto | cpu | cuda), precision, ema (default true), and lm-eval's --batch_size:
+seed, precision, ema (default true); lm-eval's --device (its default cuda:0 falls back to the
+CPU when there is no GPU) and --batch_size:
 requests per denoiser call (each is mc_samples + 1 rows; `auto`: at least 64 rows),
 and for generate_until: steps, sampler, temperature, max_gen_toks.
 """
@@ -57,7 +58,11 @@ class LoopMDMLM(LM):
         require(mc_samples >= 1, f"mc_samples={mc_samples} must be >= 1")
         require(estimator in ESTIMATORS, f"estimator '{estimator}' is not allowed; choose one of: {', '.join(ESTIMATORS)}")
         require(sampler in SAMPLERS, f"sampler '{sampler}' is not allowed; choose one of: {', '.join(SAMPLERS)}")
-        self.run = load_run(path, device=device or "auto", use_ema=_bool(ema))
+        device = device or "auto"
+        if device.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's CLI default is cuda:0
+            print(f"note: device '{device}' asked for but no CUDA device is available; using the CPU", file=sys.stderr)
+            device = "cpu"
+        self.run = load_run(path, device=device, use_ema=_bool(ema))
         cfg = self.run.cfg
         self.model, self.tok = self.run.model, self.run.tokenizer
         if not self.model.is_looped and loops != 1:
