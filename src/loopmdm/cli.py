@@ -363,9 +363,18 @@ def cmd_experiment(args) -> None:
                   seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds") if args.seeds else None, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
 
 
+def _require_lm_eval() -> None:
+    import importlib.util
+
+    require(importlib.util.find_spec("lm_eval") is not None,
+            "this command needs lm-evaluation-harness: pip install lm-eval==0.4.13 (or pip install -e .[lmeval])")
+
+
 def cmd_downstream(args) -> None:
     import shlex
     from pathlib import Path
+
+    _require_lm_eval()
 
     from loopmdm.devices import describe_machine
     from loopmdm.evaluation.downstream import run_downstream, write_outputs
@@ -400,6 +409,7 @@ def cmd_downstream(args) -> None:
 
 def cmd_lm_eval(args) -> None:
     """lm-eval's own CLI with the `loopmdm` model registered (the arguments go to it unchanged)."""
+    _require_lm_eval()
     import loopmdm.evaluation.lm_eval_adapter  # noqa: F401 -- registers --model loopmdm
     from lm_eval.__main__ import cli_evaluate
 

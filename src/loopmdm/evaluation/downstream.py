@@ -114,7 +114,7 @@ def summarize(result: dict) -> list[dict]:
 def markdown(result: dict, meta: dict) -> str:
     rows = summarize(result)
     tasks = list(result["tasks"])
-    lines = [f"# Zero-shot downstream accuracy against S", "",
+    lines = ["# Zero-shot downstream accuracy against S", "",
              meta.get("description", ""), "",
              f"Command: `{meta.get('command', '')}`", "",
              "Accuracy (lm-eval `acc`) ± its binomial standard error over the scored documents"
