@@ -133,6 +133,9 @@ class TrainConfig:
     ema: float = 0.9999  # 0 disables EMA
     precision: str = "auto"  # auto = bf16 autocast when the device supports it
     device: str = "auto"
+    # torch.compile each transformer block (training/speed.py); the loop stays eager, so a
+    # new S per step does not recompile. Off by default: compiling costs time up front.
+    compile: bool = False
     log_every: int = 10
     eval_every: int = 200  # 0 = only at the end
     eval_batches: int = 8
