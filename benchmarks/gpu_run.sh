@@ -32,7 +32,7 @@ if [ -n "${DRY_RUN:-}" ]; then
 else
     CHECK=(--device cuda); SCALE=(--scale gpu); SUITES=(khop sudoku); JOBS=6
     THROUGHPUT=(--preset paper-owt --device cuda --batch 16 --warmup 2 --repeats 5)
-    LIMIT_CHECK=180; LIMIT_THROUGHPUT=270; LIMIT_SUITES=400
+    LIMIT_CHECK=200; LIMIT_THROUGHPUT=260; LIMIT_SUITES=400
 fi
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 {

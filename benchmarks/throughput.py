@@ -69,6 +69,18 @@ def loop_plan(spec: str, s_max: int, steps: int, offset: int) -> list[int]:
     return [int(spec)] * steps
 
 
+def tensor_peak(step, num_loops: int, model, optimizer, x0, device) -> int:
+    """Peak bytes of live tensors over one more training step, by storage (torch's MemTracker:
+    weights, gradients, AdamW state, activations, temporaries); eager only, any device."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer, x0)
+    with tracker:
+        step(num_loops)
+    return tracker.get_tracker_snapshot("peak")[device]["Total"]
+
+
 def worker(args) -> dict:
     """One (mode, checkpointing) pair over every S; returns its rows."""
     tune_glibc_malloc()  # as `loopmdm` does at start-up (training/allocator.py)
@@ -124,12 +136,13 @@ def worker(args) -> dict:
             memory = torch.cuda.max_memory_allocated(device)
         else:
             memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+        tensor_memory = tensor_peak(step, plan[0], model, optimizer, x0, device) if args.tensor_memory else None
         rows.append({"mode": args.mode, "checkpoint": args.checkpoint, "loops": spec,
                      "loops_run": plan, "mean_loops": statistics.mean(plan),
                      "step_seconds": statistics.median(times) if spec != "drawn" else total / len(plan),
                      "tokens_per_sec": len(plan) * args.batch * seq_len / total,
                      "flops_per_sec": flops / total, "mfu": flops / total / peak if peak else None,
-                     "peak_memory_bytes": memory, "warmup_seconds": warmup_seconds,
+                     "peak_memory_bytes": memory, "peak_tensor_bytes": tensor_memory, "warmup_seconds": warmup_seconds,
                      "graphs": counters["stats"]["unique_graphs"]})
     return {"preset": args.preset, "device": describe_machine(device), "precision": precision, "tf32": tf32,
             "batch": args.batch, "seq_len": seq_len, "vocab": cfg.model.vocab_size, "dropout": cfg.model.dropout,
@@ -142,19 +155,21 @@ def worker(args) -> dict:
 
 def markdown(report: dict) -> str:
     gpu = report["peak_bf16_flops"] is not None
+    tensors = any(r.get("peak_tensor_bytes") is not None for r in report["rows"])
     unit, scale = ("TFLOP/s", 1e12) if report["flops_scale"] == "T" else ("GFLOP/s", 1e9)
     lines = [f"{report['preset']}: {report['model']}, batch {report['batch']} x {report['seq_len']}, "
              f"vocab {report['vocab']}, dropout {report['dropout']}, {report['precision']}, {report['jobs']} run(s) at once"
              f"{' + TF32' if report['tf32'] else ''}; {report['device']}; {report['date']}",
              f"memory: {report['memory_measure']}; compiled = per-block torch.compile, backend "
              f"{report['compile_backend']}; command: `{report['command']}`", "",
-             f"| mode | ckpt | S | mean S | s/step | tokens/s | {unit} |{' MFU |' if gpu else ''} peak mem (MiB) | warm-up s | graphs |",
-             f"|---|---|---|---|---|---|---|{'---|' if gpu else ''}---|---|---|"]
+             f"| mode | ckpt | S | mean S | s/step | tokens/s | {unit} |{' MFU |' if gpu else ''} peak mem (MiB) |{' tensor peak (MiB) |' if tensors else ''} warm-up s | graphs |",
+             f"|---|---|---|---|---|---|---|{'---|' if gpu else ''}---|{'---|' if tensors else ''}---|---|"]
     for r in report["rows"]:
         mfu = f" {100 * r['mfu']:.1f}% |" if gpu else ""
+        tensor = f" {r['peak_tensor_bytes'] / 2**20:.0f} |" if tensors else ""
         lines.append(f"| {r['mode']} | {r['checkpoint']} | {r['loops']} | {r['mean_loops']:.2f} | {r['step_seconds']:.3f} | "
                      f"{r['tokens_per_sec']:.0f} | {r['flops_per_sec'] / scale:.1f} |{mfu} "
-                     f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['warmup_seconds']:.1f} | {r['graphs']} |")
+                     f"{r['peak_memory_bytes'] / 2**20:.0f} |{tensor} {r['warmup_seconds']:.1f} | {r['graphs']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -173,6 +188,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the compiled runs (aot_eager: dynamo only, for dry runs)")
+    parser.add_argument("--tensor-memory", action="store_true",
+                        help="also the peak of live tensors over one step, by torch's MemTracker (eager only)")
     parser.add_argument("--jobs", type=int, default=1, help="(mode, ckpt) pairs run at once (CPU; keep 1 on a GPU)")
     parser.add_argument("--out", default="", help="folder for throughput.json and throughput.md")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "CKPT"), help=argparse.SUPPRESS)
@@ -183,8 +200,8 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM (time limit): partial results kept"))
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("worker", "modes", "checkpointing", "out", "jobs")]
+    passthrough = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
+                   if k not in ("worker", "modes", "checkpointing", "out", "jobs") and v is not False]
     pairs = [(mode, ckpt) for mode in args.modes.split(",") for ckpt in args.checkpointing.split(",")]
     state = {"report": None, "failures": []}
     running, t0 = [], time.perf_counter()
