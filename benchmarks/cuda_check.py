@@ -175,7 +175,7 @@ def check_compile(device, quick) -> dict:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.setdefault(name, []).append(float(loss))
+            losses.setdefault(name, []).append(float(loss.detach()))
             if name == "compiled":
                 graphs.append(counters["stats"]["unique_graphs"])
     diff = max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"]))
