@@ -9,12 +9,18 @@ Checks (each prints PASS/FAIL and goes into OUT/cuda_check.json):
 2. training: 20 steps of the `tiny` config on the device (loss finite and falling, S drawn);
 3. sampling: the cache sampler equals the ancestral sampler token for token on the device;
 4. speed: training-step time at S = 1, 6, 12 for the paper-owt model (12 x 768, seq 1024,
-   GPT-2 vocabulary), tokens/s and model FLOPs utilisation against the device's bf16 peak.
+   GPT-2 vocabulary), tokens/s and model FLOPs utilisation against the device's bf16 peak;
+5. compile: per-block torch.compile (training/speed.py) trains at S = 1, 3, 5, 2 with no
+   recompilation after the first step, and its first loss matches eager;
+6. sdpa: attention at the paper's shapes under bf16 runs on the flash kernel (and, with a
+   padding key mask, on the memory-efficient kernel), forward and backward.
+(benchmarks/throughput.py measures throughput, MFU and memory: eager/compiled, checkpointing.)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -140,6 +146,65 @@ def check_speed(device, quick, batch: int, repeats: int) -> dict:
     return {"ok": ok, "batch": batch, "seq_len": seq_len, "rows": rows, "max_memory_gib": mem}
 
 
+def check_compile(device, quick) -> dict:
+    """Dynamo's graph count after each training step at S = 1, 3, 5, 2 stays at its first value."""
+    from torch._dynamo.utils import counters
+
+    from loopmdm.config import ModelConfig
+    from loopmdm.training.speed import compile_blocks
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = ModelConfig(vocab_size=512, n_layers=4, d_model=128, n_heads=4, cond_dim=32, loop_start=1, loop_end=3)
+    torch.manual_seed(0)
+    eager = LoopedDenoiser(cfg).to(device).train()
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model = copy.deepcopy(eager)
+    compile_blocks(model, backend="aot_eager" if quick else "inductor")  # quick: the CPU dry run
+    sched = make_schedule("loglinear")
+    x0 = torch.randint(0, 512, (8, 128), device=device)
+    losses, graphs = {}, []
+    for name, m in (("eager", eager), ("compiled", model)):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        for i, s in enumerate([1, 3, 5, 2]):
+            g = torch.Generator(device=device).manual_seed(i)
+            with autocast_context(device, "fp32"):
+                loss = diffusion_loss(m, x0, sched, num_loops=s, eps=1e-3, generator=g).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.setdefault(name, []).append(float(loss.detach()))
+            if name == "compiled":
+                graphs.append(counters["stats"]["unique_graphs"])
+    diff = max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"]))
+    ok = graphs[0] > 0 and graphs == [graphs[0]] * 4 and diff < 1e-2 * abs(losses["eager"][0])
+    return {"ok": ok, "graphs_after_each_step": graphs, "max_loss_diff": diff, "losses": losses,
+            "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def check_sdpa(device, quick) -> dict:
+    """Forcing one SDPA backend raises if it cannot run these inputs: a pass means the fast
+    kernel is the one used (dropout 0, bf16, head dim 64)."""
+    if device.type != "cuda":
+        return {"ok": True, "skipped": "flash / memory-efficient kernels are CUDA kernels"}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cfg, model = paper_model("paper-owt", device, quick)
+    block = model.loop_block[0]
+    x = torch.randn(2, 1024, cfg.model.d_model, device=device, requires_grad=True)
+    c = model.condition(None, 2, device)
+    key_mask = torch.ones(2, 1024, dtype=torch.bool, device=device)
+    key_mask[1, 900:] = False
+    used = {}
+    for backend, mask in ((SDPBackend.FLASH_ATTENTION, None), (SDPBackend.EFFICIENT_ATTENTION, key_mask)):
+        with sdpa_kernel([backend]), autocast_context(device, "bf16"):
+            block(x, c, model.rotary, mask).float().square().mean().backward()
+        used[backend.name] = "forward+backward"
+    return {"ok": True, "kernels": used}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -157,7 +222,9 @@ def main() -> None:
     checks = [("numerics", lambda: check_numerics(device, args.quick)),
               ("training", lambda: check_training(device, args.quick, out)),
               ("sampling", lambda: check_sampling(device, args.quick)),
-              ("speed", lambda: check_speed(device, args.quick, 2 if args.quick else args.batch, args.repeats))]
+              ("speed", lambda: check_speed(device, args.quick, 2 if args.quick else args.batch, args.repeats)),
+              ("compile", lambda: check_compile(device, args.quick)),
+              ("sdpa", lambda: check_sdpa(device, args.quick))]
     for label, fn in checks:
         t0 = time.perf_counter()
         try:

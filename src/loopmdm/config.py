@@ -136,6 +136,9 @@ class TrainConfig:
     # Under torchrun: "ddp" (every rank holds the whole model) or "fsdp" (FSDP2: weights,
     # gradients, optimizer state and EMA sharded per block); training/distributed.py.
     parallel: str = "ddp"
+    # torch.compile each transformer block (training/speed.py); the loop stays eager, so a
+    # new S per step does not recompile. Off by default: compiling costs time up front.
+    compile: bool = False
     log_every: int = 10
     eval_every: int = 200  # 0 = only at the end
     eval_batches: int = 8

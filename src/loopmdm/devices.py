@@ -25,6 +25,20 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
+def configure_matmul_precision(device: torch.device, precision: str) -> bool:
+    """TF32 tensor cores for the float32 matmuls and convolutions left on a CUDA device (under
+    bf16 autocast: the fp32 islands; under 'auto' on a GPU without bf16: everything). Not for
+    train.precision=fp32, which asks for full fp32, nor on CPU. Process-wide; returns whether
+    it was switched on."""
+    if device.type != "cuda" or precision == "fp32":
+        return False
+    # "high" = TF32 on CUDA; it sets torch >= 2.9's fp32_precision and keeps the legacy
+    # allow_tf32 flags readable (setting fp32_precision directly makes reading them raise).
+    # cuDNN convolutions already default to TF32.
+    torch.set_float32_matmul_precision("high")
+    return True
+
+
 def describe_machine(device: torch.device | None = None) -> str:
     """One line naming what a measurement ran on: the CUDA device, or the CPU model and the
     threads torch uses (results must say where they were measured)."""

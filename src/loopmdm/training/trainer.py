@@ -41,6 +41,7 @@ from loopmdm.training import checkpoint as ckpt
 from loopmdm.training.distributed import DistContext, full_tensor, local_tensor
 from loopmdm.training.ema import EMA
 from loopmdm.training.loops import train_num_loops
+from loopmdm.training.speed import apply_speedups
 from loopmdm.training.lr import learning_rate
 
 
@@ -81,6 +82,7 @@ class Trainer:
         self.device = getattr(self.dist, "device", None) or resolve_device(tc.device)
         torch.manual_seed(tc.seed)  # same initial weights on every rank
         self.model = LoopedDenoiser(cfg.model).to(self.device)
+        self.speedups = apply_speedups(self.model, tc, self.device)  # TF32, per-block compile
         self.train_model = self.dist.wrap(self.model)
         self.schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
