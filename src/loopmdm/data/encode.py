@@ -25,7 +25,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 MAX_PIECE_CHARS = 1 << 16  # per encode input: bounds a worker's encoding memory (~200 B/char)
-ITEM_CHARS = 1 << 18  # characters per work item sent to a worker
+ITEM_CHARS = 1 << 17  # characters per work item sent to a worker (at most twice this)
 ITEM_PIECES = 1024  # pieces per work item (short documents: LM1B sentences)
 
 
@@ -58,9 +58,10 @@ def _cut_before(text: str, lo: int, hi: int) -> int:
     return -1
 
 
-def split_text(text: str, max_chars: int = MAX_PIECE_CHARS) -> List[str]:
-    """`text` as consecutive pieces of at most `max_chars` characters, cut at pre-token
-    boundaries (module docstring); ''.join(pieces) == text."""
+def split_text(text: str, max_chars: int = 0) -> List[str]:
+    """`text` as consecutive pieces of at most `max_chars` (default MAX_PIECE_CHARS)
+    characters, cut at pre-token boundaries (module docstring); ''.join(pieces) == text."""
+    max_chars = max_chars or MAX_PIECE_CHARS
     if len(text) <= max_chars:
         return [text]
     pieces, start = [], 0

@@ -305,7 +305,8 @@ def _work_items(corpus: SplitCorpus, stream: int, skip: int) -> Iterator[Tuple[d
             chars += len(part)
             if is_last[-1]:
                 n_done, resume_at = n_done + 1, (s, index + 1)
-            if chars >= ITEM_CHARS or len(pieces) >= ITEM_PIECES:
+            # Prefer ending items with a document (a resume point); a long one is cut anyway.
+            if (chars >= ITEM_CHARS and is_last[-1]) or chars >= 2 * ITEM_CHARS or len(pieces) >= ITEM_PIECES:
                 yield ({"val": np.array(is_val), "last": np.array(is_last), "docs": n_done,
                         "resume_at": resume_at if is_last[-1] else None}, pieces)
                 pieces, is_val, is_last, chars, n_done = [], [], [], 0, 0
