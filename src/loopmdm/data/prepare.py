@@ -386,6 +386,7 @@ def _build(cfg: DataConfig, out_dir: Path, log, progress: bool = False) -> None:
                 ends = np.cumsum(lengths[mask])[tag["last"][mask]]
                 writers[split].extend(flat[np.repeat(mask, lengths)], ends)
         bar.update(tag["docs"])
+        bar.set_postfix_str(f"{int(writers['train'].counts.sum() + writers['val'].counts.sum()):,} tokens", refresh=False)
         if tag["resume_at"] is not None and time.monotonic() - last_save > CHECKPOINT_SECONDS:
             _save_progress(out_dir, writers, tag["resume_at"], fingerprint)
             last_save = time.monotonic()
