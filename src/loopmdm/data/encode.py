@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections import deque
 from typing import Iterable, Iterator, List, Sequence, Tuple
 
@@ -100,6 +101,24 @@ def _encode_in_worker(pieces: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
     return encode_pieces(_WORKER_TOKENIZER, pieces)
 
 
+def _worker_pool(num_proc: int, tokenizer: Tokenizer):
+    """fork where there is one (Linux): spawn would re-import the caller's main module, and a
+    script without `if __name__ == "__main__"` would prepare again in each worker (waiting
+    forever on the first one's lock). A forked child of the tokenizers library turns its
+    threads off; TOKENIZERS_PARALLELISM set around the fork only keeps it from warning."""
+    method = "fork" if sys.platform == "linux" else "spawn"
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return multiprocessing.get_context(method).Pool(num_proc, initializer=_init_worker,
+                                                        initargs=(tokenizer.to_str(),))
+    finally:
+        if previous is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
 def encode_items(tokenizer: Tokenizer, items: Iterable[Tuple[object, List[str]]],
                  num_proc: int) -> Iterator[Tuple[object, np.ndarray, np.ndarray]]:
     """(tag, flat ids, ids per piece) for each (tag, pieces) work item, in input order.
@@ -111,9 +130,7 @@ def encode_items(tokenizer: Tokenizer, items: Iterable[Tuple[object, List[str]]]
         for tag, pieces in items:
             yield (tag, *encode_pieces(tokenizer, pieces))
         return
-    # spawn: a fresh interpreter, safe after torch or the tokenizers' thread pool started here.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(),)) as pool:
+    with _worker_pool(num_proc, tokenizer) as pool:
         pending: deque = deque()
         for tag, pieces in items:
             pending.append((tag, pool.apply_async(_encode_in_worker, (pieces,))))
