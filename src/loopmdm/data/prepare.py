@@ -4,9 +4,10 @@ fixed-length blocks on disk. Reading a prepared folder is `data/prepared.py`.
 A prepared folder `<cache_dir>/<source>-<tokenizer>-<key>/` holds
 `tokenizer.json`, `train.bin`, `val.bin` (raw uint16/uint32, shape (n_blocks, seq_len))
 and `meta.json`. `key` hashes every data-affecting config field, so a changed config gets
-a new folder and an unchanged one is a cache hit. `meta.json` is written last, inside a
-temporary folder that is renamed into place, so a crash never leaves a folder that
-looks complete.
+a new folder and an unchanged one is a cache hit. `meta.json` is written last, inside
+`<cache_dir>/.partial-<name>/`, which is renamed into place, so a crash never leaves a
+folder that looks complete; the partial folder's checkpoints let a rerun resume.
+Tokenizing (pieces, worker processes) is `data/encode.py`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
