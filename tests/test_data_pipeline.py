@@ -357,3 +357,21 @@ def test_hf_bad_split_slice_and_column_are_one_line_errors(tmp_path, offline_hf)
         list(iter_documents(replace(base, hf_text_field="content")))
     with pytest.raises(LoopMDMError, match="data.detokenizer='wt'"):
         load_config("tiny", ["data.detokenizer=wt"])
+
+
+def test_a_stream_failing_midway_is_a_one_line_error(tmp_path, offline_hf, monkeypatch):
+    import datasets
+
+    data_file = write_rows(tmp_path / "rows.parquet", [{"text": t} for t in sentences(5)])
+    base = DataConfig(source="hf", hf_name="parquet", paths=[str(data_file)], cache_dir=str(tmp_path / "c"))
+    from loopmdm.data.corpus import iter_documents
+
+    def broken(self, batch_size):
+        yield {"text": ["first row"]}
+        raise ConnectionError("Connection reset by peer\nmore detail")
+
+    monkeypatch.setattr(datasets.IterableDataset, "iter", broken)
+    docs = iter_documents(base)
+    assert next(docs).text == "first row"
+    with pytest.raises(LoopMDMError, match=r"failed after 1 rows: Connection reset by peer; run again to resume"):
+        next(docs)

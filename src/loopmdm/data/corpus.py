@@ -193,7 +193,15 @@ def _hf_dataset(cfg: DataConfig, split: str):
 def _hf_documents(cfg: DataConfig, split: str) -> Iterator[Document]:
     # Streamed in batches: never the whole split in memory (OpenWebText is ~40 GB of text).
     index = 0
-    for batch in _hf_dataset(cfg, split).iter(batch_size=HF_BATCH):
+    batches = _hf_dataset(cfg, split).iter(batch_size=HF_BATCH)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # a dropped connection or a bad file, mid-stream
+            raise LoopMDMError(f"reading data.hf_name='{cfg.hf_name}' split '{split}' failed after {index} rows: "
+                               f"{_first_line(exc)}; run again to resume from the last checkpoint") from None
+        if batch is None:
+            return
         for text in batch[cfg.hf_text_field]:
             yield Document(f"hf/{split}/{index}", normalize_text(text if isinstance(text, str) else str(text or "")))
             index += 1
