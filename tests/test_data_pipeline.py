@@ -355,6 +355,8 @@ def test_hf_bad_split_slice_and_column_are_one_line_errors(tmp_path, offline_hf)
         list(iter_documents(base, "train[-9:]"))
     with pytest.raises(LoopMDMError, match="'content' is not a column.*available: text"):
         list(iter_documents(replace(base, hf_text_field="content")))
+    with pytest.raises(LoopMDMError, match="tokenizer_path='/nowhere/gpt2' does not exist"):
+        prepare_data(replace(base, tokenizer="gpt2", tokenizer_path="/nowhere/gpt2"))
     with pytest.raises(LoopMDMError, match="data.detokenizer='wt'"):
         load_config("tiny", ["data.detokenizer=wt"])
 

@@ -145,6 +145,8 @@ def cache_key(cfg: DataConfig) -> str:
 
 
 def _files_digest(path: Path) -> str:
+    if not path.exists():
+        return "missing"  # building the tokenizer then says so in one line
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.sha256()
     for file in files:
