@@ -91,6 +91,8 @@ class DataConfig:
     hf_val_split: str = ""  # empty: carve validation out of the train split by document
     hf_text_field: str = "text"
     hf_max_docs: int = 0  # 0 = all
+    detokenizer: str = ""  # "" | lm1b: MDLM's LM1B detokenizer before tokenizing (data/corpus.py DETOKENIZERS)
+    num_proc: int = 0  # tokenizer worker processes (0 = cores, at most 8); never changes the output
     tokenizer: str = "bpe"  # bpe (trained here) | gpt2 | bert-base-uncased
     tokenizer_path: str = ""  # gpt2/bert: local files (offline); bpe: a tokenizer.json to reuse instead of training
     bpe_vocab_size: int = 2048
@@ -333,6 +335,10 @@ def validate(cfg: Config) -> None:
         require(len(da.paths) > 0, "data.source=pairs needs data.paths=[a JSONL file of {\"prompt\": ..., \"answer\": ...} lines, ...]")
     if da.source == "hf":
         require(bool(da.hf_name), "data.source=hf needs data.hf_name (a datasets name or local path)")
+    from loopmdm.data.corpus import DETOKENIZERS  # the corpus module owns the names
+
+    _choice("data.detokenizer", da.detokenizer, ("",) + tuple(DETOKENIZERS))
+    require(da.num_proc >= 0, f"data.num_proc={da.num_proc} must be >= 0 (0 = one per core, at most 8)")
     if da.source == "task":
         from loopmdm.tasks import get_task  # the task registry owns the names
 

