@@ -18,11 +18,9 @@ import statistics
 import time
 
 import torch
+from train_step import make_train_step
 
 from loopmdm.config import load_config
-from loopmdm.diffusion.objective import diffusion_loss
-from loopmdm.diffusion.schedule import make_schedule
-from loopmdm.devices import autocast_context
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.model.flops import train_flops
 from loopmdm.training.allocator import tune_glibc_malloc
@@ -53,20 +51,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = LoopedDenoiser(cfg.model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
-    x0 = torch.randint(0, cfg.model.vocab_size, (args.batch, seq_len), device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-
-    def step(num_loops: int) -> None:
-        with autocast_context(device, precision):
-            out = diffusion_loss(model, x0, schedule, num_loops=num_loops, eps=cfg.diffusion.eps, generator=generator)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    step = make_train_step(model, cfg, device, precision, args.batch, seq_len)
 
     loops = [int(s) for s in args.loops.split(",")]
     for s in loops:  # warm-up: allocator, kernels, caches

@@ -35,11 +35,13 @@ import time
 from pathlib import Path
 
 import torch
+from train_step import make_train_step
 
 from loopmdm.config import load_config
-from loopmdm.devices import autocast_context, configure_matmul_precision, describe_machine
-from loopmdm.diffusion.objective import diffusion_loss
-from loopmdm.diffusion.schedule import make_schedule
+from loopmdm.devices import (
+    configure_matmul_precision,
+    describe_machine,
+)
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.model.flops import train_flops
 from loopmdm.training.allocator import tune_glibc_malloc
@@ -96,20 +98,7 @@ def worker(args) -> dict:
     model = LoopedDenoiser(cfg.model).to(device).train()
     if args.mode == "compiled":
         compile_blocks(model, backend=args.compile_backend)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
-    x0 = torch.randint(0, cfg.model.vocab_size, (args.batch, seq_len), device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-
-    def step(num_loops: int) -> None:
-        with autocast_context(device, precision):
-            out = diffusion_loss(model, x0, schedule, num_loops=num_loops, eps=cfg.diffusion.eps, generator=generator)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    step = make_train_step(model, cfg, device, precision, args.batch, seq_len)
 
     from torch._dynamo.utils import counters
 
