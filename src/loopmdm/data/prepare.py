@@ -379,7 +379,8 @@ def _build(cfg: DataConfig, out_dir: Path, log, progress: bool = False) -> None:
     start = (state["stream"], state["skip"]) if state else (0, 0)
     total = None if cfg.source == "hf" else len(iter_doc_ids(cfg))
     bar = tqdm(total=total, initial=writers["train"].n_docs + writers["val"].n_docs, unit="doc",
-               desc=f"tokenizing ({num_proc} proc)", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+               desc=f"tokenizing ({num_proc} proc)", disable=not progress, file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s, not per update
     fingerprint, last_save = tokenizer.fingerprint(), time.monotonic()
     for tag, flat, lengths in encode_items(tokenizer.tok, _work_items(corpus, *start), num_proc):
         for split, mask in (("train", ~tag["val"]), ("val", tag["val"])):
