@@ -5,6 +5,7 @@
 # masked) with the same FLOPs, then scored on held-out puzzles under the restricted (raster:
 # row-major) and free (confidence: easy first) decoding orders at several loop counts, by
 # difficulty (rounds of naked/hidden singles). Resumable: rerun the same command.
+# docs/RESULTS.md's LoopMDM row: ARMS=loop TEST_NUM=250 (each S costs (3 + S)/4 of an MDM call).
 #   OUT=runs/sudoku-pairs bash benchmarks/sudoku_pairs_cpu.sh
 set -euo pipefail
 OUT=${OUT:-runs/sudoku-pairs}
@@ -24,9 +25,9 @@ for arm in ${ARMS:-mdm loop}; do
         train.eval_every=250 train.checkpoint_every=250 train.out_dir="$run" > "$run.train.log" 2>&1
     touch "$run/train.done"
   fi
-  loops=1,2,4,8,16; [ "$arm" = loop ] || loops=1
+  loops=${LOOPS:-1,4,8}; [ "$arm" = loop ] || loops=1
   for order in raster confidence; do
-    [ -f "$run/solve-$order.json" ] || { $LOOPMDM solve "$run" --order $order --answer-len 36 --num 500 \
+    [ -f "$run/solve-$order.json" ] || { $LOOPMDM solve "$run" --order $order --answer-len 36 --num ${TEST_NUM:-500} \
         --loops $loops --json > "$run/solve-$order.json.tmp" && mv "$run/solve-$order.json.tmp" "$run/solve-$order.json"; }
   done
 done
