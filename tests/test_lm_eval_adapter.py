@@ -41,6 +41,26 @@ def test_registered_model_resolves():
     assert get_model("loopmdm") is LoopMDMLM
 
 
+@pytest.mark.parametrize("args, message", [("loops=x", "loops=x must be an integer"),
+                                           ("mc_samples=1.5", "mc_samples=1.5 must be an integer"),
+                                           ("temperature=hot", "temperature=hot must be a number")])
+def test_bad_model_args_are_one_line_errors(run_dir, args, message):
+    """--model_args as lm-eval's CLI parses them (strings where not numbers): one LoopMDMError line."""
+    from loopmdm.errors import LoopMDMError
+
+    with pytest.raises(LoopMDMError, match=message):
+        LoopMDMLM.create_from_arg_string(f"path={run_dir},{args}", {"device": "cpu"})
+
+
+def test_model_args_need_a_path_and_accept_lm_evals_pretrained(run_dir):
+    from loopmdm.errors import LoopMDMError
+
+    with pytest.raises(LoopMDMError, match="needs path=RUN"):
+        LoopMDMLM.create_from_arg_string("loops=2", {"device": "cpu"})
+    lm = LoopMDMLM.create_from_arg_string(f"pretrained={run_dir},loops=2", {"device": "cpu"})
+    assert lm.loops == 2 and str(lm.run.run_dir) == run_dir
+
+
 def test_loglikelihood_is_seeded_and_independent_of_batching(run_dir, lm):
     reqs = [ll_request("The new phone", " costs more"), ll_request("Shares fell", " sharply today", 1)]
     a = lm.loglikelihood(reqs)
