@@ -215,3 +215,14 @@ def test_lm_eval_launcher_runs_the_registered_model(run_dir, tmp_path, monkeypat
     assert code == 0
     [path] = list((tmp_path / "out").rglob("results_*.json"))
     assert 0 <= json.loads(path.read_text())["results"]["loopmdm_winogrande"]["acc,none"] <= 1
+
+
+def test_downstream_checks_every_run_before_evaluating_any(run_dir, monkeypatch, capsys):
+    """A typo in the second run is reported at once, not after the baseline's evaluation."""
+    import lm_eval
+
+    calls = []
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append(kw) or {})
+    assert main(["downstream", "/no/such/run", "--baseline", run_dir, "--loops", "1", "--limit", "1",
+                 "--mc-samples", "1", "--seeds", "0", "--tasks", "arc_easy", "--device", "cpu"]) == 2
+    assert not calls and "'/no/such/run' does not exist" in capsys.readouterr().err
