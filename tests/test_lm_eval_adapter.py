@@ -43,7 +43,8 @@ def test_registered_model_resolves():
 
 @pytest.mark.parametrize("args, message", [("loops=x", "loops=x must be an integer"),
                                            ("mc_samples=1.5", "mc_samples=1.5 must be an integer"),
-                                           ("temperature=hot", "temperature=hot must be a number")])
+                                           ("temperature=hot", "temperature=hot must be a number"),
+                                           ("loop=12", "loop: not an option of --model loopmdm")])
 def test_bad_model_args_are_one_line_errors(run_dir, args, message):
     """--model_args as lm-eval's CLI parses them (strings where not numbers): one LoopMDMError line."""
     from loopmdm.errors import LoopMDMError
@@ -57,7 +58,8 @@ def test_model_args_need_a_path_and_accept_lm_evals_pretrained(run_dir):
 
     with pytest.raises(LoopMDMError, match="needs path=RUN"):
         LoopMDMLM.create_from_arg_string("loops=2", {"device": "cpu"})
-    lm = LoopMDMLM.create_from_arg_string(f"pretrained={run_dir},loops=2", {"device": "cpu"})
+    lm = LoopMDMLM.create_from_arg_string(f"pretrained={run_dir},loops=2,trust_remote_code=True",
+                                          {"device": "cpu", "max_batch_size": 8})  # lm-eval's own additions
     assert lm.loops == 2 and str(lm.run.run_dir) == run_dir
 
 

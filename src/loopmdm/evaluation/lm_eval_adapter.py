@@ -38,6 +38,11 @@ from loopmdm.sampling.samplers import SAMPLERS
 get_model("dummy")  # load lm-eval's own lazy model table first: it is skipped once the registry is non-empty
 
 
+MODEL_ARGS = ("path", "loops", "mc_samples", "estimator", "seed", "precision", "ema", "steps", "sampler",
+              "temperature", "max_gen_toks", "device", "batch_size")
+LM_EVAL_OWN_ARGS = {"max_batch_size", "trust_remote_code"}
+
+
 def _number(kind, name: str, value):
     try:
         number = kind(value)
@@ -66,6 +71,11 @@ class LoopMDMLM(LM):
 
         # --model_args come from the command line: a missing path or a non-number is one line, not a traceback.
         path = path or pretrained  # lm-eval's usual name for the model location
+        # A misspelt option (loop=12) must not silently evaluate the defaults (S = 1); lm-eval
+        # itself adds only these (its --max_batch_size, --trust_remote_code), which mean nothing here.
+        unknown = sorted(set(_ignored) - LM_EVAL_OWN_ARGS)
+        require(not unknown, f"--model_args {', '.join(unknown)}: not an option of --model loopmdm; it takes: "
+                             f"{', '.join(MODEL_ARGS)}")
         require(path, "--model_args needs path=RUN (a run directory or a `loopmdm export` folder)")
         loops, mc_samples, seed, max_gen_toks = (_number(int, name, value) for name, value in (
             ("loops", loops), ("mc_samples", mc_samples), ("seed", seed), ("max_gen_toks", max_gen_toks)))
