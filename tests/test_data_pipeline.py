@@ -377,3 +377,35 @@ def test_a_stream_failing_midway_is_a_one_line_error(tmp_path, offline_hf, monke
     assert next(docs).text == "first row"
     with pytest.raises(LoopMDMError, match=r"failed after 1 rows: Connection reset by peer; run again to resume"):
         next(docs)
+
+
+def test_a_worker_process_that_dies_is_a_one_line_error_not_a_hang(monkeypatch):
+    """A worker killed mid-item (the OOM killer on a huge document) must stop the preparation
+    with one line; multiprocessing.Pool replaced the worker and waited forever for its result."""
+    import os
+    import threading
+
+    tokenizer = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    real = encode.encode_pieces
+
+    def dies_on_a_marked_piece(tok, pieces):
+        if "die" in pieces:
+            os._exit(9)  # in the forked worker only: the parent never encodes with num_proc=2
+        return real(tok, pieces)
+
+    monkeypatch.setattr(encode, "encode_pieces", dies_on_a_marked_piece)
+    items = [(i, ["a a", "die" if i == 3 else "a"]) for i in range(8)]
+    outcome = []
+
+    def consume():
+        try:
+            outcome.append(len(list(encode.encode_items(tokenizer, items, num_proc=2))))
+        except Exception as exc:  # noqa: BLE001 -- the test inspects it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=consume, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "encode_items hung after a worker process died"
+    assert isinstance(outcome[0], LoopMDMError) and "worker process died" in str(outcome[0])

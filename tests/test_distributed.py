@@ -136,11 +136,19 @@ def _fsdp_worker(rank: int, world_size: int, port: int, root: str) -> None:
     from loopmdm.training.run import train
     from loopmdm.training.trainer import Trainer
 
+    import functools
+
+    from loopmdm.training import speed
+
+    # train.compile with dynamo's aot_eager backend (graph capture and guards as inductor's,
+    # without a minute of C++ compilation): per-block compile in place, then fully_shard.
+    speed.compile_blocks = functools.partial(speed.compile_blocks, backend="aot_eager")
     seen = {}
     original = Trainer.train_step
 
     def recording_step(self):
         out = original(self)
+        seen.setdefault("compiled", speed.is_compiled(self.model))  # the first run's
         seen["sharded"] = all(isinstance(p, DTensor) for p in self.model.parameters())
         seen["ema_sharded"] = all(isinstance(v, DTensor) for v in self.ema.shadow.values())
         seen["local_rows"] = self.model.embed.weight.to_local().shape[0]
@@ -149,9 +157,10 @@ def _fsdp_worker(rank: int, world_size: int, port: int, root: str) -> None:
     Trainer.train_step = recording_step
     with dist_context("cpu", "fsdp") as dist:
         assert isinstance(dist, FSDPContext)
-        # With activation checkpointing per loop iteration: recomputation re-enters the FSDP units
-        # in backward; the gradients (and so the losses) must not change.
-        train(load_config(None, _overrides(Path(root), "fsdp", "train.parallel=fsdp", "model.checkpoint_loops=true")),
+        # With activation checkpointing per loop iteration and compiled blocks: recomputation
+        # re-enters the FSDP units in backward; the gradients (and so the losses) must not change.
+        train(load_config(None, _overrides(Path(root), "fsdp", "train.parallel=fsdp", "model.checkpoint_loops=true",
+                                           "train.compile=true")),
               dist=dist, progress_print=lambda *_: None)
         train(load_config(None, _overrides(Path(root), "fsdp-resumed", "train.parallel=fsdp")), resume=True, dist=dist,
               progress_print=lambda *_: None)
@@ -181,7 +190,7 @@ def test_fsdp_two_ranks_match_one_process_and_checkpoints_move_between_world_siz
     run_ranks(_fsdp_worker, args=(2, _free_port(), str(root)))
     for rank in (0, 1):  # the model and the EMA really were sharded over the 2 ranks
         seen = json.loads((root / f"fsdp-rank{rank}.json").read_text())
-        assert seen["sharded"] and seen["ema_sharded"], seen
+        assert seen["sharded"] and seen["ema_sharded"] and seen["compiled"], seen
     ref_ckpt = ckpt.checkpoint_path(root / "ref")
     ref_rows = ckpt.load_weights(ref_ckpt, use_ema=False)["embed.weight"].shape[0]
     assert seen["local_rows"] == ref_rows - (ref_rows + 1) // 2  # rank 1 holds its half of the embedding

@@ -272,6 +272,8 @@ def test_export_bad_inputs_are_one_line_errors(exported, tmp_path, capsys):
     _one_line_error(capsys, ["export", str(run_dir), str(run_dir)], "run directory itself")
     _one_line_error(capsys, ["export", str(run_dir), str(tmp_path / "o"), "--num-loops", "0"], "--num-loops 0")
     assert not (tmp_path / "o").exists()
+    # finetune --init needs the run itself (config.yaml, the tokenizer without the export's mask token).
+    _one_line_error(capsys, ["finetune", "gsm8k-test", "--init", str(out)], "is a `loopmdm export` folder")
 
     # A damaged export read back by the CLI: one line naming the file.
     damaged = tmp_path / "damaged"

@@ -41,6 +41,28 @@ def test_registered_model_resolves():
     assert get_model("loopmdm") is LoopMDMLM
 
 
+@pytest.mark.parametrize("args, message", [("loops=x", "loops=x must be an integer"),
+                                           ("mc_samples=1.5", "mc_samples=1.5 must be an integer"),
+                                           ("temperature=hot", "temperature=hot must be a number"),
+                                           ("loop=12", "loop: not an option of --model loopmdm")])
+def test_bad_model_args_are_one_line_errors(run_dir, args, message):
+    """--model_args as lm-eval's CLI parses them (strings where not numbers): one LoopMDMError line."""
+    from loopmdm.errors import LoopMDMError
+
+    with pytest.raises(LoopMDMError, match=message):
+        LoopMDMLM.create_from_arg_string(f"path={run_dir},{args}", {"device": "cpu"})
+
+
+def test_model_args_need_a_path_and_accept_lm_evals_pretrained(run_dir):
+    from loopmdm.errors import LoopMDMError
+
+    with pytest.raises(LoopMDMError, match="needs path=RUN"):
+        LoopMDMLM.create_from_arg_string("loops=2", {"device": "cpu"})
+    lm = LoopMDMLM.create_from_arg_string(f"pretrained={run_dir},loops=2,trust_remote_code=True",
+                                          {"device": "cpu", "max_batch_size": 8})  # lm-eval's own additions
+    assert lm.loops == 2 and str(lm.run.run_dir) == run_dir
+
+
 def test_loglikelihood_is_seeded_and_independent_of_batching(run_dir, lm):
     reqs = [ll_request("The new phone", " costs more"), ll_request("Shares fell", " sharply today", 1)]
     a = lm.loglikelihood(reqs)
@@ -195,3 +217,14 @@ def test_lm_eval_launcher_runs_the_registered_model(run_dir, tmp_path, monkeypat
     assert code == 0
     [path] = list((tmp_path / "out").rglob("results_*.json"))
     assert 0 <= json.loads(path.read_text())["results"]["loopmdm_winogrande"]["acc,none"] <= 1
+
+
+def test_downstream_checks_every_run_before_evaluating_any(run_dir, monkeypatch, capsys):
+    """A typo in the second run is reported at once, not after the baseline's evaluation."""
+    import lm_eval
+
+    calls = []
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append(kw) or {})
+    assert main(["downstream", "/no/such/run", "--baseline", run_dir, "--loops", "1", "--limit", "1",
+                 "--mc-samples", "1", "--seeds", "0", "--tasks", "arc_easy", "--device", "cpu"]) == 2
+    assert not calls and "'/no/such/run' does not exist" in capsys.readouterr().err

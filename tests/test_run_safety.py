@@ -187,6 +187,14 @@ def test_resume_of_a_finished_run_changes_nothing(trained, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
 
 
+def test_resume_may_change_settings_that_do_not_change_the_data(trained, tmp_path, capsys):
+    """data.num_proc (and cache_dir) are outside the prepared data's key: the bytes are the same."""
+    run = copy_run(trained, tmp_path)
+    code, _, err = run_cli(capsys, *train_argv(trained, run, "train.max_steps=7", "data.num_proc=1", "--resume"))
+    assert code == 0, err
+    assert ckpt.step_of(ckpt.checkpoint_path(run)) == 7
+
+
 def test_a_failed_resume_writes_nothing(trained, tmp_path, capsys):
     run = copy_run(trained, tmp_path)
     config = (run / "config.yaml").read_bytes()

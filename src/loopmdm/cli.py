@@ -68,12 +68,15 @@ def cmd_finetune(args) -> None:
     from pathlib import Path
 
     from loopmdm.config import load_config
-    from loopmdm.runs import read_run_config
+    from loopmdm.runs import is_export, read_run_config
     from loopmdm.tasks.pairs import make_pairs, write_pairs
     from loopmdm.training.distributed import dist_context
     from loopmdm.training.run import train
 
     init = Path(args.init)
+    # An export's tokenizer.json carries the added mask token, so it cannot be the data's tokenizer.
+    require(not is_export(init), f"--init '{init}' is a `loopmdm export` folder; fine-tune from the run "
+                                 f"directory it was exported from (or train with train.init_from={init})")
     read_run_config(init)  # a clear error if --init is not a run directory
     source = Path(args.source)
     if source.is_file():

@@ -20,10 +20,14 @@ import multiprocessing
 import os
 import sys
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from loopmdm.errors import LoopMDMError
 
 MAX_PIECE_CHARS = 1 << 16  # per encode input: bounds a worker's encoding memory (~200 B/char)
 ITEM_CHARS = 1 << 17  # characters per work item sent to a worker (at most twice this)
@@ -101,22 +105,34 @@ def _encode_in_worker(pieces: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
     return encode_pieces(_WORKER_TOKENIZER, pieces)
 
 
-def _worker_pool(num_proc: int, tokenizer: Tokenizer):
+def _worker_pool(num_proc: int, tokenizer: Tokenizer) -> ProcessPoolExecutor:
     """fork where there is one (Linux): spawn would re-import the caller's main module, and a
     script without `if __name__ == "__main__"` would prepare again in each worker (waiting
     forever on the first one's lock). A forked child of the tokenizers library turns its
-    threads off; TOKENIZERS_PARALLELISM set around the fork only keeps it from warning."""
+    threads off; TOKENIZERS_PARALLELISM set around the fork only keeps it from warning.
+    An executor, not multiprocessing.Pool: a Pool replaces a worker that dies (the OOM
+    killer) and leaves its task's result waiting forever; the executor raises BrokenProcessPool."""
     method = "fork" if sys.platform == "linux" else "spawn"
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        return multiprocessing.get_context(method).Pool(num_proc, initializer=_init_worker,
-                                                        initargs=(tokenizer.to_str(),))
+        pool = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method),
+                                   initializer=_init_worker, initargs=(tokenizer.to_str(),))
+        pool.submit(int).result()  # start the workers now, while the variable is set
+        return pool
     finally:
         if previous is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _result(future):
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise LoopMDMError("a tokenizing worker process died (killed, e.g. out of memory?); rerun to resume "
+                           "from the last checkpoint, with a smaller data.num_proc if memory is short") from None
 
 
 def encode_items(tokenizer: Tokenizer, items: Iterable[Tuple[object, List[str]]],
@@ -130,13 +146,16 @@ def encode_items(tokenizer: Tokenizer, items: Iterable[Tuple[object, List[str]]]
         for tag, pieces in items:
             yield (tag, *encode_pieces(tokenizer, pieces))
         return
-    with _worker_pool(num_proc, tokenizer) as pool:
+    pool = _worker_pool(num_proc, tokenizer)
+    try:
         pending: deque = deque()
         for tag, pieces in items:
-            pending.append((tag, pool.apply_async(_encode_in_worker, (pieces,))))
+            pending.append((tag, pool.submit(_encode_in_worker, pieces)))
             if len(pending) >= 2 * num_proc:
-                tag0, result = pending.popleft()
-                yield (tag0, *result.get())
+                tag0, future = pending.popleft()
+                yield (tag0, *_result(future))
         while pending:
-            tag0, result = pending.popleft()
-            yield (tag0, *result.get())
+            tag0, future = pending.popleft()
+            yield (tag0, *_result(future))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -130,9 +130,13 @@ def unigram_baselines(train_counts: np.ndarray, val_counts: np.ndarray) -> Tuple
 
 # --- preparing -------------------------------------------------------------------------
 
+# data.* settings that never change the bytes written (tests/test_data_pipeline.py): not part of
+# the key, and a resumed run may change them (training/run.py).
+NOT_IN_KEY = ("cache_dir", "num_proc")
+
+
 def cache_key(cfg: DataConfig) -> str:
-    # num_proc never changes the bytes written (tests/test_data_pipeline.py), so not the key.
-    fields = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "num_proc")}
+    fields = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
     if cfg.source != "task":  # task fields do not affect other sources
         fields = {k: v for k, v in fields.items() if not k.startswith("task")}
     fields["format_version"] = FORMAT_VERSION

@@ -52,7 +52,10 @@ def run_downstream(runs: list[tuple[str, str]], loops: list[int], tasks: list[st
     from lm_eval.tasks import TaskManager
 
     from loopmdm.evaluation.lm_eval_adapter import LoopMDMLM
+    from loopmdm.runs import load_run
 
+    for _label, path in runs:  # every run opens first: a bad second path must not wait for the first's evaluation
+        load_run(path, device="cpu")
     chosen = task_names(tasks, online, say)
     manager = TaskManager(include_path=None if online else str(TASKS_DIR), include_defaults=online)
     task_dict = manager.load(list(chosen.values()))["tasks"]

@@ -30,12 +30,28 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import get_model, register_model
 
 from loopmdm.diffusion.schedule import make_schedule
-from loopmdm.errors import require
+from loopmdm.errors import LoopMDMError, require
 from loopmdm.evaluation.likelihood import ESTIMATORS, score_continuations
 from loopmdm.evaluation.nelbo import evaluate_nelbo
 from loopmdm.sampling.samplers import SAMPLERS
 
 get_model("dummy")  # load lm-eval's own lazy model table first: it is skipped once the registry is non-empty
+
+
+MODEL_ARGS = ("path", "loops", "mc_samples", "estimator", "seed", "precision", "ema", "steps", "sampler",
+              "temperature", "max_gen_toks", "device", "batch_size")
+LM_EVAL_OWN_ARGS = {"max_batch_size", "trust_remote_code"}
+
+
+def _number(kind, name: str, value):
+    try:
+        number = kind(value)
+        exact = kind is float or float(value) == number  # int(1.5) would silently give 1
+    except (TypeError, ValueError):
+        exact = False
+    if exact:
+        return number
+    raise LoopMDMError(f"--model_args {name}={value} must be {'an integer' if kind is int else 'a number'}")
 
 
 def _bool(value) -> bool:
@@ -46,14 +62,25 @@ def _bool(value) -> bool:
 class LoopMDMLM(LM):
     """Scores and generates with a LoopMDM run at a fixed loop count S (`loops`)."""
 
-    def __init__(self, path: str, loops: int = 1, mc_samples: int = 32, estimator: str = "llada", seed: int = 1234,
-                 device: str | None = "auto", batch_size: int | str | None = "auto", precision: str | None = None,
-                 ema: bool = True, steps: int | None = None, sampler: str = "confidence", temperature: float = 0.0,
-                 max_gen_toks: int = 64, **_ignored):
+    def __init__(self, path: str | None = None, loops: int = 1, mc_samples: int = 32, estimator: str = "llada",
+                 seed: int = 1234, device: str | None = "auto", batch_size: int | str | None = "auto",
+                 precision: str | None = None, ema: bool = True, steps: int | None = None, sampler: str = "confidence",
+                 temperature: float = 0.0, max_gen_toks: int = 64, pretrained: str | None = None, **_ignored):
         super().__init__()
         from loopmdm.runs import load_run
 
-        loops, mc_samples, seed, max_gen_toks = int(loops), int(mc_samples), int(seed), int(max_gen_toks)
+        # --model_args come from the command line: a missing path or a non-number is one line, not a traceback.
+        path = path or pretrained  # lm-eval's usual name for the model location
+        # A misspelt option (loop=12) must not silently evaluate the defaults (S = 1); lm-eval
+        # itself adds only these (its --max_batch_size, --trust_remote_code), which mean nothing here.
+        unknown = sorted(set(_ignored) - LM_EVAL_OWN_ARGS)
+        require(not unknown, f"--model_args {', '.join(unknown)}: not an option of --model loopmdm; it takes: "
+                             f"{', '.join(MODEL_ARGS)}")
+        require(path, "--model_args needs path=RUN (a run directory or a `loopmdm export` folder)")
+        loops, mc_samples, seed, max_gen_toks = (_number(int, name, value) for name, value in (
+            ("loops", loops), ("mc_samples", mc_samples), ("seed", seed), ("max_gen_toks", max_gen_toks)))
+        steps = None if steps is None else _number(int, "steps", steps)
+        temperature = _number(float, "temperature", temperature)
         require(loops >= 1, f"loops={loops} must be >= 1")
         require(mc_samples >= 1, f"mc_samples={mc_samples} must be >= 1")
         require(estimator in ESTIMATORS, f"estimator '{estimator}' is not allowed; choose one of: {', '.join(ESTIMATORS)}")

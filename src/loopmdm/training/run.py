@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from loopmdm.config import Config, config_from_dict
-from loopmdm.data.prepare import prepare_data
+from loopmdm.data.prepare import NOT_IN_KEY, prepare_data
 from loopmdm.data.prepared import PreparedData
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.runfiles import (LOCK_FILE, TMP_MARK, RunLock, clean_stale, disk_error, fault_point, is_our_lock, note,
@@ -173,7 +173,9 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, replace: bool, dist:
             for key, value in saved[section].items():
                 if key not in (raw.get(section) or {}):  # an option added after this run was saved
                     setattr(getattr(cfg, section), key, value)
-            diff = _first_difference(saved[section], cfg.to_dict()[section], f"{section}.")
+            same = NOT_IN_KEY if section == "data" else ()  # where and how fast it is prepared: free to change
+            diff = _first_difference({k: v for k, v in saved[section].items() if k not in same},
+                                     {k: v for k, v in cfg.to_dict()[section].items() if k not in same}, f"{section}.")
             require(diff is None, f"--resume with a different setting ({diff}); only train.* may change")
     trainer = Trainer(cfg, data, run_dir, dist)
     if resume:
