@@ -161,10 +161,10 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, replace: bool, dist:
         removed = clean_stale(run_dir)  # we hold the lock: whoever left these is dead
         if removed:
             note(f"removed {len(removed)} leftover(s) of an interrupted write in '{run_dir}': {', '.join(removed[:3])}")
-    data = prepare_data(cfg.data, progress=dist.is_main) if dist.is_main else None
-    dist.barrier()
-    if data is None:
-        data = prepare_data(cfg.data)
+    # Every rank calls it: the first takes the cache folder's file lock and prepares, the others
+    # block on that lock (no timeout) and then read the result -- a collective barrier here
+    # would kill the job after LOOPMDM_DIST_TIMEOUT while a paper-size corpus is tokenized.
+    data = prepare_data(cfg.data, progress=dist.is_main)
     attach_vocab(cfg, data)
     if resume:
         raw = json.loads(json.dumps(read_run_config(run_dir, say=note if dist.is_main else (lambda _m: None))))
