@@ -17,11 +17,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively here (AVX512-BF16 / AMX). Without it bf16 is
+    emulated: measured on a 2-core AMD EPYC without AVX-512, a 4096x256x1024 bf16 linear took
+    0.18 s against 0.03 s in fp32 -- 6x slower, where a host with AVX512-BF16 ran `tiny` ~1.75x
+    faster in bf16 than in fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast when asked for, or for 'auto' on a CUDA device that supports it.
-    (On CPU 'auto' stays fp32: bf16 speed there depends on the processor; presets opt in.)"""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    """bf16 autocast when asked for, or for 'auto' where bf16 is native: a CUDA device that
+    supports it, or a CPU with AVX512-BF16 / AMX (elsewhere 'auto' stays fp32)."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and (
+        torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()))
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
