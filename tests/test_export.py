@@ -47,7 +47,6 @@ def test_modelling_files_import_only_torch_and_transformers():
 
 
 def _hf_classes():
-    pytest.importorskip("transformers")
     from loopmdm.export.hf_template.configuration_loopmdm import LoopMDMConfig
     from loopmdm.export.hf_template.modeling_loopmdm import LoopMDMForMaskedLM
     return LoopMDMConfig, LoopMDMForMaskedLM
@@ -132,7 +131,7 @@ def exported(tmp_path_factory):
 @pytest.fixture
 def hf_modules(tmp_path, monkeypatch):
     """transformers copies remote code into HF_MODULES_CACHE (default under ~): keep it in tmp."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # in requirements.txt: a missing one is a broken install, not a skip
     import transformers.dynamic_module_utils as dmu
 
     monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
@@ -198,7 +197,6 @@ print((logits - ref["logits"]).abs().max().item())
 
 
 def test_export_loads_where_loopmdm_cannot_be_imported(exported, tmp_path):
-    pytest.importorskip("transformers")
     run_dir, out = exported
     run = load_run(run_dir, device="cpu")
     x = torch.randint(0, run.model.mask_id + 1, (2, 16), generator=torch.Generator().manual_seed(0))
