@@ -124,7 +124,7 @@ def test_a_long_single_line_document_is_encoded_in_bounded_pieces(tmp_path, smal
 
 def _val_ids(cfg: DataConfig) -> set:
     from loopmdm.data.corpus import SplitCorpus
-    return SplitCorpus(cfg)._val_ids
+    return {doc_id for doc_id, split in SplitCorpus(cfg)._split_of.items() if split == "val"}
 
 
 # --- workers, resuming, cache ----------------------------------------------------------

@@ -22,8 +22,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 BLOCK_STYLES = ("dit", "llama")
 SCHEDULES = ("loglinear", "linear", "cosine")
-SOURCES = ("embedded", "text", "hf", "task", "pairs")
-TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased", "task")
+SOURCES = ("embedded", "shakespeare", "text", "hf", "task", "pairs")
+TOKENIZERS = ("bpe", "char", "gpt2", "bert-base-uncased", "task")
 PACKINGS = ("wrap", "pad")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -83,7 +83,9 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"  # embedded corpus | local "text" files | "hf" datasets
+    # embedded corpus (plays + news) | "shakespeare" (the embedded plays alone) | local "text"
+    # files | "hf" datasets
+    source: str = "embedded"
     paths: List[str] = field(default_factory=list)  # files or globs for source=text
     hf_name: str = ""  # e.g. "lm1b", "Skylion007/openwebtext"
     hf_config: str = ""
@@ -93,13 +95,20 @@ class DataConfig:
     hf_max_docs: int = 0  # 0 = all
     detokenizer: str = ""  # "" | lm1b: MDLM's LM1B detokenizer before tokenizing (data/corpus.py DETOKENIZERS)
     num_proc: int = 0  # tokenizer worker processes (0 = cores, at most 8); never changes the output
-    tokenizer: str = "bpe"  # bpe (trained here) | gpt2 | bert-base-uncased
+    tokenizer: str = "bpe"  # bpe (trained here) | char (the train split's characters) | gpt2 | bert-base-uncased
     tokenizer_path: str = ""  # gpt2/bert: local files (offline); bpe: a tokenizer.json to reuse instead of training
     bpe_vocab_size: int = 2048
     seq_len: int = 128
     packing: str = "wrap"  # wrap: docs + EOS concatenated and cut; pad: one doc per row
     val_fraction: float = 0.05
+    # > 0: a test split of whole documents, never read by training, sweeps or early stopping
+    # (suites select on validation and report on test). 0 = train and validation only.
+    test_fraction: float = 0.0
     split_seed: int = 0
+    # > 0: train on only the first this-many tokens of the train split (whole blocks), seen
+    # again every epoch: the data-scarce regime of the paper's budgets (tens of epochs).
+    # Never changes the prepared bytes; validation and test are untouched.
+    train_tokens: int = 0
     cache_dir: str = "data_cache"
     # source=task: a synthetic task from loopmdm.tasks (TASKS); its own vocabulary and length
     # replace data.tokenizer and data.seq_len. train examples; validation gets val_fraction of that.
@@ -329,6 +338,12 @@ def validate(cfg: Config) -> None:
     require(da.seq_len >= 8, f"data.seq_len={da.seq_len} must be >= 8")
     require(da.bpe_vocab_size >= 260, f"data.bpe_vocab_size={da.bpe_vocab_size} must be >= 260 (bytes + specials)")
     require(0.0 < da.val_fraction < 1.0, f"data.val_fraction={da.val_fraction} must be in (0, 1)")
+    require(0.0 <= da.test_fraction < 1.0 and da.val_fraction + da.test_fraction < 1.0,
+            f"data.test_fraction={da.test_fraction} must be in [0, 1) with data.val_fraction + data.test_fraction < 1 "
+            f"(data.val_fraction={da.val_fraction})")
+    require(da.test_fraction == 0.0 or da.source not in ("task", "pairs"),
+            f"data.test_fraction={da.test_fraction} is for text sources; data.source={da.source} holds out its own test set")
+    require(da.train_tokens >= 0, f"data.train_tokens={da.train_tokens} must be >= 0 (0 = the whole train split)")
     if da.source == "text":
         require(len(da.paths) > 0, "data.source=text needs data.paths=[file or glob, ...]")
     if da.source == "pairs":

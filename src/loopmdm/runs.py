@@ -186,9 +186,10 @@ def is_export(path: str | Path) -> bool:
             and not (path / "checkpoints").exists())
 
 
-def load_run(run_dir: str | Path, device: str = "auto", use_ema: bool = True) -> LoadedRun:
+def load_run(run_dir: str | Path, device: str = "auto", use_ema: bool = True, best: bool = False) -> LoadedRun:
     """Rebuild the model of a run from its config and newest intact checkpoint (EMA weights by
     default; a checkpoint whose EMA file is missing counts as damaged unless use_ema=False).
+    `best`: the weights of its lowest validation NELBO instead (checkpoints/best.safetensors).
     A `loopmdm export` folder is opened with `load_exported`."""
     run_dir = Path(run_dir)
     require(run_dir.exists(), f"run directory '{run_dir}' does not exist (train one with `loopmdm train CONFIG`)")
@@ -217,10 +218,21 @@ def load_run(run_dir: str | Path, device: str = "auto", use_ema: bool = True) ->
                 f"checkpoint '{path}' does not fit the run's config (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
         return model
 
-    path, model = open_checkpoint(run_dir, load_model)
+    if best:
+        state, info = ckpt.load_best(run_dir)
+        model = LoopedDenoiser(cfg.model)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise LoopMDMError(f"'{ckpt.best_path(run_dir)}' does not fit the run's config: "
+                               f"{str(exc).splitlines()[-1].strip()[:160]}") from None
+        step = int(info["step"])
+    else:
+        path, model = open_checkpoint(run_dir, load_model)
+        step = ckpt.step_of(path)
     model.to(dev).eval()
     tokenizer = TextTokenizer.load(run_dir / "tokenizer.json", cfg.data.tokenizer)
-    return LoadedRun(cfg, model, tokenizer, run_dir, ckpt.step_of(path), dev)
+    return LoadedRun(cfg, model, tokenizer, run_dir, step, dev)
 
 
 def tokenizer_without_mask(path: Path, mask_id: int) -> Tokenizer:

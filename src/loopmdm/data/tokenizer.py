@@ -1,6 +1,7 @@
-"""Tokenizers: a byte-level BPE trained on the corpus, GPT-2 BPE, or BERT WordPiece.
+"""Tokenizers: a byte-level BPE trained on the corpus, a character vocabulary read off the
+corpus, GPT-2 BPE, or BERT WordPiece.
 
-All three are `tokenizers.Tokenizer` objects behind one small wrapper. The diffusion
+All four are `tokenizers.Tokenizer` objects behind one small wrapper. The diffusion
 [MASK] id is `vocab_size`, one past the last real id, so it never collides with a token.
 """
 
@@ -10,17 +11,19 @@ import hashlib
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from loopmdm.config import DataConfig
 from loopmdm.errors import LoopMDMError, require
 
 EOS_GPT = "<|endoftext|>"
 PAD_GPT = "<|pad|>"
+UNK_CHAR = "<|unk|>"  # a character that never occurs in the train split
 
 # name -> (eos, pad, bos) special-token strings.
 SPECIALS: Dict[str, tuple] = {
     "bpe": (EOS_GPT, PAD_GPT, None),
+    "char": (EOS_GPT, PAD_GPT, None),
     "gpt2": (EOS_GPT, PAD_GPT, None),
     "bert-base-uncased": ("[SEP]", "[PAD]", "[CLS]"),
     "task": (EOS_GPT, PAD_GPT, None),
@@ -110,6 +113,28 @@ def _train_bpe(cfg: DataConfig, train_texts: Iterable[str]) -> Tokenizer:
     return tok
 
 
+# Every character on its own (newlines included): one token per Unicode code point.
+_ONE_CHAR = r"[\s\S]"
+
+
+def _char_vocab(cfg: DataConfig, train_texts: Iterable[str]) -> Tokenizer:
+    """Character level (nanoGPT's shakespeare_char): one id per character of the train split,
+    in code-point order, then EOS, pad and unknown. A small vocabulary keeps the output head
+    cheap, so a CPU affords the deep or looped trunk the experiment is about."""
+    chars = set()
+    for text in train_texts:
+        chars.update(text)
+    require(len(chars) > 0, "data.tokenizer=char found no characters in the train split")
+    vocab = {ch: i for i, ch in enumerate(sorted(chars))}
+    for special in (EOS_GPT, PAD_GPT, UNK_CHAR):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK_CHAR))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(_ONE_CHAR), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters are joined with nothing between them
+    tok.add_special_tokens([EOS_GPT, PAD_GPT, UNK_CHAR])
+    return tok
+
+
 def _from_hub(name: str) -> Tokenizer:
     try:
         return Tokenizer.from_pretrained(name)
@@ -180,11 +205,15 @@ def task_tokenizer(symbols: List[str]) -> TextTokenizer:
 
 
 def build_tokenizer(cfg: DataConfig, train_texts: Iterable[str]) -> TextTokenizer:
-    """The configured tokenizer; only `bpe` reads `train_texts` (it is trained on them)."""
+    """The configured tokenizer; only `bpe` and `char` read `train_texts` (built from them)."""
     if cfg.tokenizer == "bpe":
         if cfg.tokenizer_path:  # reuse a trained one, e.g. a run's tokenizer.json to evaluate it on new text
             return TextTokenizer(_load_json(Path(cfg.tokenizer_path).expanduser()), "bpe")
         return TextTokenizer(_train_bpe(cfg, train_texts), "bpe")
+    if cfg.tokenizer == "char":
+        if cfg.tokenizer_path:
+            return TextTokenizer(_load_json(Path(cfg.tokenizer_path).expanduser()), "char")
+        return TextTokenizer(_char_vocab(cfg, train_texts), "char")
     if cfg.tokenizer == "gpt2":
         return TextTokenizer(_gpt2(cfg), "gpt2")
     if cfg.tokenizer == "bert-base-uncased":

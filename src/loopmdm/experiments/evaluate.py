@@ -6,13 +6,14 @@ import json
 
 import torch
 
+from loopmdm.data.loader import eval_rows
 from loopmdm.training import checkpoint as ckpt
 
 T_BINS = [0.0, 0.25, 0.5, 0.75, 1.0]  # NELBO split by the noise level drawn (paper: gains at mid t)
 
 
 def _val_curve(run_dir) -> list[dict]:
-    """(flops, val_nll) of every validation record of the run, in order."""
+    """(step, flops, epoch, val_nll) of every validation record of the run, in order."""
     curve = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         try:
@@ -20,8 +21,20 @@ def _val_curve(run_dir) -> list[dict]:
         except ValueError:
             continue
         if rec.get("kind") == "val":
-            curve.append({"step": rec["step"], "flops": rec["flops"], "val_nll": rec["val_nll"]})
+            curve.append({"step": rec["step"], "flops": rec["flops"], "val_nll": rec["val_nll"],
+                          **({"epoch": rec["epoch"]} if "epoch" in rec else {})})
     return curve
+
+
+def _mask_attention(run, data, log) -> dict | None:
+    """Mask->mask attention per layer (and per loop iteration) on 2 validation batches."""
+    from loopmdm.analysis.attention import mask_attention_by_layer
+
+    try:
+        return mask_attention_by_layer(run.model, data.blocks("val"), run.cfg, run.device)
+    except Exception as exc:  # a diagnostic: never lose an evaluation over it
+        log(f"mask attention skipped: {type(exc).__name__}: {exc}")
+        return None
 
 
 def evaluate_run(suite, spec, scale, log) -> dict:
@@ -33,8 +46,13 @@ def evaluate_run(suite, spec, scale, log) -> dict:
     from loopmdm.evaluation.solve import solve_task, task_test_set
     from loopmdm.runs import load_run
 
-    run = load_run(spec.out_dir, device="cpu" if not torch.cuda.is_available() else "auto")
+    device = "cpu" if not torch.cuda.is_available() else "auto"
+    run = load_run(spec.out_dir, device=device)
     data = run.prepared_data()
+    if data.has_split("test") and ckpt.read_best_info(spec.out_dir) is not None:
+        # The regime suites: the weights of the best validation NELBO (early stopping), scored on
+        # the test split, which no choice has seen.
+        run = load_run(spec.out_dir, device=device, best=True)
     loops = list(suite.loops) if run.model.is_looped else [1]
     train = json.loads((spec.out_dir / "train_summary.json").read_text())
     result = {"arm": spec.arm, "seed": spec.seed, "lr": spec.lr, "step": train["step"], "flops": train["flops"],
@@ -47,6 +65,16 @@ def evaluate_run(suite, spec, scale, log) -> dict:
                                               precision=run.cfg.train.precision)
                             for order in suite.orders}
     cfg = run.cfg
+    if data.has_split("test") and ckpt.read_best_info(spec.out_dir) is not None:
+        result["best"] = ckpt.read_best_info(spec.out_dir)
+        result["epochs"] = train.get("epochs")
+        result["test_nelbo"] = evaluate_nelbo(
+            run.model, data.blocks("test"), make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps), loops,
+            eps=cfg.diffusion.eps, batch_size=cfg.eval.batch_size, num_batches=scale.num_test, seed=cfg.eval.seed,
+            device=run.device, precision=cfg.train.precision, t_bins=T_BINS)
+        result["test_unigram_xent"] = data.unigram_xent(data.blocks("test")[eval_rows(
+            len(data.blocks("test")), cfg.eval.batch_size, scale.num_test)])
+        result["mask_attention"] = _mask_attention(run, data, log)
     result["nelbo"] = evaluate_nelbo(run.model, data.blocks("val"), make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
                                      loops, eps=cfg.diffusion.eps, batch_size=cfg.eval.batch_size,
                                      num_batches=scale.num_test if suite.kind == "lm" else 8,

@@ -168,11 +168,18 @@ def attach_init(suite: Suite, specs: list[RunSpec], init_root: Path, pairs_file:
                                "data.source=pairs", f"data.paths=['{pairs_file.resolve()}']")
 
 
+def selection_nll(summary: dict) -> float:
+    """What a sweep compares: the run's best validation NELBO (early-stopping selection) where
+    it kept one, else its final one (runs trained before best-checkpoint selection existed)."""
+    best = summary.get("best_val_nll")
+    return float(best) if best is not None else float(summary["val_nll"])
+
+
 def pick_best_lr(sweep: list[RunSpec]) -> dict:
-    """Per arm, the learning rate with the lowest final validation NELBO of the sweep."""
+    """Per arm, the learning rate with the lowest validation NELBO of the sweep (selection_nll)."""
     best: dict = {}
     for spec in sweep:
-        nll = json.loads((spec.out_dir / "train_summary.json").read_text())["val_nll"]
+        nll = selection_nll(json.loads((spec.out_dir / "train_summary.json").read_text()))
         if spec.arm not in best or nll < best[spec.arm][1]:
             best[spec.arm] = (spec.lr, nll)
     return {arm: lr for arm, (lr, _) in best.items()}

@@ -83,6 +83,14 @@ SUITES = {
                               ("train.batch_size=128", "model.d_model=256", "train.eval_every=500"))},
                 loops=(1, 2, 4, 6, 8, 12, 16, 24)),
 }
+# The paper's regime at CPU scale (docs/RESULTS.md, "Which regime"): 32k characters of plays seen for
+# tens of epochs, every arm selected at its best validation NELBO and reported on held-out test plays.
+# cpu: 1.2e13 FLOPs is ~1,050 MDM steps of 16 x 128 characters (~66 epochs; LoopMDM ~550 steps, ~34
+# epochs), ~8 min a run on one core; sweep at half the budget (seed 0), finals on 3 seeds. (A 64k-
+# character calibration run of the MDM was still improving at 37 epochs: diffusion repeats data well.)
+SUITES["shakespeare-char"] = Suite("shakespeare-char", "configs/experiments/shakespeare-char.yaml", ("mdm", "loop", "deeper"),
+                                   "lm", {"cpu": Scale(1.2e13, 0.5, (1e-3, 2e-3, 4e-3), (0, 1, 2), 16)},
+                                   loops=(1, 2, 4, 8, 12, 16))
 # Reasoning after fine-tuning (the reasoning issue): the `lm` suite's pretrained MDM, LoopMDM and deeper
 # MDM, fine-tuned on multi-step arithmetic (reasoning-gym chain_sum, 1-digit operands, 2-4 terms: the
 # difficulty) with the same recipe and FLOPs; exact match per S and per number of terms.

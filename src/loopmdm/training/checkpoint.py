@@ -3,6 +3,8 @@
 
 Layout:  RUN/checkpoints/step-000200/{model,ema}.safetensors + train_state.pt
          RUN/checkpoints/latest  (the name of the newest complete checkpoint)
+         RUN/checkpoints/best.safetensors  (the weights evaluated, EMA where kept, at the lowest
+                                            validation NELBO so far; step and NELBO in its metadata)
 Writes are atomic: a checkpoint is assembled in a temporary folder, fsynced, renamed into
 place, and only then does `latest` (itself replaced atomically) point at it. Re-saving an
 existing step moves the old folder aside first; a kill between the two renames leaves
@@ -14,6 +16,7 @@ Any OSError while writing (a full disk) removes the partial folder and becomes o
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -21,14 +24,17 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from loopmdm.errors import LoopMDMError
 from loopmdm.runfiles import TMP_MARK, disk_error, fault_point, fsync_dir, write_all
+from loopmdm.runfiles import write_bytes_atomic
 from loopmdm.runfiles import write_text_atomic  # noqa: F401 (callers import it from here)
 
 MODEL_FILE, EMA_FILE, STATE_FILE, LATEST = "model.safetensors", "ema.safetensors", "train_state.pt", "latest"
+BEST_FILE, BEST_KEY = "best.safetensors", "loopmdm_best"
 
 
 def _contiguous(state: dict) -> dict:
@@ -164,3 +170,45 @@ def load_train_state(path: Path) -> dict:
     if missing:
         raise LoopMDMError(f"training state '{file}' is incomplete (lacks {', '.join(missing)})")
     return state
+
+
+# --- best-on-validation weights (early-stopping selection; suites report these on test) ----
+
+def best_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints" / BEST_FILE
+
+
+def save_best(run_dir: str | Path, state: dict, info: dict) -> None:
+    """One file, replaced atomically: the weights and what they scored (step, val NELBO, ...)
+    travel together, so a kill never pairs new weights with an old record."""
+    path = best_path(run_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, safetensors_bytes(_contiguous(state), metadata={BEST_KEY: json.dumps(info)}))
+    except OSError as exc:
+        raise disk_error(exc, f"'{path}'", "free some space, then continue with --resume") from None
+
+
+def read_best_info(run_dir: str | Path) -> dict | None:
+    """The record stored with the best weights, or None if there are none (or they are damaged)."""
+    path = best_path(run_dir)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})[BEST_KEY])
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return None
+
+
+def load_best(run_dir: str | Path) -> tuple[dict, dict]:
+    """(weights, record) of the best-on-validation checkpoint."""
+    path = best_path(run_dir)
+    info = read_best_info(run_dir)
+    if info is None:
+        raise LoopMDMError(f"'{path}' is missing or damaged: this run has no best-on-validation weights "
+                           f"(it saves them at each validation since data.train_tokens/test splits existed)")
+    try:
+        return load_file(str(path)), info
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoopMDMError(f"'{path}' is corrupt or unreadable ({str(exc).splitlines()[0]})") from None

@@ -91,7 +91,7 @@ def delete_run_files(run_dir: Path) -> None:
     root = run_dir / "checkpoints"
     if root.is_dir():
         for path in sorted(root.iterdir()):
-            if path.name == ckpt.LATEST or path.name.startswith((".", "step-")):
+            if path.name in (ckpt.LATEST, ckpt.BEST_FILE) or path.name.startswith((".", "step-")):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 fault_point(f"overwrite: deleted checkpoints/{path.name}")
         if not any(root.iterdir()):

@@ -95,7 +95,17 @@ class Trainer:
                 f"train.batch_size={tc.batch_size} must be a multiple of micro_batch_size x world_size = {micro} x {world}")
         self.micro_batch, self.accum_steps = micro, tc.batch_size // (micro * world)
         self.seq_len = data.seq_len
-        self.loader = BlockLoader(data.blocks("train"), micro, tc.seed, self.dist.rank, world)
+        train_blocks = data.blocks("train")
+        if cfg.data.train_tokens:  # the data-scarce regime: a fixed prefix of the split, repeated
+            n_blocks = math.ceil(cfg.data.train_tokens / data.seq_len)
+            require(n_blocks <= len(train_blocks),
+                    f"data.train_tokens={cfg.data.train_tokens} asks for {n_blocks} blocks of {data.seq_len} tokens; "
+                    f"the train split has {len(train_blocks)} ({len(train_blocks) * data.seq_len} tokens)")
+            train_blocks = train_blocks[:n_blocks]
+        # Unique training tokens (pads included: they are rows of the split): one epoch.
+        self.epoch_tokens = len(train_blocks) * data.seq_len
+        self.loader = BlockLoader(train_blocks, micro, tc.seed, self.dist.rank, world)
+        self.best_val: float | None = None  # lowest validation NELBO so far (its weights: ckpt.BEST_FILE)
         self.generator = torch.Generator(device=self.device)  # reseeded every step (train_step)
         self.use_pad_mask = data.meta.get("packing") == "pad"
         self.val_unigram: float | None = None
@@ -202,6 +212,15 @@ class Trainer:
                                   say=note if self.dist.is_main else (lambda _msg: None))
         self.saved_step = self.resumed_step = self.step
         self._truncate_metrics(self.step)
+        # The best weights on disk count if they are from this timeline; written after the
+        # checkpoint we resume from, they are re-earned (the replay is exact) or replaced.
+        info = ckpt.read_best_info(self.run_dir)
+        if info is not None and info.get("step", self.step + 1) <= self.step:
+            self.best_val = float(info["val_nll"])
+        else:
+            vals = [r["val_nll"] for r in read_jsonl(self.metrics_path)
+                    if r.get("kind") == "val" and isinstance(r.get("val_nll"), (int, float))]
+            self.best_val = min(vals) if vals and info is not None else None
 
     # --------------------------------------------------------------------- metrics
     @property
@@ -232,6 +251,11 @@ class Trainer:
         return records[-1] if records else None
 
     # --------------------------------------------------------------------- loop
+    @property
+    def epoch(self) -> float:
+        """Passes over the (capped) train split so far."""
+        return self.tokens / max(self.epoch_tokens, 1)
+
     def _done(self) -> bool:
         tc = self.cfg.train
         return ((tc.max_steps > 0 and self.step >= tc.max_steps)
@@ -320,7 +344,14 @@ class Trainer:
         record = {"kind": "val", "step": self.step, "val_nll": result["nll"], "val_ppl": result["ppl"],
                   "val_unigram_xent": self.val_unigram,
                   "val_loops": num_loops, "val_tokens": result["tokens"], "tokens": self.tokens,
-                  "flops": self.flops, "time": round(self.train_time, 3)}
+                  "epoch": round(self.epoch, 4), "flops": self.flops, "time": round(self.train_time, 3)}
+        if self.best_val is None or result["nll"] < self.best_val:
+            # Early-stopping selection on validation (suites report these weights on test).
+            state = self.ema.full_state_dict() if self.ema else self.dist.model_state(self.model)  # collective
+            if self.dist.is_main:
+                ckpt.save_best(self.run_dir, state, {k: record[k] for k in ("step", "val_nll", "tokens", "epoch", "flops")})
+            self.best_val = result["nll"]
+        record["best_val_nll"] = self.best_val
         self._log(record)
         if cfg.train.loop_diagnostics and self.model.is_looped and self.dist.is_main:
             self._log(self.loop_diagnostics_record(model))
@@ -372,14 +403,15 @@ class Trainer:
                     record = {"kind": "train", "step": self.step, "loss": loss_value,
                               "lr": learning_rate(self.step - 1, tc, tc.max_steps or None),
                               "loops": num_loops, "loops_mean": self.interval["loops"] / self.interval["steps"],
-                              "grad_norm": float(grad_norm), "tokens": self.tokens, "flops": self.flops,
+                              "grad_norm": float(grad_norm), "tokens": self.tokens, "epoch": round(self.epoch, 4),
+                              "flops": self.flops,
                               "time": round(self.train_time, 3),
                               "tokens_per_sec": round(tc.batch_size * self.seq_len / max(step_time, 1e-9), 1),
                               "flops_per_sec": round(step_flops / max(step_time, 1e-9), 1)}
                     self._log(record)
                     self.interval = {"loops": 0, "steps": 0}
                     self.loss_accum.zero_()
-                    bar.set_postfix(loss=f"{loss_value:.3f}", S=num_loops,
+                    bar.set_postfix(loss=f"{loss_value:.3f}", S=num_loops, ep=f"{self.epoch:.1f}",
                                     tok_s=f"{record['tokens_per_sec']:.0f}", PFLOP=f"{self.flops / 1e15:.3f}")
                 if tc.eval_every and self.step % tc.eval_every == 0 and not self._done():
                     last_val = self.validate()
@@ -395,6 +427,10 @@ class Trainer:
         else:
             last_val = self.validate()
             self.save()
-        return {"step": self.step, "tokens": self.tokens, "flops": self.flops, "train_time": self.train_time,
+        best = ckpt.read_best_info(self.run_dir) or {}
+        return {"step": self.step, "tokens": self.tokens, "epochs": round(self.epoch, 4), "flops": self.flops,
+                "train_time": self.train_time,
                 "val_nll": last_val["val_nll"], "val_ppl": last_val["val_ppl"], "val_loops": last_val["val_loops"],
-                "val_unigram_xent": last_val["val_unigram_xent"]}
+                "val_unigram_xent": last_val["val_unigram_xent"],
+                "best_val_nll": best.get("val_nll"), "best_step": best.get("step"), "best_epoch": best.get("epoch"),
+                "best_flops": best.get("flops")}

@@ -1,0 +1,162 @@
+"""The data-scarce regime: character tokenizer, whole-document test split, the training-data
+cap with epochs, best-on-validation weights, and mask->mask attention for any model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from loopmdm.analysis.attention import mask_attention_by_layer
+from loopmdm.config import DataConfig, load_config
+from loopmdm.data.corpus import Document, split_names, val_flags
+from loopmdm.data.prepare import cache_key, prepare_data
+from loopmdm.data.tokenizer import build_tokenizer
+from loopmdm.errors import LoopMDMError
+from loopmdm.model.denoiser import LoopedDenoiser
+from loopmdm.runs import load_run
+from loopmdm.training import checkpoint as ckpt
+from loopmdm.training.run import train
+from loopmdm.training.trainer import Trainer
+
+
+def test_char_tokenizer_round_trips_and_maps_unseen_characters_to_unk():
+    cfg = DataConfig(tokenizer="char")
+    tok = build_tokenizer(cfg, ["To be, or not to be:\nthat is", "the question."])
+    text = "To be, or not\nto be: that is the question."
+    ids = tok.encode(text)
+    assert len(ids) == len(text)  # one id per character, newlines and spaces included
+    assert tok.decode(ids) == text
+    assert tok.vocab_size == len(set("To be, or not to be:\nthat isthe question.")) + 3  # + EOS, pad, unk
+    unk = tok.tok.token_to_id("<|unk|>")
+    assert tok.encode("Zz") == [unk, unk]  # neither 'Z' nor 'z' occurs in the train text
+    assert tok.decode(tok.encode("to be") + [tok.eos_id]) == "to be<|endoftext|>"
+
+
+def test_test_split_holds_out_whole_documents_and_leaves_validation_unchanged():
+    ids = [f"doc{i}" for i in range(200)]
+    names = split_names(ids, 0.1, 0.1, seed=0)
+    assert set(names) == {"train", "val", "test"}
+    assert 8 <= names.count("test") <= 35 and 8 <= names.count("val") <= 35
+    # adding a test split never moves a validation document (runs keep their validation curves)
+    assert [n == "val" for n in names] == val_flags(ids, 0.1, seed=0)
+    assert split_names(ids, 0.1, 0.0, seed=0).count("test") == 0
+    # a tiny corpus still gets one document of each kind
+    assert sorted(split_names(ids[:3], 0.1, 0.1, seed=0)) == ["test", "train", "val"]
+    with pytest.raises(LoopMDMError, match="at least 3"):
+        split_names(ids[:2], 0.1, 0.1, seed=0)
+
+
+def test_cache_key_unchanged_without_a_test_split_and_without_the_cap():
+    base = DataConfig(source="shakespeare", tokenizer="char")
+    assert cache_key(base) == cache_key(DataConfig(source="shakespeare", tokenizer="char", train_tokens=4096))
+    assert cache_key(base) != cache_key(DataConfig(source="shakespeare", tokenizer="char", test_fraction=0.1))
+
+
+def test_prepared_test_split_is_disjoint_and_absent_one_is_a_clear_error(tiny_cfg_factory):
+    cfg = tiny_cfg_factory("data.tokenizer=char", "data.test_fraction=0.2")
+    data = prepare_data(cfg.data)
+    sizes = {s: len(data.blocks(s)) for s in ("train", "val", "test")}
+    assert all(n > 0 for n in sizes.values())
+    import glob
+
+    from tests.conftest import bbc_glob
+
+    assert data.meta["n_train_docs"] + data.meta["n_val_docs"] + data.meta["n_test_docs"] == len(glob.glob(bbc_glob()))
+    rows = {s: {bytes(np.asarray(r)) for r in data.blocks(s)} for s in sizes}
+    assert not rows["test"] & rows["train"] and not rows["test"] & rows["val"]
+    plain = prepare_data(tiny_cfg_factory("data.tokenizer=char").data)
+    assert plain.meta["n_val_docs"] == data.meta["n_val_docs"]  # same validation documents
+    with pytest.raises(LoopMDMError, match="no test split; prepare it with data.test_fraction"):
+        plain.blocks("test")
+
+
+def test_config_rejects_bad_regime_settings(tiny_cfg_factory):
+    with pytest.raises(LoopMDMError, match="data.test_fraction=0.9"):
+        tiny_cfg_factory("data.test_fraction=0.9")
+    with pytest.raises(LoopMDMError, match="data.train_tokens=-1"):
+        tiny_cfg_factory("data.train_tokens=-1")
+    with pytest.raises(LoopMDMError, match="holds out its own test set"):
+        load_config(None, ["data.source=task", "data.test_fraction=0.1"])
+
+
+def test_train_tokens_caps_the_data_and_counts_epochs(tiny_cfg_factory):
+    cfg = tiny_cfg_factory("data.tokenizer=char", "data.train_tokens=500")  # 16 blocks of 32
+    data = prepare_data(cfg.data)
+    cfg.model.vocab_size = data.vocab_size
+    trainer = Trainer(cfg, data, cfg.train.out_dir)
+    cfg.model.vocab_size = 0
+    assert len(trainer.loader.blocks) == 16 and trainer.epoch_tokens == 16 * 32
+    np.testing.assert_array_equal(trainer.loader.blocks, data.blocks("train")[:16])
+    summary = train(cfg)
+    assert summary["epochs"] == pytest.approx(12 * 8 / 16)  # 12 steps of 8 rows over 16 rows
+    records = [json.loads(line) for line in open(f"{cfg.train.out_dir}/metrics.jsonl")]
+    assert [r for r in records if r["kind"] == "val"][-1]["epoch"] == pytest.approx(6.0)
+    too_many = tiny_cfg_factory("data.tokenizer=char", "data.train_tokens=100000000", "train.out_dir=" + cfg.train.out_dir + "2")
+    with pytest.raises(LoopMDMError, match="data.train_tokens=100000000 asks for"):
+        train(too_many)
+
+
+def test_best_weights_are_those_of_the_lowest_validation_nelbo(tiny_cfg_factory):
+    # lr high enough that validation moves; evaluated every 2 steps
+    cfg = tiny_cfg_factory("data.tokenizer=char", "train.eval_every=2", "train.lr=3e-3")
+    summary = train(cfg)
+    vals = [json.loads(line) for line in open(f"{cfg.train.out_dir}/metrics.jsonl")]
+    vals = [r for r in vals if r["kind"] == "val"]
+    best = min(vals, key=lambda r: r["val_nll"])
+    info = ckpt.read_best_info(cfg.train.out_dir)
+    assert info["step"] == best["step"] and info["val_nll"] == pytest.approx(best["val_nll"])
+    assert summary["best_val_nll"] == pytest.approx(best["val_nll"]) and summary["best_step"] == best["step"]
+    assert vals[-1]["best_val_nll"] == pytest.approx(best["val_nll"])
+    # the stored weights reproduce the recorded validation NELBO
+    from loopmdm.diffusion.schedule import make_schedule
+    from loopmdm.evaluation.nelbo import evaluate_nelbo
+
+    run = load_run(cfg.train.out_dir, device="cpu", best=True)
+    assert run.step == best["step"]
+    data = run.prepared_data()
+    nll = evaluate_nelbo(run.model, data.blocks("val"), make_schedule("loglinear", cfg.diffusion.eps),
+                         [cfg.model.max_train_loops], eps=cfg.diffusion.eps, batch_size=cfg.eval.batch_size,
+                         num_batches=cfg.train.eval_batches, seed=cfg.eval.seed)[0]["nll"]
+    assert nll == pytest.approx(best["val_nll"], rel=1e-5)
+
+
+def test_resume_keeps_the_best_weights_of_its_own_timeline(tiny_cfg_factory, tmp_path):
+    straight = train(tiny_cfg_factory("data.tokenizer=char", "train.eval_every=2", "train.lr=3e-3",
+                                      f"train.out_dir={tmp_path / 'a'}"))
+    first = tiny_cfg_factory("data.tokenizer=char", "train.eval_every=2", "train.lr=3e-3",
+                             f"train.out_dir={tmp_path / 'b'}", "train.max_steps=6")
+    train(first)
+    second = tiny_cfg_factory("data.tokenizer=char", "train.eval_every=2", "train.lr=3e-3", f"train.out_dir={tmp_path / 'b'}")
+    resumed = train(second, resume=True)
+    assert resumed["best_step"] == straight["best_step"]
+    assert resumed["best_val_nll"] == pytest.approx(straight["best_val_nll"], rel=1e-6)
+
+
+def test_load_best_without_best_weights_is_one_clear_line(tmp_path):
+    with pytest.raises(LoopMDMError, match="no best-on-validation weights"):
+        ckpt.load_best(tmp_path)
+
+
+@pytest.mark.parametrize("looped", [True, False])
+def test_mask_attention_equals_the_masked_key_fraction_under_uniform_attention(tiny_cfg_factory, looped):
+    """Oracle: with zero query/key projections every query attends uniformly, so the share of
+    attention on masked keys is exactly the fraction of masked positions."""
+    extra = [] if looped else ["model.loop_start=null", "model.loop_end=null"]
+    cfg = tiny_cfg_factory("data.tokenizer=char", *extra)
+    data = prepare_data(cfg.data)
+    cfg.model.vocab_size = data.vocab_size
+    torch.manual_seed(0)
+    model = LoopedDenoiser(cfg.model)
+    d = cfg.model.d_model
+    with torch.no_grad():
+        for block in [*model.prelude, *model.loop_block, *model.coda]:
+            block.attn.qkv.weight[: 2 * d].zero_()
+            if block.attn.qkv.bias is not None:
+                block.attn.qkv.bias[: 2 * d].zero_()
+    out = mask_attention_by_layer(model, data.blocks("val"), cfg, "cpu", batch_size=4, num_batches=2)
+    n_calls = cfg.model.n_layers + (cfg.model.max_train_loops - 1) * (1 if looped else 0)
+    assert len(out["layers"]) == len(out["mask_to_mask"]) == n_calls
+    if looped:
+        assert out["layers"][1:4] == ["loop.0@k1", "loop.0@k2", "loop.0@k3"]
+    np.testing.assert_allclose(out["mask_to_mask"], out["masked_key_frac"], rtol=1e-5)
