@@ -1,6 +1,7 @@
 """`loopmdm prepare | pairs | train | finetune | eval | zeroshot | downstream | lm-eval | sample | sample-bench | solve | analyze | experiment | flops | export` — a thin layer over library functions.
 
-Configs: a preset name from configs/ (tiny, paper-lm1b, ...) or a YAML path, then
+Configs: a preset name (tiny, paper-lm1b, ..., experiments/khop; package data in
+src/loopmdm/configs/) or a YAML path, then
 `key=value` overrides (OmegaConf dot-list syntax, e.g. train.max_steps=100 eval.loops=[1,12]).
 User errors print one line `error: ...` and exit with status 2.
 """
@@ -455,11 +456,12 @@ def cmd_lm_eval(args) -> None:
 
 def cmd_flops(args) -> None:
     from loopmdm.config import load_config
+    from loopmdm.data.tokenizer import expected_vocab_size
     from loopmdm.model.flops import flops_summary
 
     cfg = load_config(args.config, args.overrides)
     if cfg.model.vocab_size == 0:  # what the tokenizer will give, without preparing data
-        cfg.model.vocab_size = {"bpe": cfg.data.bpe_vocab_size, "gpt2": 50258, "bert-base-uncased": 30522}[cfg.data.tokenizer]
+        cfg.model.vocab_size = expected_vocab_size(cfg.data)
     summary = flops_summary(cfg.model, cfg.data.seq_len)
     summary["vocab_size"] = cfg.model.vocab_size
     if args.json:
@@ -501,7 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p):
-        p.add_argument("config", help="preset name in configs/ (tiny, paper-lm1b, paper-owt, paper-fineweb-edu) or a YAML file")
+        from loopmdm.config import preset_names
+
+        p.add_argument("config", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
 
     p = sub.add_parser("prepare", help="download/read, tokenize and pack a corpus into token files")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,7 +19,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from loopmdm.errors import LoopMDMError, require
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# Presets are package data (src/loopmdm/configs/, read with importlib.resources), so an
+# installed wheel finds them from any working directory; `configs/` at the repository root
+# is a link to the same folder.
+PRESETS = "configs"
 
 BLOCK_STYLES = ("dit", "llama")
 SCHEDULES = ("loglinear", "linear", "cosine")
@@ -195,16 +199,36 @@ def _one_line(exc: Exception) -> str:
     return f"config error at '{key}': {head}" if key else f"config error: {head}"
 
 
-def resolve_preset(name_or_path: str) -> Path:
-    """A preset name (`tiny`) from `configs/`, or a path to a YAML file."""
+def preset_names() -> list[str]:
+    """The presets shipped with the package: `tiny`, ..., and the suites' `experiments/<suite>`."""
+    root = resources.files("loopmdm").joinpath(PRESETS)
+    names = []
+    for entry in root.iterdir():
+        if entry.is_dir():
+            names += [f"{entry.name}/{sub.name[:-5]}" for sub in entry.iterdir() if sub.name.endswith(".yaml")]
+        elif entry.name.endswith(".yaml"):
+            names.append(entry.name[:-5])
+    return sorted(names, key=lambda n: ("/" in n, n))
+
+
+def _load_yaml(name_or_path: str):
+    """A preset name (`tiny`, `experiments/khop`) from the package's presets, or a path to a
+    YAML file, parsed (not yet merged)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        require(path.is_file(), f"config file '{name_or_path}' does not exist")
-        return path
-    preset = CONFIG_DIR / f"{name_or_path}.yaml"
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    require(preset.is_file(), f"unknown preset '{name_or_path}'; presets: {', '.join(known)}")
-    return preset
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        preset = resources.files("loopmdm").joinpath(PRESETS, *f"{name_or_path}.yaml".split("/"))
+        require(preset.is_file(), f"unknown preset '{name_or_path}'; presets: {', '.join(preset_names())}")
+        with resources.as_file(preset) as file:
+            return _parse_yaml(file, name_or_path)
+    require(path.is_file(), f"config file '{name_or_path}' does not exist")
+    return _parse_yaml(path, name_or_path)
+
+
+def _parse_yaml(path: Path, label: str):
+    try:
+        return OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors
+        raise LoopMDMError(f"cannot parse config file '{label}': {_one_line(exc)}") from None
 
 
 def load_config(name_or_path: str | None = None, overrides: List[str] | None = None) -> Config:
@@ -212,11 +236,8 @@ def load_config(name_or_path: str | None = None, overrides: List[str] | None = N
     schema = OmegaConf.structured(Config)
     layers = [schema]
     if name_or_path is not None:
-        path = resolve_preset(name_or_path)
-        try:
-            layer = OmegaConf.load(path)
-        except Exception as exc:  # YAML syntax errors
-            raise LoopMDMError(f"cannot parse config file '{path}': {_one_line(exc)}") from None
+        path = name_or_path
+        layer = _load_yaml(name_or_path)
         # An empty file would silently mean the 12 x 768 defaults; a list is not a config.
         require(OmegaConf.is_dict(layer), f"config file '{path}' must map sections to settings "
                                           f"(model:, data:, train:, ...), not a {'list' if OmegaConf.is_list(layer) else 'value'}")

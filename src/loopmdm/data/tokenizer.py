@@ -179,6 +179,21 @@ def task_tokenizer(symbols: List[str]) -> TextTokenizer:
     return TextTokenizer(tok, "task")
 
 
+# Vocabulary sizes of the pretrained tokenizers (real tokens, as TextTokenizer counts them).
+PRETRAINED_VOCAB = {"gpt2": 50258, "bert-base-uncased": 30522}
+
+
+def expected_vocab_size(cfg: DataConfig) -> int:
+    """The vocabulary the configured tokenizer will have, without preparing data (`loopmdm flops`)."""
+    if cfg.tokenizer == "task" or cfg.source == "task":
+        from loopmdm.tasks import get_task
+
+        return len(get_task(cfg.task).symbols(cfg.task_size, cfg.task_hops)) + 2  # + EOS, pad
+    if cfg.tokenizer == "bpe":
+        return cfg.bpe_vocab_size
+    return PRETRAINED_VOCAB[cfg.tokenizer]
+
+
 def build_tokenizer(cfg: DataConfig, train_texts: Iterable[str]) -> TextTokenizer:
     """The configured tokenizer; only `bpe` reads `train_texts` (it is trained on them)."""
     if cfg.tokenizer == "bpe":
