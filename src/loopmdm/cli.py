@@ -27,6 +27,12 @@ def _loops_list(text: str, allow_zero: bool = False, option: str = "--loops") ->
     return loops
 
 
+def sampler_spec(name: str):
+    from loopmdm.names import SAMPLERS, lookup
+
+    return lookup(SAMPLERS, name, "sampler")
+
+
 def cmd_prepare(args) -> None:
     from loopmdm.config import load_config
     from loopmdm.data.prepare import prepare_data
@@ -209,8 +215,8 @@ def cmd_sample(args) -> None:
     seq_len = cfg.data.seq_len if args.length is None else args.length
     require(1 <= seq_len <= cfg.data.seq_len, f"--length {seq_len} must be in [1, {cfg.data.seq_len}], "
                                               f"the length this run was trained on (data.seq_len={cfg.data.seq_len})")
-    require(not (args.sampler == "cache" and cfg.model.time_conditioning),
-            "--sampler cache reuses predictions across time steps and needs a time-agnostic model; use ancestral")
+    require(not (sampler_spec(args.sampler).time_agnostic_only and cfg.model.time_conditioning),
+            f"--sampler {args.sampler} reuses predictions across time steps and needs a time-agnostic model; use ancestral")
     mask_id = model.mask_id
     template = torch.full((args.num, seq_len), mask_id, dtype=torch.long)
     prompt = run.tokenizer.encode(args.prompt) if args.prompt else []
@@ -274,8 +280,8 @@ def cmd_sample_bench(args) -> None:
     taus = [float(x) for x in args.taus.split(",") if x.strip()]
     require(taus and all(t > 0 for t in taus), f"--taus {args.taus!r} must be numbers > 0, comma-separated")
     sampler = args.sampler or run.cfg.sample.sampler
-    require(not (sampler == "cache" and run.cfg.model.time_conditioning),
-            "--sampler cache needs a time-agnostic model; use ancestral")
+    require(not (sampler_spec(sampler).time_agnostic_only and run.cfg.model.time_conditioning),
+            f"--sampler {sampler} needs a time-agnostic model; use ancestral")
     specs = sb.default_specs(run.model, loops, taus)
     data = run.prepared_data()
     reference = sb.reference_quality(judge, data.blocks("val"), args.num,
@@ -312,7 +318,7 @@ def cmd_sample_bench(args) -> None:
 
 
 def cmd_solve(args) -> None:
-    from loopmdm.evaluation.solve import solve_task, task_test_set
+    from loopmdm.evaluation.solve import scoring_of, solve_task, task_test_set
     from loopmdm.runs import load_run
 
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
@@ -339,17 +345,9 @@ def cmd_solve(args) -> None:
         print(json.dumps(results))
         return
     print(f"run {run.run_dir} (step {run.step}), task {test['task']}, {len(test['x'])} test examples, order {args.order}")
+    describe = scoring_of(test["task"]).describe
     for r in results:
-        if test["task"] == "pairs":
-            diffs = "  ".join(f"{k}:{v['exact']:.2f}(n={v['n']})" for k, v in r["by_difficulty"].items())
-            print(f"S={r['loops']:>3}  exact match {r['exact']:.3f}  answer-token accuracy {r['token_acc']:.3f}  "
-                  f"({r['nfe']} calls)  by difficulty {diffs}")
-        elif test["task"] == "khop":
-            hops = " ".join(f"{a:.3f}" for a in r["per_hop"])
-            print(f"S={r['loops']:>3}  accuracy {r['acc']:.3f}  all hops {r['all_hops']:.3f}  per hop: {hops}")
-        else:
-            diffs = "  ".join(f"{k}:{v['solved']:.2f}(n={v['n']})" for k, v in r["by_difficulty"].items())
-            print(f"S={r['loops']:>3}  solved {r['solved']:.3f}  cell accuracy {r['cell_acc']:.3f}  by rounds {diffs}")
+        print(f"S={r['loops']:>3}  {describe(r)}")
 
 
 def cmd_analyze(args) -> None:
@@ -497,7 +495,7 @@ def with_run_options(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from loopmdm.sampling.infill import ORDERS
     from loopmdm.sampling.loop_runner import GRANULARITIES
-    from loopmdm.sampling.samplers import SAMPLERS
+    from loopmdm.names import SAMPLERS
 
     parser = argparse.ArgumentParser(prog="loopmdm", description="Looped masked diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -580,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, help="tokens per sample, at most the training length (the default)")
     p.add_argument("--prompt", default="", help="text the samples start with (never changed)")
     p.add_argument("--suffix", default="", help="text the samples end with (infilling)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default: sample.sampler")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: sample.sampler")
     p.add_argument("--temperature", type=float, help="default: sample.temperature")
     p.add_argument("--seed", type=int, help="default: sample.seed")
     p.add_argument("--halt-tau", type=float, help="adaptive halting: stop looping once the relative change of the "
@@ -605,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=16, help="samples per configuration (default 16)")
     p.add_argument("--infill", type=int, default=0,
                    help="also fill the middle half of this many validation rows: accuracy and judge PPL (default 0)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default: the run's sample.sampler")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: the run's sample.sampler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default RUN/sample-bench)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -1,8 +1,11 @@
 """Typed configuration: dataclasses, YAML presets and `key=value` overrides.
 
 Parsing, merging and type checking are done by OmegaConf's structured configs (unknown
-keys and wrong types are rejected there); `validate()` adds the range checks that types
-cannot express. Every failure becomes one `LoopMDMError` line naming the key and value.
+keys and wrong types are rejected there). `load_config` then runs two explicit steps:
+`resolve()` fills in what other settings decide (the model's sigma(t) schedule from
+diffusion.*, a task's length and tokenizer); `validate()` only checks -- range checks that
+types cannot express and the option names of `loopmdm.names` -- and changes nothing.
+Every failure becomes one `LoopMDMError` line naming the key and value.
 """
 
 from __future__ import annotations
@@ -18,22 +21,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from loopmdm.errors import LoopMDMError, require
+from loopmdm.names import (BLOCK_STYLES, DETOKENIZERS, DEVICES, LR_SCHEDULES, PACKINGS, PARALLELISMS, PRECISIONS,
+                           SAMPLERS, SCHEDULES, SOURCES, TASKS, TIME_INPUTS, TOKENIZERS)
 
 # Presets are package data (src/loopmdm/configs/, read with importlib.resources), so an
 # installed wheel finds them from any working directory; `configs/` at the repository root
 # is a link to the same folder.
 PRESETS = "configs"
-
-BLOCK_STYLES = ("dit", "llama")
-SCHEDULES = ("loglinear", "linear", "cosine")
-SOURCES = ("embedded", "text", "hf", "task", "pairs")
-TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased", "task")
-PACKINGS = ("wrap", "pad")
-LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
-SAMPLERS = ("ancestral", "cache", "confidence")
-TIME_INPUTS = ("sigma", "1000t")
 
 
 @dataclass
@@ -49,7 +43,7 @@ class ModelConfig:
     # What the timestep embedder of a time-conditioned DiT sees: "sigma" = MDLM's total noise
     # -log alpha(t) of the schedule; "1000t" = DiT's 0..1000 timestep scale.
     time_input: str = "sigma"
-    # The schedule sigma(t) is computed from: validate() copies diffusion.schedule/eps here,
+    # The schedule sigma(t) is computed from: resolve() copies diffusion.schedule/eps here,
     # so the model (and a saved run's config) carries it; set it only on a hand-built ModelConfig.
     noise_schedule: str = "loglinear"
     noise_eps: float = 1e-3
@@ -262,6 +256,7 @@ def load_config(name_or_path: str | None = None, overrides: List[str] | None = N
         cfg.name = Path(name_or_path).stem
     if not cfg.train.out_dir:
         cfg.train.out_dir = os.path.join("runs", cfg.name)
+    resolve(cfg)
     validate(cfg)
     return cfg
 
@@ -278,12 +273,25 @@ def config_from_dict(data: dict) -> Config:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise LoopMDMError(_one_line(exc)) from None
+    resolve(cfg)
     validate(cfg)
     return cfg
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    OmegaConf.save(OmegaConf.structured(cfg), str(path))
+def resolve(cfg: Config) -> None:
+    """Fill in the settings that others decide (in place): the model learns sigma(t) of the
+    training schedule (so a saved run's config carries it), and a synthetic task fixes the
+    sequence length and brings its own tokenizer (the task's spec also checks its size and
+    hops)."""
+    cfg.model.noise_schedule, cfg.model.noise_eps = cfg.diffusion.schedule, cfg.diffusion.eps  # the model's sigma(t)
+    da = cfg.data
+    if da.source == "task":
+        from loopmdm.tasks import get_task
+
+        task = get_task(da.task)
+        task.check(da.task_size, da.task_hops)
+        da.seq_len = task.seq_len(da.task_size, da.task_hops)  # the task fixes the length
+        da.tokenizer = "task"
 
 
 def _choice(key: str, value: str, allowed: tuple) -> None:
@@ -336,18 +344,19 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def validate(cfg: Config) -> None:
+    """Range and name checks of a resolved config; changes nothing and imports nothing."""
     for section in ("diffusion", "data", "train", "eval", "sample"):
         _require_finite(section, getattr(cfg, section))
     d = cfg.diffusion
     _choice("diffusion.schedule", d.schedule, SCHEDULES)
     require(0.0 <= d.eps < 1.0, f"diffusion.eps={d.eps} must be in [0, 1)")
-    cfg.model.noise_schedule, cfg.model.noise_eps = d.schedule, d.eps  # the model's sigma(t)
     validate_model(cfg.model)
     da = cfg.data
     _choice("data.source", da.source, SOURCES)
     _choice("data.tokenizer", da.tokenizer, TOKENIZERS)
     _choice("data.packing", da.packing, PACKINGS)
-    require(da.seq_len >= 8, f"data.seq_len={da.seq_len} must be >= 8")
+    if da.source != "task":  # a task's length is its own (resolve)
+        require(da.seq_len >= 8, f"data.seq_len={da.seq_len} must be >= 8")
     require(da.bpe_vocab_size >= 260, f"data.bpe_vocab_size={da.bpe_vocab_size} must be >= 260 (bytes + specials)")
     require(0.0 < da.val_fraction < 1.0, f"data.val_fraction={da.val_fraction} must be in (0, 1)")
     if da.source == "text":
@@ -356,18 +365,11 @@ def validate(cfg: Config) -> None:
         require(len(da.paths) > 0, "data.source=pairs needs data.paths=[a JSONL file of {\"prompt\": ..., \"answer\": ...} lines, ...]")
     if da.source == "hf":
         require(bool(da.hf_name), "data.source=hf needs data.hf_name (a datasets name or local path)")
-    from loopmdm.data.corpus import DETOKENIZERS  # the corpus module owns the names
-
     _choice("data.detokenizer", da.detokenizer, ("",) + tuple(DETOKENIZERS))
     require(da.num_proc >= 0, f"data.num_proc={da.num_proc} must be >= 0 (0 = one per core, at most 8)")
     if da.source == "task":
-        from loopmdm.tasks import get_task  # the task registry owns the names
-
-        task = get_task(da.task)
-        task.check(da.task_size, da.task_hops)
+        _choice("data.task", da.task, tuple(TASKS))
         _positive("data.task_examples", da.task_examples)
-        da.seq_len = task.seq_len(da.task_size, da.task_hops)  # the task fixes the length
-        da.tokenizer = "task"
     t = cfg.train
     for key in ("batch_size", "log_every", "eval_batches", "checkpoint_every"):
         _positive(f"train.{key}", getattr(t, key))
@@ -385,8 +387,6 @@ def validate(cfg: Config) -> None:
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.device", t.device, DEVICES)
-    from loopmdm.training.distributed import PARALLELISMS  # the module implementing them owns the names
-
     _choice("train.parallel", t.parallel, PARALLELISMS)
     if t.micro_batch_size:
         require(t.batch_size % t.micro_batch_size == 0,
@@ -397,7 +397,7 @@ def validate(cfg: Config) -> None:
         _positive(f"eval.{key}", getattr(e, key))
     _positive("eval.num_batches", e.num_batches, allow_zero=True)
     s = cfg.sample
-    _choice("sample.sampler", s.sampler, SAMPLERS)
+    _choice("sample.sampler", s.sampler, tuple(SAMPLERS))
     for key in ("steps", "num_loops", "num_samples"):
         _positive(f"sample.{key}", getattr(s, key))
     _positive("sample.temperature", s.temperature, allow_zero=True)

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from loopmdm.training import checkpoint as ckpt
+from loopmdm import checkpoint as ckpt
 
 T_BINS = [0.0, 0.25, 0.5, 0.75, 1.0]  # NELBO split by the noise level drawn (paper: gains at mid t)
 

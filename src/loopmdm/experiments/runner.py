@@ -24,7 +24,7 @@ from pathlib import Path
 
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.experiments.suites import KNOB_ARMS, Scale, Suite, arm_overrides, get_suite
-from loopmdm.training import checkpoint as ckpt
+from loopmdm import checkpoint as ckpt
 
 
 @dataclass
