@@ -34,7 +34,6 @@ import numpy as np
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.tasks import ByDifficulty, Scoring
 
-SOURCES = ("rg:NAME[:key=value,...]", "gsm8k-test", "gsm8k:SPLIT|FILE[:cot]", "gsm8k-aug:FILE[:cot]", "sudoku:N")
 GSM8K_HF = ("openai/gsm8k", "main")
 # reasoning-gym metadata fields that measure how many reasoning steps a problem needs.
 DIFFICULTY_KEYS = ("num_terms", "num_steps", "difficulty")
@@ -180,19 +179,22 @@ def _sudoku(spec: str, num: int, seed: int) -> list[dict]:
     return pairs
 
 
+# The pair sources: spelling -> (the prefix, or the whole name, that selects it; make(spec, num, seed)).
+PAIR_SOURCES = {
+    "rg:NAME[:key=value,...]": ("rg:", _reasoning_gym),
+    "gsm8k-test": ("gsm8k-test", lambda spec, num, seed: gsm8k_test()[:num]),
+    "gsm8k:SPLIT|FILE[:cot]": ("gsm8k:", lambda spec, num, seed: _gsm8k(spec, num)),
+    "gsm8k-aug:FILE[:cot]": ("gsm8k-aug:", lambda spec, num, seed: _gsm8k_aug(spec, num)),
+    "sudoku:N": ("sudoku:", _sudoku),
+}
+
+
 def make_pairs(source: str, num: int, seed: int = 0) -> list[dict]:
     require(num >= 1, f"--num {num} must be >= 1")
-    if source.startswith("rg:"):
-        return _reasoning_gym(source, num, seed)
-    if source == "gsm8k-test":
-        return gsm8k_test()[:num]
-    if source.startswith("sudoku:"):
-        return _sudoku(source, num, seed)
-    if source.startswith("gsm8k:"):
-        return _gsm8k(source, num)
-    if source.startswith("gsm8k-aug:"):
-        return _gsm8k_aug(source, num)
-    raise LoopMDMError(f"pair source '{source}' is not allowed; choose one of: {', '.join(SOURCES)}")
+    for key, make in PAIR_SOURCES.values():
+        if source == key or (key.endswith(":") and source.startswith(key)):
+            return make(source, num, seed)
+    raise LoopMDMError(f"pair source '{source}' is not allowed; choose one of: {', '.join(PAIR_SOURCES)}")
 
 
 def write_pairs(pairs: list[dict], path: str | Path) -> Path:
