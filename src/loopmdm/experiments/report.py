@@ -10,7 +10,7 @@ import numpy as np
 
 from loopmdm.config import load_config
 from loopmdm.experiments.suites import arm_overrides, layer_passes
-from loopmdm import checkpoint as ckpt
+from loopmdm.runfiles import write_text_atomic
 
 
 def _mean_band(values: list[float]) -> tuple[float, float | None]:
@@ -238,6 +238,6 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
         md += [f"Wall time of this call: {wall_seconds / 60:.1f} min on {summary['machine']}.", ""]
     summary["evaluations"] = evaluations
     stem = "summary" if not suite.runs_of else f"summary-{suite.name}"
-    ckpt.write_text_atomic(out_dir / f"{stem}.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
-    ckpt.write_text_atomic(out_dir / f"{stem}.md", "\n".join(md))
+    write_text_atomic(out_dir / f"{stem}.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    write_text_atomic(out_dir / f"{stem}.md", "\n".join(md))
     return summary

@@ -23,7 +23,7 @@ from loopmdm.data.prepared import PreparedData
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.runfiles import (LOCK_FILE, TMP_MARK, RunLock, clean_stale, disk_error, fault_point, is_our_lock, note,
                                write_if_changed)
-from loopmdm.runs import LoadedRun, check_tokenizer_match, load_run, read_run_config  # noqa: F401 (old import path)
+from loopmdm.runs import read_run_config
 from loopmdm import checkpoint as ckpt
 from loopmdm.training.distributed import DistContext
 from loopmdm.training.trainer import Trainer
