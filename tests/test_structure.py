@@ -7,7 +7,6 @@ import ast
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -154,7 +153,7 @@ def test_registries_agree_with_the_names():
 TOY_TASK = '''
 import numpy as np
 
-from loopmdm.tasks import PerS, Scoring, Task
+from loopmdm.tasks import Scoring, Task
 
 
 def examples(size, hops, count, seed):
