@@ -51,7 +51,7 @@ mkdir -p "$OUT"
     for arm in mdm loop deeper; do
         [ -f "$OUT/pre-$arm/done" ] && continue
         resume=""; [ -d "$OUT/pre-$arm/checkpoints" ] && resume="--resume"
-        ( "${L[@]}" train configs/experiments/lm.yaml $resume ${ARM[$arm]} "${SIZE[@]}" "${PRE[@]}" train.out_dir="$OUT/pre-$arm" \
+        ( "${L[@]}" train experiments/lm $resume ${ARM[$arm]} "${SIZE[@]}" "${PRE[@]}" train.out_dir="$OUT/pre-$arm" \
             > "$OUT/pre-$arm.log" 2>&1 && touch "$OUT/pre-$arm/done"; tail -n 2 "$OUT/pre-$arm.log" ) &
     done; wait
     echo "== fine-tune $(date -u +%T)"

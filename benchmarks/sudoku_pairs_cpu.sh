@@ -20,7 +20,7 @@ for arm in ${ARMS:-mdm loop}; do
   arm_cfg=""; [ "$arm" = mdm ] && arm_cfg="model.loop_start=null model.loop_end=null"
   if [ ! -f "$run/train.done" ]; then
     resume=""; [ -d "$run/checkpoints" ] && resume="--resume"
-    $LOOPMDM train configs/experiments/sudoku.yaml $resume $arm_cfg data.source=pairs \
+    $LOOPMDM train experiments/sudoku $resume $arm_cfg data.source=pairs \
         "data.paths=['$OUT/sudoku6.jsonl']" data.tokenizer=bpe data.seq_len=80 train.max_flops=$FLOPS \
         train.eval_every=250 train.checkpoint_every=250 train.out_dir="$run" > "$run.train.log" 2>&1
     touch "$run/train.done"

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 from loopmdm.config import load_config
 from loopmdm.errors import LoopMDMError
-from loopmdm.training import checkpoint as ckpt
+from loopmdm import checkpoint as ckpt
 from tests.conftest import tiny_overrides
 
 STEPS, RESUME_AT = 6, 3

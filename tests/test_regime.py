@@ -15,7 +15,7 @@ from loopmdm.data.tokenizer import build_tokenizer
 from loopmdm.errors import LoopMDMError
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.runs import load_run
-from loopmdm.training import checkpoint as ckpt
+from loopmdm import checkpoint as ckpt
 from loopmdm.training.run import train
 from loopmdm.training.trainer import Trainer
 

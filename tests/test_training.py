@@ -11,7 +11,7 @@ import torch
 from loopmdm.config import TrainConfig
 from loopmdm.errors import LoopMDMError
 from loopmdm.runs import load_run
-from loopmdm.training import checkpoint as ckpt
+from loopmdm import checkpoint as ckpt
 from loopmdm.training.loops import train_num_loops
 from loopmdm.training.lr import learning_rate
 from loopmdm.training.run import train

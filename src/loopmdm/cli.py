@@ -1,6 +1,7 @@
 """`loopmdm prepare | pairs | train | finetune | eval | zeroshot | downstream | lm-eval | sample | sample-bench | solve | analyze | experiment | flops | export` — a thin layer over library functions.
 
-Configs: a preset name from configs/ (tiny, paper-lm1b, ...) or a YAML path, then
+Configs: a preset name (tiny, paper-lm1b, ..., experiments/khop; package data in
+src/loopmdm/configs/) or a YAML path, then
 `key=value` overrides (OmegaConf dot-list syntax, e.g. train.max_steps=100 eval.loops=[1,12]).
 User errors print one line `error: ...` and exit with status 2.
 """
@@ -11,6 +12,8 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 from loopmdm.errors import LoopMDMError, require
 
@@ -24,6 +27,12 @@ def _loops_list(text: str, allow_zero: bool = False, option: str = "--loops") ->
         raise LoopMDMError(what) from None
     require(loops and all(s >= low for s in loops), what)
     return loops
+
+
+def sampler_spec(name: str):
+    from loopmdm.names import SAMPLERS, lookup
+
+    return lookup(SAMPLERS, name, "sampler")
 
 
 def cmd_prepare(args) -> None:
@@ -201,15 +210,15 @@ def cmd_sample(args) -> None:
 
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     cfg, model = run.cfg, run.model
-    for key in ("loops", "steps", "num", "sampler", "temperature", "seed"):  # unset options: the run's sample.*
+    for key in ("loop_schedule", "steps", "num", "sampler", "temperature", "seed"):  # unset options: the run's sample.*
         if getattr(args, key) is None:
-            setattr(args, key, getattr(cfg.sample, {"loops": "num_loops", "num": "num_samples"}.get(key, key)))
+            setattr(args, key, getattr(cfg.sample, {"loop_schedule": "num_loops", "num": "num_samples"}.get(key, key)))
     require(args.num >= 1 and args.steps >= 1, f"--num {args.num} and --steps {args.steps} must be >= 1")
     seq_len = cfg.data.seq_len if args.length is None else args.length
     require(1 <= seq_len <= cfg.data.seq_len, f"--length {seq_len} must be in [1, {cfg.data.seq_len}], "
                                               f"the length this run was trained on (data.seq_len={cfg.data.seq_len})")
-    require(not (args.sampler == "cache" and cfg.model.time_conditioning),
-            "--sampler cache reuses predictions across time steps and needs a time-agnostic model; use ancestral")
+    require(not (sampler_spec(args.sampler).time_agnostic_only and cfg.model.time_conditioning),
+            f"--sampler {args.sampler} reuses predictions across time steps and needs a time-agnostic model; use ancestral")
     mask_id = model.mask_id
     template = torch.full((args.num, seq_len), mask_id, dtype=torch.long)
     prompt = run.tokenizer.encode(args.prompt) if args.prompt else []
@@ -220,8 +229,8 @@ def cmd_sample(args) -> None:
         template[:, :len(prompt)] = torch.tensor(prompt)
     if suffix:
         template[:, seq_len - len(suffix):] = torch.tensor(suffix)
-    spec = SamplerSpec(str(args.loops), _halting(args), args.warm_start)
-    spec.schedule  # noqa: B018 -- a bad --loops spelling fails here, in one line
+    spec = SamplerSpec(str(args.loop_schedule), _halting(args), args.warm_start)
+    spec.schedule  # noqa: B018 -- a bad --loop-schedule spelling fails here, in one line
 
     from tqdm import tqdm
 
@@ -273,8 +282,8 @@ def cmd_sample_bench(args) -> None:
     taus = [float(x) for x in args.taus.split(",") if x.strip()]
     require(taus and all(t > 0 for t in taus), f"--taus {args.taus!r} must be numbers > 0, comma-separated")
     sampler = args.sampler or run.cfg.sample.sampler
-    require(not (sampler == "cache" and run.cfg.model.time_conditioning),
-            "--sampler cache needs a time-agnostic model; use ancestral")
+    require(not (sampler_spec(sampler).time_agnostic_only and run.cfg.model.time_conditioning),
+            f"--sampler {sampler} needs a time-agnostic model; use ancestral")
     specs = sb.default_specs(run.model, loops, taus)
     data = run.prepared_data()
     reference = sb.reference_quality(judge, data.blocks("val"), args.num,
@@ -311,7 +320,7 @@ def cmd_sample_bench(args) -> None:
 
 
 def cmd_solve(args) -> None:
-    from loopmdm.evaluation.solve import solve_task, task_test_set
+    from loopmdm.evaluation.solve import scoring_of, solve_task, task_test_set
     from loopmdm.runs import load_run
 
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
@@ -338,17 +347,9 @@ def cmd_solve(args) -> None:
         print(json.dumps(results))
         return
     print(f"run {run.run_dir} (step {run.step}), task {test['task']}, {len(test['x'])} test examples, order {args.order}")
+    describe = scoring_of(test["task"]).describe
     for r in results:
-        if test["task"] == "pairs":
-            diffs = "  ".join(f"{k}:{v['exact']:.2f}(n={v['n']})" for k, v in r["by_difficulty"].items())
-            print(f"S={r['loops']:>3}  exact match {r['exact']:.3f}  answer-token accuracy {r['token_acc']:.3f}  "
-                  f"({r['nfe']} calls)  by difficulty {diffs}")
-        elif test["task"] == "khop":
-            hops = " ".join(f"{a:.3f}" for a in r["per_hop"])
-            print(f"S={r['loops']:>3}  accuracy {r['acc']:.3f}  all hops {r['all_hops']:.3f}  per hop: {hops}")
-        else:
-            diffs = "  ".join(f"{k}:{v['solved']:.2f}(n={v['n']})" for k, v in r["by_difficulty"].items())
-            print(f"S={r['loops']:>3}  solved {r['solved']:.3f}  cell accuracy {r['cell_acc']:.3f}  by rounds {diffs}")
+        print(f"S={r['loops']:>3}  {describe(r)}")
 
 
 def cmd_analyze(args) -> None:
@@ -356,14 +357,15 @@ def cmd_analyze(args) -> None:
     from loopmdm.diffusion.schedule import make_schedule
     from loopmdm.runs import load_run
 
-    require(args.loops is None or args.loops >= 1, f"--loops {args.loops} must be >= 1")
+    require(args.max_loops is None or args.max_loops >= 1,
+            f"{_spelled(args, 'max_loops', '--max-loops')} {args.max_loops} must be >= 1")
     require(args.batches >= 0 and (args.batch_size is None or args.batch_size >= 1),
             f"--batches {args.batches} must be >= 0 and --batch-size {args.batch_size} >= 1")
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     cfg = run.cfg
     require(run.model.is_looped, f"run '{run.run_dir}' has no loop block (model.loop_start is unset): nothing to analyze")
     data = run.prepared_data()
-    max_loops = args.loops or 2 * cfg.model.max_train_loops
+    max_loops = args.max_loops or 2 * cfg.model.max_train_loops
     diag = loop_diagnostics(run.model, data.blocks("val"), make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
                             eps=cfg.diffusion.eps, max_loops=max_loops, batch_size=args.batch_size or cfg.eval.batch_size,
                             num_batches=args.batches, seed=cfg.eval.seed if args.seed is None else args.seed,
@@ -455,11 +457,12 @@ def cmd_lm_eval(args) -> None:
 
 def cmd_flops(args) -> None:
     from loopmdm.config import load_config
+    from loopmdm.data.tokenizer import expected_vocab_size
     from loopmdm.model.flops import flops_summary
 
     cfg = load_config(args.config, args.overrides)
     if cfg.model.vocab_size == 0:  # what the tokenizer will give, without preparing data
-        cfg.model.vocab_size = {"bpe": cfg.data.bpe_vocab_size, "gpt2": 50258, "bert-base-uncased": 30522}[cfg.data.tokenizer]
+        cfg.model.vocab_size = expected_vocab_size(cfg.data)
     summary = flops_summary(cfg.model, cfg.data.seq_len)
     summary["vocab_size"] = cfg.model.vocab_size
     if args.json:
@@ -472,8 +475,10 @@ def cmd_flops(args) -> None:
 def cmd_export(args) -> None:
     from loopmdm.export.hf import export_run
 
+    require(args.default_loops is None or args.default_loops >= 1,
+            f"{_spelled(args, 'default_loops', '--default-loops')} {args.default_loops} must be an integer >= 1")
     summary = export_run(args.run, args.out_dir, overwrite=args.overwrite, use_ema=not args.no_ema,
-                         num_loops=args.num_loops)
+                         num_loops=args.default_loops)
     if args.json:
         print(json.dumps(summary))
         return
@@ -483,46 +488,95 @@ def cmd_export(args) -> None:
     print(f"load it with transformers.AutoModelForMaskedLM.from_pretrained({summary['out_dir']!r}, trust_remote_code=True)")
 
 
-def with_run_options(p) -> None:
-    """Options of every command that loads a trained run."""
-    from loopmdm.config import DEVICES, PRECISIONS
+# --------------------------------------------------------------------------- the command table
+# Each command is (help, its arguments, the function that runs it); options that mean the same
+# thing in several commands come from one helper, with one spelling each:
+#   --loops LIST          loop counts to evaluate at (eval, zeroshot, solve, sample-bench, experiment, downstream)
+#   --loop-schedule SPEC  loops per denoiser call while sampling: an integer, noise:LOW:HIGH, linear:FIRST:LAST
+#   --max-loops N         iterate the loop up to N times (analyze)
+#   --default-loops S     the loop count an export runs by default
+# Old spellings are accepted for one release with a one-line note (DEPRECATED below).
 
-    p.add_argument("--precision", choices=list(PRECISIONS), help="default: the run's train.precision")
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option: stores into the new one's destination with a one-line note."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated here; use {self.new} (the old spelling goes in the next release)",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"_{self.dest}_spelled", option_string)  # errors name the option as the user typed it
+
+
+def _spelled(args, dest: str, option: str) -> str:
+    """The option as the user spelled it (an old spelling, or `option`)."""
+    return getattr(args, f"_{dest}_spelled", option)
+
+
+def _deprecated(p, old: str, new: str, dest: str, **kwargs) -> None:
+    p.add_argument(old, dest=dest, action=_Deprecated, new=new, help=argparse.SUPPRESS, **kwargs)
+
+
+def config_arguments(p) -> None:
+    from loopmdm.config import preset_names
+
+    p.add_argument("config", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+
+
+def loops_argument(p, default: str | None = None, what: str = "loop counts to evaluate at") -> None:
+    p.add_argument("--loops", default=default, metavar="LIST",
+                   help=f"comma-separated {what}, e.g. 1,4,12 (default: {default or 'eval.loops'})")
+
+
+def device_argument(p) -> None:
+    from loopmdm.names import DEVICES
+
     p.add_argument("--device", default="auto", choices=list(DEVICES))
+
+
+def run_arguments(p, what: str = "run directory written by `loopmdm train`", precision: bool = True) -> None:
+    """The run to load and how: every command that loads a trained run."""
+    from loopmdm.names import PRECISIONS
+
+    p.add_argument("run", help=what)
+    if precision:
+        p.add_argument("--precision", choices=list(PRECISIONS), help="default: the run's train.precision")
+    device_argument(p)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from loopmdm.sampling.infill import ORDERS
-    from loopmdm.sampling.loop_runner import GRANULARITIES
-    from loopmdm.sampling.samplers import SAMPLERS
+def json_argument(p, what: str = "print the result as JSON") -> None:
+    p.add_argument("--json", action="store_true", help=what)
 
-    parser = argparse.ArgumentParser(prog="loopmdm", description="Looped masked diffusion language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(p):
-        p.add_argument("config", help="preset name in configs/ (tiny, paper-lm1b, paper-owt, paper-fineweb-edu) or a YAML file")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+def sampler_argument(p, default: str) -> None:
+    from loopmdm.names import SAMPLERS
 
-    p = sub.add_parser("prepare", help="download/read, tokenize and pack a corpus into token files")
-    with_config(p)
-    p.set_defaults(func=cmd_prepare)
+    p.add_argument("--sampler", choices=list(SAMPLERS), help=f"default: {default}")
 
-    p = sub.add_parser("train", help="train a model; writes a run directory (config.yaml, metrics.jsonl, checkpoints/)")
-    with_config(p)
+
+def _train_args(p) -> None:
+    config_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("pairs", help="write prompt/answer pairs (reasoning-gym, GSM8K test, Sudoku) as JSONL")
-    p.add_argument("source", help="rg:NAME[:key=value,...] (reasoning-gym), gsm8k-test, gsm8k:SPLIT|FILE[:cot] "
-                        "(through datasets), gsm8k-aug:FILE[:cot] (SMDM's augmented train.txt), or sudoku:N")
+
+def _pairs_args(p) -> None:
+    from loopmdm.tasks.pairs import PAIR_SOURCES
+
+    p.add_argument("source", help="one of " + ", ".join(PAIR_SOURCES) + " (rg: reasoning-gym; gsm8k through datasets; "
+                                  "gsm8k-aug: SMDM's augmented train.txt)")
     p.add_argument("--num", type=int, default=1000, help="pairs to write (default 1000; gsm8k-test has 1,319)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the JSONL file to write")
-    p.set_defaults(func=cmd_pairs)
 
-    p = sub.add_parser("finetune", help="fine-tune a pretrained run on prompt/answer pairs (answer-only loss)")
+
+def _finetune_args(p) -> None:
     p.add_argument("source", help="a JSONL file of {prompt, answer} lines, or a `loopmdm pairs` source")
     p.add_argument("--init", required=True, help="the pretrained run directory (its config, tokenizer and weights)")
     p.add_argument("--num", type=int, default=20000, help="pairs to generate from a source (default 20000)")
@@ -530,11 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=500 data.seq_len=64")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("eval", help="validation NELBO / perplexity bound at several loop counts")
-    p.add_argument("run", help="run directory written by `loopmdm train`")
-    p.add_argument("--loops", help="comma-separated loop counts, e.g. 1,4,12,24 (default: eval.loops)")
+
+def _eval_args(p) -> None:
+    run_arguments(p)
+    loops_argument(p)
     p.add_argument("--data", help="a prepared data folder to evaluate on (default: the run's own); "
                                   "it must use the run's tokenizer and data.seq_len")
     p.add_argument("--text", nargs="+", metavar="FILE_OR_GLOB",
@@ -544,15 +598,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: eval.batch_size)")
     p.add_argument("--draws", type=int, help="Monte-Carlo draws of (t, mask) per sequence (default: eval.draws)")
     p.add_argument("--seed", type=int, help="seed of the draws (default: eval.seed)")
-    with_run_options(p)
-    p.add_argument("--json", action="store_true", help="print one JSON list of records {loops, nll, ppl, ...}")
-    p.set_defaults(func=cmd_eval)
+    json_argument(p, "print one JSON list of records {loops, nll, ppl, ...}")
 
+
+def _zeroshot_args(p) -> None:
     from loopmdm.data.zeroshot_sets import SETS
 
-    p = sub.add_parser("zeroshot", help="zero-shot perplexity bound on held-out corpora (MDLM's sets) per loop count")
-    p.add_argument("run", help="run directory of a language model (data.packing wrap or pad)")
-    p.add_argument("--loops", help="comma-separated loop counts, e.g. 1,6,12 (default: eval.loops)")
+    run_arguments(p, "run directory of a language model (data.packing wrap or pad)")
+    loops_argument(p)
     p.add_argument("--sets", help=f"comma-separated sets, each NAME, NAME=FILE (local .jsonl/.parquet/.csv/.txt) or "
                                   f"NAME=hf:ID[:CONFIG]; names: {', '.join(SETS)} (default: those available offline)")
     p.add_argument("--max-docs", type=int, default=0, help="documents per set, spread evenly (default 0 = all)")
@@ -563,57 +616,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="seed of the draws (default 1234)")
     p.add_argument("--cache-dir", default="data_cache/zeroshot", help="where npm-fetched sets are kept (default data_cache/zeroshot)")
     p.add_argument("--out", help="also write OUT.json and OUT.md (the table)")
-    with_run_options(p)
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.set_defaults(func=cmd_zeroshot)
+    json_argument(p, "print the report as one JSON object")
 
-    p = sub.add_parser("sample", help="generate text with the trained model")
-    p.add_argument("run", help="run directory written by `loopmdm train`")
-    p.add_argument("--loops", help="loop iterations per denoiser call: an integer, 'noise:LOW:HIGH' (more loops at "
-                                   "intermediate t) or 'linear:FIRST:LAST' (default: sample.num_loops)")
+
+def _sample_args(p) -> None:
+    from loopmdm.sampling.loop_runner import GRANULARITIES
+    from loopmdm.sampling.loop_schedule import LOOP_SCHEDULES
+
+    run_arguments(p, precision=False)
+    p.add_argument("--loop-schedule", metavar="SPEC",
+                   help="loop iterations per denoiser call: an integer, " + ", ".join(f"'{name}:A:B'" for name in LOOP_SCHEDULES)
+                        + " ('noise:LOW:HIGH': more loops at intermediate t; default: sample.num_loops)")
+    _deprecated(p, "--loops", "--loop-schedule", "loop_schedule")
     p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
     p.add_argument("--num", type=int, help="number of samples (default: sample.num_samples)")
     p.add_argument("--length", type=int, help="tokens per sample, at most the training length (the default)")
     p.add_argument("--prompt", default="", help="text the samples start with (never changed)")
     p.add_argument("--suffix", default="", help="text the samples end with (infilling)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default: sample.sampler")
+    sampler_argument(p, "sample.sampler")
     p.add_argument("--temperature", type=float, help="default: sample.temperature")
     p.add_argument("--seed", type=int, help="default: sample.seed")
     p.add_argument("--halt-tau", type=float, help="adaptive halting: stop looping once the relative change of the "
-                                                  "hidden state falls below this (--loops is then the cap)")
+                                                  "hidden state falls below this (--loop-schedule is then the cap)")
     p.add_argument("--halt-min", type=int, default=1, help="adaptive halting: at least this many loops (default 1)")
     p.add_argument("--halt", default="call", choices=GRANULARITIES,
                    help="what halts: the whole call (default), each sequence, or each token")
     p.add_argument("--warm-start", action="store_true",
                    help="start the loop from the previous step's final state where the token did not change (ours)")
     p.add_argument("--show", action="store_true", help="render the unmasking of the first sample step by step")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_sample)
+    json_argument(p)
 
-    p = sub.add_parser("sample-bench", help="generation quality against compute: fixed S, t-schedules, adaptive halting, warm starts")
+
+def _sample_bench_args(p) -> None:
+    from loopmdm.evaluation import sample_bench as sb
+
+    def listed(values) -> str:
+        return ",".join(f"{v:g}" for v in values)
+
     p.add_argument("run", help="run directory of a diffusion model")
     p.add_argument("--judge", help="run directory of an autoregressive judge (model.causal=true) on the same data")
-    p.add_argument("--steps", default="16,64,256", help="denoising step counts (default 16,64,256)")
-    p.add_argument("--loops", default="1,2,4,8,12,24", help="fixed loop counts; the largest caps adaptive halting")
-    p.add_argument("--taus", default="0.2,0.1,0.05", help="adaptive-halting thresholds (default 0.2,0.1,0.05)")
+    p.add_argument("--steps", default=listed(sb.DEFAULT_STEPS), help=f"denoising step counts (default {listed(sb.DEFAULT_STEPS)})")
+    loops_argument(p, listed(sb.DEFAULT_LOOPS), "fixed loop counts; the largest caps adaptive halting")
+    p.add_argument("--taus", default=listed(sb.DEFAULT_TAUS), help=f"adaptive-halting thresholds (default {listed(sb.DEFAULT_TAUS)})")
     p.add_argument("--num", type=int, default=16, help="samples per configuration (default 16)")
     p.add_argument("--infill", type=int, default=0,
                    help="also fill the middle half of this many validation rows: accuracy and judge PPL (default 0)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default: the run's sample.sampler")
+    sampler_argument(p, "the run's sample.sampler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default RUN/sample-bench)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_sample_bench)
+    device_argument(p)
+    json_argument(p)
 
-    p = sub.add_parser("solve", help="task accuracy (Sudoku, k-hop, prompt/answer pairs) against the number of loops")
-    p.add_argument("run", help="run directory of a model trained with data.source=task or data.source=pairs")
+
+def _solve_args(p) -> None:
+    from loopmdm.sampling.infill import ORDERS
+
+    run_arguments(p, "run directory of a model trained with data.source=task or data.source=pairs")
     p.add_argument("--order", default="raster", choices=list(ORDERS),
                    help="decoding order: raster (row-major, the paper's restricted order), confidence "
                         "(easy first), oneshot (all blanks from one call)")
-    p.add_argument("--loops", default="1,2,4,8,16", help="comma-separated loop counts (default 1,2,4,8,16)")
+    loops_argument(p, "1,2,4,8,16")
     p.add_argument("--num", type=int, default=500, help="test examples (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the puzzle blanks (default 0)")
     p.add_argument("--pairs", help="score these prompt/answer pairs (JSONL, e.g. `loopmdm pairs gsm8k-test`) instead of the run's validation split")
@@ -621,75 +683,130 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pairs: blank only the first K answer positions, the rest given as EOS (default: the whole slot)")
     p.add_argument("--block", type=int, default=0,
                    help="with --order confidence: semi-autoregressive blocks of this many answer tokens (LLaDA)")
-    with_run_options(p)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_solve)
+    json_argument(p)
 
-    p = sub.add_parser("analyze", help="loop diagnostics: what each loop iteration changes (NELBO, hidden state, attention)")
-    p.add_argument("run", help="run directory of a looped model")
-    p.add_argument("--loops", type=int, help="iterate the loop this many times (default: 2 x model.max_train_loops)")
+
+def _analyze_args(p) -> None:
+    run_arguments(p, "run directory of a looped model")
+    p.add_argument("--max-loops", type=int, help="iterate the loop this many times (default: 2 x model.max_train_loops)")
+    _deprecated(p, "--loops", "--max-loops", "max_loops", type=int)
     p.add_argument("--batches", type=int, default=4, help="validation batches (default 4; 0 = the whole split)")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: eval.batch_size)")
     p.add_argument("--seed", type=int, help="seed of the (t, mask) draws (default: eval.seed)")
     p.add_argument("--plots", metavar="DIR", help="also write PNG plots into DIR")
-    with_run_options(p)
-    p.add_argument("--json", action="store_true", help="print the full diagnostics as one JSON object")
-    p.set_defaults(func=cmd_analyze)
+    json_argument(p, "print the full diagnostics as one JSON object")
 
-    from loopmdm.experiments.suites import SUITES
 
-    p = sub.add_parser("experiment", help="matched-FLOPs suites: MDM vs LoopMDM vs deeper MDM (+ ablations), resumable")
+def _experiment_args(p) -> None:
+    from loopmdm.experiments.suites import ALL_ARMS, KNOB_ARMS, SUITES
+
     p.add_argument("suites", nargs="+", choices=list(SUITES), help="suite(s) to run")
     p.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="budgets (default cpu: ~90 min on 2 cores)")
     p.add_argument("--out", help="output folder (default results/<suite>-<scale>)")
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (default 2)")
     p.add_argument("--dry-run", action="store_true", help="every stage at a token budget: tests the pipeline")
-    p.add_argument("--arms", help="comma-separated arms instead of the suite's: mdm, loop, deeper, uniform, inject, "
-                                  "and the knob arms loop-lr, loop-late, loop-time, loop-trunc, loop-smax2x "
-                                  "(one seed each, at the loop arm's best lr)")
-    p.add_argument("--loops", help="comma-separated inference loop counts to evaluate instead of the suite's")
+    p.add_argument("--arms", help=f"comma-separated arms instead of the suite's: {', '.join(ALL_ARMS)}, and the knob arms "
+                                  f"{', '.join(KNOB_ARMS)} (one seed each, at the loop arm's best lr)")
+    loops_argument(p, None, "inference loop counts to evaluate instead of the suite's")
     p.add_argument("--seeds", help="final-run seeds, e.g. 0 for a one-seed screen (default: the scale's, 0,1); "
                                    "a later run with the default adds the rest")
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the report of the runs already finished")
-    p.set_defaults(func=cmd_experiment)
 
-    p = sub.add_parser("export", help="write a run as a Hugging Face folder (AutoModelForMaskedLM, trust_remote_code)")
+
+def _export_args(p) -> None:
     p.add_argument("run", help="run directory written by `loopmdm train`")
     p.add_argument("out_dir", help="the folder to write (must be new or empty, or an export with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT_DIR")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
-    p.add_argument("--num-loops", type=int, help="the model's default loop count (default: model.max_train_loops)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_export)
-    p = sub.add_parser("downstream", help="zero-shot benchmark accuracy (ARC, BoolQ, HellaSwag, ...) against S, via lm-eval")
+    p.add_argument("--default-loops", type=int, metavar="S",
+                   help="the loop count the exported model runs by default (default: model.max_train_loops)")
+    _deprecated(p, "--num-loops", "--default-loops", "default_loops", type=int)
+    json_argument(p)
+
+
+def _downstream_args(p) -> None:
+    from loopmdm.evaluation.likelihood import ESTIMATORS
+    from loopmdm.evaluation.offline_tasks import BENCHMARKS
+
     p.add_argument("run", help="run directory of a diffusion model")
     p.add_argument("--baseline", help="a second run (e.g. the MDM) evaluated beside it")
     p.add_argument("--label", help="name of RUN in the table (default LoopMDM)")
     p.add_argument("--baseline-label", default="MDM", help="name of --baseline in the table (default MDM)")
-    p.add_argument("--loops", default="1,6,12", help="loop counts (default 1,6,12; a run without a loop: 1)")
-    p.add_argument("--tasks", help="comma-separated benchmarks (default all: arc_easy, arc_challenge, boolq, hellaswag, "
-                                   "piqa, race, social_iqa, winogrande, openbookqa; race needs --online)")
+    loops_argument(p, "1,6,12", "loop counts (a run without a loop: 1)")
+    p.add_argument("--tasks", help=f"comma-separated benchmarks (default all: {', '.join(BENCHMARKS)}; race needs --online)")
     p.add_argument("--limit", type=int, help="first N documents per task (default all)")
     p.add_argument("--mc-samples", type=int, default=32, help="Monte-Carlo draws per choice (default 32)")
-    p.add_argument("--estimator", default="llada", choices=["llada", "mdlm"], help="likelihood estimator (default llada)")
+    p.add_argument("--estimator", default="llada", choices=list(ESTIMATORS), help="likelihood estimator (default llada)")
     p.add_argument("--seeds", default="1234", help="seeds of the draws, e.g. 0,1 to show Monte-Carlo noise (default 1234)")
     p.add_argument("--batch-size", type=int, help="requests per denoiser call, each mc-samples + 1 rows (default: >= 64 rows)")
     p.add_argument("--online", action="store_true", help="lm-eval's own tasks (Hugging Face Hub) instead of the offline copies")
     p.add_argument("--out", help="output folder (default RUN/downstream)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_downstream)
+    device_argument(p)
+    json_argument(p)
 
-    p = sub.add_parser("lm-eval", help="lm-eval's CLI with `--model loopmdm` registered (arguments passed through)",
-                       prefix_chars="\0")
-    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="e.g. --model loopmdm --model_args path=RUN,loops=12 --tasks arc_easy")
-    p.set_defaults(func=cmd_lm_eval)
 
-    p = sub.add_parser("flops", help="parameters and analytic training FLOPs per token of a config")
-    with_config(p)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_flops)
+def _lm_eval_args(p) -> None:
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER,
+                   help="e.g. --model loopmdm --model_args path=RUN,loops=12 --tasks arc_easy")
+
+
+def _flops_args(p) -> None:
+    config_arguments(p)
+    json_argument(p)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other user error (argparse prints usage + a line)
+        print(f"error: {self.prog}: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    arguments: Callable  # (parser) -> None
+    run: Callable  # (args) -> None
+    loads_model: bool = False  # CPU steps: tune the allocator first (training/allocator.py)
+    prefix_chars: str = "-"
+
+
+COMMANDS = {
+    "prepare": Command("download/read, tokenize and pack a corpus into token files", config_arguments, cmd_prepare),
+    "train": Command("train a model; writes a run directory (config.yaml, metrics.jsonl, checkpoints/)",
+                     _train_args, cmd_train, loads_model=True),
+    "pairs": Command("write prompt/answer pairs (reasoning-gym, GSM8K test, Sudoku) as JSONL", _pairs_args, cmd_pairs),
+    "finetune": Command("fine-tune a pretrained run on prompt/answer pairs (answer-only loss)",
+                        _finetune_args, cmd_finetune, loads_model=True),
+    "eval": Command("validation NELBO / perplexity bound at several loop counts", _eval_args, cmd_eval, loads_model=True),
+    "zeroshot": Command("zero-shot perplexity bound on held-out corpora (MDLM's sets) per loop count",
+                        _zeroshot_args, cmd_zeroshot, loads_model=True),
+    "sample": Command("generate text with the trained model", _sample_args, cmd_sample, loads_model=True),
+    "sample-bench": Command("generation quality against compute: fixed S, t-schedules, adaptive halting, warm starts",
+                            _sample_bench_args, cmd_sample_bench),
+    "solve": Command("task accuracy (Sudoku, k-hop, prompt/answer pairs) against the number of loops",
+                     _solve_args, cmd_solve, loads_model=True),
+    "analyze": Command("loop diagnostics: what each loop iteration changes (NELBO, hidden state, attention)",
+                       _analyze_args, cmd_analyze, loads_model=True),
+    "experiment": Command("matched-FLOPs suites: MDM vs LoopMDM vs deeper MDM (+ ablations), resumable",
+                          _experiment_args, cmd_experiment),
+    "export": Command("write a run as a Hugging Face folder (AutoModelForMaskedLM, trust_remote_code)",
+                      _export_args, cmd_export),
+    "downstream": Command("zero-shot benchmark accuracy (ARC, BoolQ, HellaSwag, ...) against S, via lm-eval",
+                          _downstream_args, cmd_downstream),
+    "lm-eval": Command("lm-eval's CLI with `--model loopmdm` registered (arguments passed through)",
+                       _lm_eval_args, cmd_lm_eval, prefix_chars="\0"),
+    "flops": Command("parameters and analytic training FLOPs per token of a config", _flops_args, cmd_flops),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="loopmdm", description="Looped masked diffusion language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help, prefix_chars=command.prefix_chars)
+        command.arguments(p)
+        p.set_defaults(func=command.run)
     return parser
 
 
@@ -702,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    if args.command in ("train", "finetune", "eval", "zeroshot", "sample", "solve", "analyze"):
+    if COMMANDS[args.command].loads_model:
         from loopmdm.training.allocator import tune_glibc_malloc
 
         tune_glibc_malloc()  # CPU steps reuse memory instead of page-faulting (training/allocator.py)

@@ -1,8 +1,11 @@
 """Typed configuration: dataclasses, YAML presets and `key=value` overrides.
 
 Parsing, merging and type checking are done by OmegaConf's structured configs (unknown
-keys and wrong types are rejected there); `validate()` adds the range checks that types
-cannot express. Every failure becomes one `LoopMDMError` line naming the key and value.
+keys and wrong types are rejected there). `load_config` then runs two explicit steps:
+`resolve()` fills in what other settings decide (the model's sigma(t) schedule from
+diffusion.*, a task's length and tokenizer); `validate()` only checks -- range checks that
+types cannot express and the option names of `loopmdm.names` -- and changes nothing.
+Every failure becomes one `LoopMDMError` line naming the key and value.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,19 +21,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from loopmdm.errors import LoopMDMError, require
+from loopmdm.names import (BLOCK_STYLES, DETOKENIZERS, DEVICES, LR_SCHEDULES, PACKINGS, PARALLELISMS, PRECISIONS,
+                           SAMPLERS, SCHEDULES, SOURCES, TASKS, TIME_INPUTS, TOKENIZERS)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-
-BLOCK_STYLES = ("dit", "llama")
-SCHEDULES = ("loglinear", "linear", "cosine")
-SOURCES = ("embedded", "shakespeare", "text", "hf", "task", "pairs")
-TOKENIZERS = ("bpe", "char", "gpt2", "bert-base-uncased", "task")
-PACKINGS = ("wrap", "pad")
-LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
-SAMPLERS = ("ancestral", "cache", "confidence")
-TIME_INPUTS = ("sigma", "1000t")
+# Presets are package data (src/loopmdm/configs/, read with importlib.resources), so an
+# installed wheel finds them from any working directory; `configs/` at the repository root
+# is a link to the same folder.
+PRESETS = "configs"
 
 
 @dataclass
@@ -45,7 +43,7 @@ class ModelConfig:
     # What the timestep embedder of a time-conditioned DiT sees: "sigma" = MDLM's total noise
     # -log alpha(t) of the schedule; "1000t" = DiT's 0..1000 timestep scale.
     time_input: str = "sigma"
-    # The schedule sigma(t) is computed from: validate() copies diffusion.schedule/eps here,
+    # The schedule sigma(t) is computed from: resolve() copies diffusion.schedule/eps here,
     # so the model (and a saved run's config) carries it; set it only on a hand-built ModelConfig.
     noise_schedule: str = "loglinear"
     noise_eps: float = 1e-3
@@ -204,16 +202,36 @@ def _one_line(exc: Exception) -> str:
     return f"config error at '{key}': {head}" if key else f"config error: {head}"
 
 
-def resolve_preset(name_or_path: str) -> Path:
-    """A preset name (`tiny`) from `configs/`, or a path to a YAML file."""
+def preset_names() -> list[str]:
+    """The presets shipped with the package: `tiny`, ..., and the suites' `experiments/<suite>`."""
+    root = resources.files("loopmdm").joinpath(PRESETS)
+    names = []
+    for entry in root.iterdir():
+        if entry.is_dir():
+            names += [f"{entry.name}/{sub.name[:-5]}" for sub in entry.iterdir() if sub.name.endswith(".yaml")]
+        elif entry.name.endswith(".yaml"):
+            names.append(entry.name[:-5])
+    return sorted(names, key=lambda n: ("/" in n, n))
+
+
+def _load_yaml(name_or_path: str):
+    """A preset name (`tiny`, `experiments/khop`) from the package's presets, or a path to a
+    YAML file, parsed (not yet merged)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        require(path.is_file(), f"config file '{name_or_path}' does not exist")
-        return path
-    preset = CONFIG_DIR / f"{name_or_path}.yaml"
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    require(preset.is_file(), f"unknown preset '{name_or_path}'; presets: {', '.join(known)}")
-    return preset
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        preset = resources.files("loopmdm").joinpath(PRESETS, *f"{name_or_path}.yaml".split("/"))
+        require(preset.is_file(), f"unknown preset '{name_or_path}'; presets: {', '.join(preset_names())}")
+        with resources.as_file(preset) as file:
+            return _parse_yaml(file, name_or_path)
+    require(path.is_file(), f"config file '{name_or_path}' does not exist")
+    return _parse_yaml(path, name_or_path)
+
+
+def _parse_yaml(path: Path, label: str):
+    try:
+        return OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors
+        raise LoopMDMError(f"cannot parse config file '{label}': {_one_line(exc)}") from None
 
 
 def load_config(name_or_path: str | None = None, overrides: List[str] | None = None) -> Config:
@@ -221,11 +239,8 @@ def load_config(name_or_path: str | None = None, overrides: List[str] | None = N
     schema = OmegaConf.structured(Config)
     layers = [schema]
     if name_or_path is not None:
-        path = resolve_preset(name_or_path)
-        try:
-            layer = OmegaConf.load(path)
-        except Exception as exc:  # YAML syntax errors
-            raise LoopMDMError(f"cannot parse config file '{path}': {_one_line(exc)}") from None
+        path = name_or_path
+        layer = _load_yaml(name_or_path)
         # An empty file would silently mean the 12 x 768 defaults; a list is not a config.
         require(OmegaConf.is_dict(layer), f"config file '{path}' must map sections to settings "
                                           f"(model:, data:, train:, ...), not a {'list' if OmegaConf.is_list(layer) else 'value'}")
@@ -250,6 +265,7 @@ def load_config(name_or_path: str | None = None, overrides: List[str] | None = N
         cfg.name = Path(name_or_path).stem
     if not cfg.train.out_dir:
         cfg.train.out_dir = os.path.join("runs", cfg.name)
+    resolve(cfg)
     validate(cfg)
     return cfg
 
@@ -266,12 +282,25 @@ def config_from_dict(data: dict) -> Config:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise LoopMDMError(_one_line(exc)) from None
+    resolve(cfg)
     validate(cfg)
     return cfg
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    OmegaConf.save(OmegaConf.structured(cfg), str(path))
+def resolve(cfg: Config) -> None:
+    """Fill in the settings that others decide (in place): the model learns sigma(t) of the
+    training schedule (so a saved run's config carries it), and a synthetic task fixes the
+    sequence length and brings its own tokenizer (the task's spec also checks its size and
+    hops)."""
+    cfg.model.noise_schedule, cfg.model.noise_eps = cfg.diffusion.schedule, cfg.diffusion.eps  # the model's sigma(t)
+    da = cfg.data
+    if da.source == "task":
+        from loopmdm.tasks import get_task
+
+        task = get_task(da.task)
+        task.check(da.task_size, da.task_hops)
+        da.seq_len = task.seq_len(da.task_size, da.task_hops)  # the task fixes the length
+        da.tokenizer = "task"
 
 
 def _choice(key: str, value: str, allowed: tuple) -> None:
@@ -324,18 +353,19 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def validate(cfg: Config) -> None:
+    """Range and name checks of a resolved config; changes nothing and imports nothing."""
     for section in ("diffusion", "data", "train", "eval", "sample"):
         _require_finite(section, getattr(cfg, section))
     d = cfg.diffusion
     _choice("diffusion.schedule", d.schedule, SCHEDULES)
     require(0.0 <= d.eps < 1.0, f"diffusion.eps={d.eps} must be in [0, 1)")
-    cfg.model.noise_schedule, cfg.model.noise_eps = d.schedule, d.eps  # the model's sigma(t)
     validate_model(cfg.model)
     da = cfg.data
     _choice("data.source", da.source, SOURCES)
     _choice("data.tokenizer", da.tokenizer, TOKENIZERS)
     _choice("data.packing", da.packing, PACKINGS)
-    require(da.seq_len >= 8, f"data.seq_len={da.seq_len} must be >= 8")
+    if da.source != "task":  # a task's length is its own (resolve)
+        require(da.seq_len >= 8, f"data.seq_len={da.seq_len} must be >= 8")
     require(da.bpe_vocab_size >= 260, f"data.bpe_vocab_size={da.bpe_vocab_size} must be >= 260 (bytes + specials)")
     require(0.0 < da.val_fraction < 1.0, f"data.val_fraction={da.val_fraction} must be in (0, 1)")
     require(0.0 <= da.test_fraction < 1.0 and da.val_fraction + da.test_fraction < 1.0,
@@ -350,18 +380,11 @@ def validate(cfg: Config) -> None:
         require(len(da.paths) > 0, "data.source=pairs needs data.paths=[a JSONL file of {\"prompt\": ..., \"answer\": ...} lines, ...]")
     if da.source == "hf":
         require(bool(da.hf_name), "data.source=hf needs data.hf_name (a datasets name or local path)")
-    from loopmdm.data.corpus import DETOKENIZERS  # the corpus module owns the names
-
     _choice("data.detokenizer", da.detokenizer, ("",) + tuple(DETOKENIZERS))
     require(da.num_proc >= 0, f"data.num_proc={da.num_proc} must be >= 0 (0 = one per core, at most 8)")
     if da.source == "task":
-        from loopmdm.tasks import get_task  # the task registry owns the names
-
-        task = get_task(da.task)
-        task.check(da.task_size, da.task_hops)
+        _choice("data.task", da.task, tuple(TASKS))
         _positive("data.task_examples", da.task_examples)
-        da.seq_len = task.seq_len(da.task_size, da.task_hops)  # the task fixes the length
-        da.tokenizer = "task"
     t = cfg.train
     for key in ("batch_size", "log_every", "eval_batches", "checkpoint_every"):
         _positive(f"train.{key}", getattr(t, key))
@@ -379,8 +402,6 @@ def validate(cfg: Config) -> None:
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.device", t.device, DEVICES)
-    from loopmdm.training.distributed import PARALLELISMS  # the module implementing them owns the names
-
     _choice("train.parallel", t.parallel, PARALLELISMS)
     if t.micro_batch_size:
         require(t.batch_size % t.micro_batch_size == 0,
@@ -391,7 +412,7 @@ def validate(cfg: Config) -> None:
         _positive(f"eval.{key}", getattr(e, key))
     _positive("eval.num_batches", e.num_batches, allow_zero=True)
     s = cfg.sample
-    _choice("sample.sampler", s.sampler, SAMPLERS)
+    _choice("sample.sampler", s.sampler, tuple(SAMPLERS))
     for key in ("steps", "num_loops", "num_samples"):
         _positive(f"sample.{key}", getattr(s, key))
     _positive("sample.temperature", s.temperature, allow_zero=True)

@@ -239,7 +239,6 @@ def is_our_lock(path: Path) -> bool:
         return False
 
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _OLD_STEP_DIR = re.compile(r"^\.old-(step-\d+)-\d+$")
 
 

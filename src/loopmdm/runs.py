@@ -4,7 +4,7 @@ RUN/config.yaml       the resolved config (model.vocab_size filled in from the d
 RUN/data.json         where the prepared data lives and the tokenizer's fingerprint
 RUN/tokenizer.json    a copy of the tokenizer, so sampling needs nothing else
 RUN/metrics.jsonl     one JSON record per log / validation step
-RUN/checkpoints/      see training/checkpoint.py
+RUN/checkpoints/      see checkpoint.py
 
 Training writes run directories (training/run.py); nothing here imports the trainer.
 `load_run` also opens a Hugging Face export of a run (`loopmdm export`, export/hf.py):
@@ -34,7 +34,7 @@ from loopmdm.devices import resolve_device
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.runfiles import note
-from loopmdm.training import checkpoint as ckpt
+from loopmdm import checkpoint as ckpt
 
 T = TypeVar("T")
 

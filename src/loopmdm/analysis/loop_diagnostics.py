@@ -31,6 +31,7 @@ from loopmdm.devices import autocast_context
 from loopmdm.diffusion.objective import forward_mask, maskable_after, sample_times, weighted_token_nll
 from loopmdm.diffusion.schedule import NoiseSchedule
 from loopmdm.errors import require
+from loopmdm.model.denoiser import relative_change
 
 DEFAULT_T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -155,8 +156,7 @@ def loop_diagnostics(model, blocks: np.ndarray, schedule: NoiseSchedule, *, eps:
             prev = h0
             with attention_probes(model, make_probe) if attention else _nothing():
                 for k, h in enumerate(model.iterate_loop(h0, c, valid, K)):
-                    diff = (h.float() - prev.float()).norm(dim=-1)
-                    ratio = diff / prev.float().norm(dim=-1).clamp_min(1e-12)
+                    ratio = relative_change(h, prev)
                     rel[k] += [float((ratio * masked).sum()), float((ratio * unmasked).sum())]
                     hidden_norm[k] += float((h.float().norm(dim=-1) * real).sum())
                     for layer, (mm, mu) in pending.items():

@@ -237,7 +237,7 @@ def lm1b_detokenizer(x: str) -> str:
     return x
 
 
-# data.detokenizer -> function applied to each document's text ("" = none).
+# data.detokenizer (names.DETOKENIZERS) -> function applied to each document's text ("" = none).
 DETOKENIZERS: Dict[str, Callable[[str], str]] = {"lm1b": lm1b_detokenizer}
 
 

@@ -204,6 +204,28 @@ def task_tokenizer(symbols: List[str]) -> TextTokenizer:
     return TextTokenizer(tok, "task")
 
 
+# Vocabulary sizes of the pretrained tokenizers (real tokens, as TextTokenizer counts them).
+PRETRAINED_VOCAB = {"gpt2": 50258, "bert-base-uncased": 30522}
+
+
+def expected_vocab_size(cfg: DataConfig) -> int:
+    """The vocabulary the configured tokenizer will have, without preparing data (`loopmdm flops`)."""
+    if cfg.tokenizer == "task" or cfg.source == "task":
+        from loopmdm.tasks import get_task
+
+        return len(get_task(cfg.task).symbols(cfg.task_size, cfg.task_hops)) + 2  # + EOS, pad
+    if cfg.tokenizer == "bpe":
+        return cfg.bpe_vocab_size
+    if cfg.tokenizer == "char":  # the train split's characters: read them (seconds for the plays)
+        from loopmdm.data.corpus import SplitCorpus
+
+        chars = set()
+        for doc in SplitCorpus(cfg).iter("train"):
+            chars.update(doc.text)
+        return len(chars) + 3  # + EOS, pad, unknown
+    return PRETRAINED_VOCAB[cfg.tokenizer]
+
+
 def build_tokenizer(cfg: DataConfig, train_texts: Iterable[str]) -> TextTokenizer:
     """The configured tokenizer; only `bpe` and `char` read `train_texts` (built from them)."""
     if cfg.tokenizer == "bpe":

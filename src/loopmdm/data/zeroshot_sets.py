@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from loopmdm.data.corpus import normalize_text
+from loopmdm.data.corpus import lm1b_detokenizer, normalize_text  # LM1B: the rules data.detokenizer=lm1b uses
 from loopmdm.errors import LoopMDMError, require
 
 # --- detokenizers ----------------------------------------------------------------------
@@ -76,20 +76,6 @@ def wt_detokenizer(text: str) -> str:
                                (" \n", "\n"), ("\n ", "\n")])
     text = text.replace(" N ", " 1 ")  # MDLM does one pass here (not PTB's repeated one)
     return text.replace(" 's", "'s")
-
-
-def lm1b_detokenizer(text: str) -> str:
-    """One Billion Word: space-separated tokens, sentence per row."""
-    text = _replace_all(text, [("http : / / ", "http://"), ("https : / / ", "https://")])
-    text = _sub_all(text, [(r" '(\w+)", r"'\1"), (r" (\w+) \. ", r" \1. "), (r" (\w+) \.$", r" \1.")])
-    text = text.replace(" ? ", "? ")
-    text = re.sub(r" \?$", "?", text)
-    text = text.replace(" ! ", "! ")
-    text = re.sub(r" \!$", "!", text)
-    text = _replace_all(text, [(" , ", ", "), (" : ", ": "), (" ; ", "; "), (" / ", "/")])
-    text = _sub_all(text, [(r"\" ([^\"]+) \"", r'"\1"'), (r"\' ([^\']+) \'", r"'\1'"),
-                           (r"\( ([^\(\)]+) \)", r"(\1)"), (r"\[ ([^\[\]]+) \]", r"[\1]")])
-    return _replace_all(text, [("$ ", "$"), ("\u00a3 ", "\u00a3")])
 
 
 def lambada_detokenizer(text: str) -> str:

@@ -94,7 +94,10 @@ class CosineSchedule(NoiseSchedule):
         return -0.5 * math.pi * torch.sin(0.5 * math.pi * (1.0 - t))
 
 
+# diffusion.schedule (names.SCHEDULES) -> the schedule, given eps.
+SCHEDULES = {"loglinear": LogLinearSchedule, "linear": lambda eps: LinearSchedule(), "cosine": lambda eps: CosineSchedule()}
+
+
 def make_schedule(name: str, eps: float = 1e-3) -> NoiseSchedule:
-    schedules = {"loglinear": lambda: LogLinearSchedule(eps), "linear": LinearSchedule, "cosine": CosineSchedule}
-    require(name in schedules, f"unknown noise schedule '{name}'; choose one of: {', '.join(schedules)}")
-    return schedules[name]()
+    require(name in SCHEDULES, f"unknown noise schedule '{name}'; choose one of: {', '.join(SCHEDULES)}")
+    return SCHEDULES[name](eps)

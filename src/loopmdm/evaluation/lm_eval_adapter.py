@@ -33,7 +33,7 @@ from loopmdm.diffusion.schedule import make_schedule
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.evaluation.likelihood import ESTIMATORS, score_continuations
 from loopmdm.evaluation.nelbo import evaluate_nelbo
-from loopmdm.sampling.samplers import SAMPLERS
+from loopmdm.names import SAMPLERS
 
 get_model("dummy")  # load lm-eval's own lazy model table first: it is skipped once the registry is non-empty
 

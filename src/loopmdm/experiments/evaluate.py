@@ -6,8 +6,9 @@ import json
 
 import torch
 
+from loopmdm import checkpoint as ckpt
 from loopmdm.data.loader import eval_rows
-from loopmdm.training import checkpoint as ckpt
+from loopmdm.runfiles import write_text_atomic
 
 T_BINS = [0.0, 0.25, 0.5, 0.75, 1.0]  # NELBO split by the noise level drawn (paper: gains at mid t)
 
@@ -80,5 +81,5 @@ def evaluate_run(suite, spec, scale, log) -> dict:
                                      num_batches=scale.num_test if suite.kind == "lm" else 8,
                                      seed=cfg.eval.seed, prompt_len=data.prompt_len, prompt_sep_id=data.prompt_sep_id, device=run.device,
                                      precision=cfg.train.precision, t_bins=T_BINS)
-    ckpt.write_text_atomic(path, json.dumps(result, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     return result

@@ -10,7 +10,7 @@ import numpy as np
 
 from loopmdm.config import load_config
 from loopmdm.experiments.suites import arm_overrides, layer_passes
-from loopmdm.training import checkpoint as ckpt
+from loopmdm.runfiles import write_text_atomic
 
 
 def _mean_band(values: list[float]) -> tuple[float, float | None]:
@@ -113,8 +113,7 @@ def _plot_curves(path: Path, evaluations: dict) -> None:
     plt.close(fig)
 
 
-def _difficulty_table(order: str, evaluations: dict, arms: list, summary: dict, key: str = "solved",
-                      title: str = "boards solved by difficulty", note: str = "rounds of naked/hidden singles; n = puzzles"
+def _difficulty_table(order: str, evaluations: dict, arms: list, summary: dict, key: str, title: str, note: str
                       ) -> list[str]:
     """Boards solved (or pairs answered exactly) by difficulty (rounds of single-deduction a
     puzzle needs; terms of a sum), per arm and S, summed over seeds: the rate and the number
@@ -137,6 +136,13 @@ def _difficulty_table(order: str, evaluations: dict, arms: list, summary: dict, 
     for name, cells in table.items():
         lines.append(f"| {name} | " + " | ".join("" if cells.get(d) is None else f"{cells[d]:.2f}" for d in columns) + " |")
     return lines + [""]
+
+
+def suite_scoring(suite):
+    """How a task suite's answers are scored: its pairs (a fine-tuning suite) or its base config's task."""
+    from loopmdm.evaluation.solve import scoring_of
+
+    return scoring_of("pairs" if suite.pairs else load_config(suite.config).data.task)
 
 
 def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluations,
@@ -193,31 +199,26 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
         summary["tables"][f"val_nelbo_t{label}"] = {a: {str(s): v for s, v in d.items()} for a, d in by_t.items()}
         md += _render_table(f"Validation NELBO of sequences with t in {label}", by_t, loops)
     if suite.kind == "task":
+        from loopmdm.tasks import ByDifficulty
+
+        scoring = suite_scoring(suite)
+        key, title = scoring.headline
         for order in suite.orders:
-            task = next(iter(evaluations.values()))["orders"][order][0]
-            key = "acc" if "acc" in task else "exact" if "exact" in task else "solved"
             acc = _metric_table(suite, evaluations, arms,
                                 lambda ev, o=order, k=key: [(r["loops"], r[k]) for r in ev["orders"][o]])
-            name = f"{order}: " + {"acc": "answer accuracy", "exact": "exact match", "solved": "boards solved"}[key]
+            name = f"{order}: {title}"
             summary["tables"][f"{order}_{key}"] = {a: {str(s): v for s, v in d.items()} for a, d in acc.items()}
             md += _render_table(name, acc, loops)
             _plot(out_dir / f"{order}_{key}.png", f"{suite.name}: {name}", key, acc, loops)
-            if key == "acc":  # k-hop: accuracy per hop at every S
-                hops = len(task["per_hop"])
-                for hop in range(hops):
-                    per_hop = _metric_table(suite, evaluations, arms,
-                                            lambda ev, o=order, h=hop: [(r["loops"], r["per_hop"][h]) for r in ev["orders"][o]])
-                    summary["tables"][f"{order}_hop{hop + 1}"] = {a: {str(s): v for s, v in d.items()} for a, d in per_hop.items()}
-                    md += _render_table(f"{order}: accuracy at hop {hop + 1}", per_hop, loops)
-            elif key == "exact":  # fine-tuning pairs: exact match by difficulty (e.g. number of terms)
-                md += _difficulty_table(order, evaluations, arms, summary, key="exact",
-                                        title="exact match by difficulty", note="the pairs' difficulty, e.g. terms of a sum; n = pairs")
-            else:
-                cells = _metric_table(suite, evaluations, arms,
-                                      lambda ev, o=order: [(r["loops"], r["cell_acc"]) for r in ev["orders"][o]])
-                summary["tables"][f"{order}_cell_acc"] = {a: {str(s): v for s, v in d.items()} for a, d in cells.items()}
-                md += _render_table(f"{order}: cell accuracy", cells, loops)
-                md += _difficulty_table(order, evaluations, arms, summary)
+            for table in scoring.tables(next(iter(evaluations.values()))["orders"][order][0]):
+                if isinstance(table, ByDifficulty):
+                    md += _difficulty_table(order, evaluations, arms, summary, key=table.key, title=table.title,
+                                            note=table.note)
+                    continue
+                per_s = _metric_table(suite, evaluations, arms,
+                                      lambda ev, o=order, t=table: [(r["loops"], t.value(r)) for r in ev["orders"][o]])
+                summary["tables"][f"{order}_{table.key}"] = {a: {str(s): v for s, v in d.items()} for a, d in per_s.items()}
+                md += _render_table(f"{order}: {table.title}", per_s, loops)
     if "mdm" in arms and suite.kind == "lm":
         ratios = {}
         for name, ev in evaluations.items():
@@ -237,6 +238,6 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
         md += [f"Wall time of this call: {wall_seconds / 60:.1f} min on {summary['machine']}.", ""]
     summary["evaluations"] = evaluations
     stem = "summary" if not suite.runs_of else f"summary-{suite.name}"
-    ckpt.write_text_atomic(out_dir / f"{stem}.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
-    ckpt.write_text_atomic(out_dir / f"{stem}.md", "\n".join(md))
+    write_text_atomic(out_dir / f"{stem}.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    write_text_atomic(out_dir / f"{stem}.md", "\n".join(md))
     return summary

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.experiments.suites import KNOB_ARMS, Scale, Suite, arm_overrides, get_suite
-from loopmdm.training import checkpoint as ckpt
+from loopmdm import checkpoint as ckpt
+from loopmdm.runfiles import write_text_atomic
 
 
 @dataclass
@@ -92,7 +93,7 @@ def train_runs(suite: Suite, specs: list[RunSpec], jobs: int, log) -> None:
                                f"{spec.out_dir.parent / (spec.name + '.log')}")
         summary = json.loads(proc.stdout[proc.stdout.index("{"):])
         summary["wall_seconds_this_call"] = round(time.time() - t0, 1)
-        ckpt.write_text_atomic(spec.out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(spec.out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
         log(f"done  {spec.name}: val NELBO {summary['val_nll']:.4f} at step {summary['step']}")
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

@@ -1,7 +1,7 @@
 """The experiment suites of `loopmdm experiment`: which arms, which budgets, what to measure.
 
-Every arm of a suite trains from the suite's base config (configs/experiments/<suite>.yaml
-or a preset) to the same total training FLOPs, with the same seeds (so the same data order
+Every arm of a suite trains from the suite's base config (a preset: `experiments/<suite>`,
+package data in src/loopmdm/configs/) to the same total training FLOPs, with the same seeds (so the same data order
 and evaluation draws), at its own best learning rate from a sweep at a smaller budget.
 Arms (docs/RESULTS.md):
 * ``mdm``       -- the plain MDM: the same layers, no loop.
@@ -35,7 +35,7 @@ class Scale:
 @dataclass(frozen=True)
 class Suite:
     name: str
-    config: str  # preset name or YAML path of the base config
+    config: str  # preset name of the base config (e.g. experiments/khop; a YAML path also works)
     arms: tuple
     kind: str  # "task" (solve accuracy) or "lm" (NELBO against FLOPs)
     scales: dict = field(default_factory=dict)
@@ -65,19 +65,19 @@ KNOB_ARMS = {
 }
 
 SUITES = {
-    "khop": Suite("khop", "configs/experiments/khop.yaml", ALL_ARMS, "task",
+    "khop": Suite("khop", "experiments/khop", ALL_ARMS, "task",
                   {"cpu": Scale(2.4e13, 0.25, (3e-4, 1e-3, 3e-3), (0, 1), 500),
                    "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000,
                                 GPU_TASK + ("data.task_size=8", "data.task_hops=6"))},
                   orders=("oneshot",)),
-    "sudoku": Suite("sudoku", "configs/experiments/sudoku.yaml", ALL_ARMS, "task",
+    "sudoku": Suite("sudoku", "experiments/sudoku", ALL_ARMS, "task",
                     {"cpu": Scale(2.4e13, 0.2, (1e-3, 3e-3, 1e-2), (0, 1), 300),
                      "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 1000, GPU_TASK)},
                     orders=("raster", "confidence", "oneshot")),
     # cpu: 7.2e12 FLOPs is ~500 MDM steps of batch 16 x 128 tokens (DiT 4 x 128, one thread each),
     # ~8 min a run, so sweep + 10 final runs fit ~90 min at --jobs 2;
     # gpu: 8x wider batches and a 256-wide model (unmeasured: no GPU has run it yet).
-    "lm": Suite("lm", "configs/experiments/lm.yaml", ALL_ARMS, "lm",
+    "lm": Suite("lm", "experiments/lm", ALL_ARMS, "lm",
                 {"cpu": Scale(7.2e12, 0.5, (3e-4, 1e-3, 3e-3), (0, 1), 8),
                  "gpu": Scale(2e15, 0.25, (3e-4, 1e-3, 3e-3), (0, 1), 32,
                               ("train.batch_size=128", "model.d_model=256", "train.eval_every=500"))},
@@ -88,7 +88,7 @@ SUITES = {
 # cpu: 1.2e13 FLOPs is ~1,050 MDM steps of 16 x 128 characters (~66 epochs; LoopMDM ~550 steps, ~34
 # epochs), ~8 min a run on one core; sweep at half the budget (seed 0), finals on 3 seeds. (A 64k-
 # character calibration run of the MDM was still improving at 37 epochs: diffusion repeats data well.)
-SUITES["shakespeare-char"] = Suite("shakespeare-char", "configs/experiments/shakespeare-char.yaml", ("mdm", "loop", "deeper"),
+SUITES["shakespeare-char"] = Suite("shakespeare-char", "experiments/shakespeare-char", ("mdm", "loop", "deeper"),
                                    "lm", {"cpu": Scale(1.2e13, 0.5, (1e-3, 2e-3, 4e-3), (0, 1, 2), 16)},
                                    loops=(1, 2, 4, 8, 12, 16))
 # Reasoning after fine-tuning (the reasoning issue): the `lm` suite's pretrained MDM, LoopMDM and deeper

@@ -202,7 +202,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False
     require(not run.cfg.model.causal, f"run '{run_dir}' is an autoregressive judge (model.causal=true), not a "
                                       f"masked diffusion model; export exports diffusion runs")
     require(num_loops is None or (isinstance(num_loops, int) and num_loops >= 1),
-            f"--num-loops {num_loops} must be an integer >= 1")
+            f"num_loops={num_loops} must be an integer >= 1")
     require(out.resolve() != run_dir.resolve(), f"OUT_DIR '{out}' is the run directory itself; choose a new folder")
     _check_out_dir(out, overwrite)
     num_loops = default_num_loops(run) if num_loops is None else num_loops

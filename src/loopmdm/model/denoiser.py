@@ -26,6 +26,12 @@ def check_num_loops(num_loops) -> int:
     return num_loops
 
 
+def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """||H^k - H^(k-1)|| / ||H^(k-1)|| per position (norms over the hidden dimension, in fp32):
+    what adaptive halting thresholds (sampling/loop_runner.py) and `loopmdm analyze` reports."""
+    return (new.float() - old.float()).norm(dim=-1) / old.float().norm(dim=-1).clamp_min(1e-12)
+
+
 class LoopedDenoiser(nn.Module):
     """x_t (B, L) token ids, mask id = vocab_size -> logits (B, L, vocab_size).
 

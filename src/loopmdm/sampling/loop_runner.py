@@ -36,6 +36,7 @@ import torch
 
 from loopmdm.devices import autocast_context
 from loopmdm.errors import require
+from loopmdm.model.denoiser import relative_change
 from loopmdm.model.flops import forward_flops, layer_flops
 
 GRANULARITIES = ("call", "sequence", "token")
@@ -103,8 +104,7 @@ class LoopRunner:
             def merge(k, h_prev, h_new):
                 nonlocal active
                 token_loops.add_(active.float())
-                diff = (h_new.float() - h_prev.float()).norm(dim=-1)
-                change = diff / h_prev.float().norm(dim=-1).clamp_min(1e-12)  # (B, L)
+                change = relative_change(h_new, h_prev)  # (B, L)
                 h_new = torch.where(active[..., None], h_new, h_prev)
                 if k >= halting.min_loops:
                     if halting.granularity == "call":

@@ -25,21 +25,37 @@ Samplers (MDLM's and LLaDA's conventions; docs/design.md):
 
 Every sampler returns immediately (without calling the denoiser) once nothing is masked,
 and skips calls that could not change anything (a confidence step with k_i = 0 in all rows).
+
+Each sampler is a `Sampler` spec (its step loop and what it needs), registered by one line in
+`loopmdm.names.SAMPLERS`; `sample()` dispatches through that registry. A new sampler is one
+file defining `run(x, call, ts, steps, mask_id, temperature, generator, schedule)` and its
+`Sampler(...)`, plus that line.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from loopmdm.diffusion.schedule import NoiseSchedule
 from loopmdm.errors import require
+from loopmdm.names import SAMPLERS, lookup
 from loopmdm.sampling.loop_schedule import LoopSchedule, as_loop_schedule
 
-SAMPLERS = ("ancestral", "cache", "confidence")
 EPS_FINAL = 1e-5  # last point of the time grid (MDLM's sampling eps)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    # run(x, call, ts, steps, mask_id, temperature, generator, schedule): unmask `x` in place, calling
+    # the denoiser through `call` (a _Caller: `call(x, loops, t)`, `call.loops_at(i, t)`, `call.stepped(i, x)`)
+    run: Callable
+    needs_schedule: bool = True  # reads alpha(t) of the noise schedule
+    time_agnostic_only: bool = False  # reuses predictions across time steps
 
 
 @dataclass
@@ -132,9 +148,10 @@ def sample(
 ) -> SampleResult:
     """Generate the masked positions of `x_init` (or of an all-mask (batch_size, seq_len)
     sequence). Positions of `x_init` that are not `mask_id` are fixed and returned unchanged.
-    `schedule` is required by `ancestral` and `cache`; `confidence` ignores it. `on_step(i, x)`,
+    `schedule` is required by samplers that read alpha(t) (`ancestral`, `cache`); `confidence` ignores it. `on_step(i, x)`,
     if given, sees the tokens after each denoising step i (read-only; `loopmdm sample --show`)."""
     require(sampler in SAMPLERS, f"unknown sampler '{sampler}'; choose one of: {', '.join(SAMPLERS)}")
+    spec: Sampler = lookup(SAMPLERS, sampler, "sampler")
     require(_is_int(mask_id) and mask_id >= 1, f"mask_id must be an integer >= 1 (the vocabulary size V), got {mask_id!r}")
     require(_is_int(steps) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
     require(
@@ -143,11 +160,11 @@ def sample(
     )
     temperature = float(temperature)
     loop_schedule = as_loop_schedule(loops)
-    if sampler in ("ancestral", "cache"):
+    if spec.needs_schedule:
         require(schedule is not None, f"sampler '{sampler}' needs a noise schedule (schedule=make_schedule(...))")
     require(
-        sampler != "cache" or time_agnostic,
-        "sampler 'cache' reuses predictions across time steps and needs a time-agnostic denoiser (time_agnostic=True); use 'ancestral'",
+        not spec.time_agnostic_only or time_agnostic,
+        f"sampler '{sampler}' reuses predictions across time steps and needs a time-agnostic denoiser (time_agnostic=True); use 'ancestral'",
     )
 
     if x_init is None:
@@ -171,10 +188,7 @@ def sample(
     call = _Caller(denoiser, loop_schedule, steps, mask_id)
     call.on_step = on_step
     ts = torch.linspace(1.0, EPS_FINAL, steps + 1, dtype=torch.float64)
-    if sampler == "confidence":
-        _confidence(x, call, ts, steps, mask_id, temperature, generator)
-    else:
-        _ancestral(x, call, ts, steps, mask_id, temperature, generator, schedule, use_cache=sampler == "cache")
+    spec.run(x, call, ts, steps, mask_id, temperature, generator, schedule)
     if on_step is not None:
         on_step(steps, x)  # the final tokens (after noise removal)
     assert not (x == mask_id).any()
@@ -212,7 +226,7 @@ def _ancestral(x, call: _Caller, ts, steps, mask_id, temperature, generator, sch
         x[masked] = logits[masked].argmax(dim=-1)
 
 
-def _confidence(x, call: _Caller, ts, steps, mask_id, temperature, generator):
+def _confidence(x, call: _Caller, ts, steps, mask_id, temperature, generator, schedule=None):
     k = num_transfer_tokens((x == mask_id).sum(dim=1), steps)  # (B, steps)
     B, L = x.shape
     positions = torch.arange(L, device=x.device).expand(B, L)
@@ -236,6 +250,11 @@ def _confidence(x, call: _Caller, ts, steps, mask_id, temperature, generator):
         commit = masked & (rank < k_i[:, None])
         x[commit] = proposal[commit]
         call.stepped(i, x)
+
+
+ANCESTRAL = Sampler("ancestral", lambda *a: _ancestral(*a, use_cache=False))
+CACHE = Sampler("cache", lambda *a: _ancestral(*a, use_cache=True), time_agnostic_only=True)
+CONFIDENCE = Sampler("confidence", _confidence, needs_schedule=False)
 
 
 def decode_samples(tokenizer, tokens: torch.Tensor, mask_id: int) -> list[str]:

@@ -1,6 +1,13 @@
-"""Synthetic depth-hungry tasks: generators and scorers only (decoding orders live in
-`sampling/infill.py`). `TASKS` is the one registry of task names: config validation, the
-data preparation and `loopmdm solve` all read it.
+"""Synthetic depth-hungry tasks and the scoring of answers: what a task is, as one spec.
+
+A `Task` (one per file: tasks/sudoku.py, tasks/khop.py) owns everything about it: the
+generator and its vocabulary (data preparation), and a `Scoring` -- the test set drawn from
+the validation split, the scorer, the line `loopmdm solve` prints per loop count and the
+tables a suite report draws. Fine-tuning pairs (`data.source=pairs`) are scored the same way
+(tasks/pairs.py `PAIRS`). Names are registered in `loopmdm.names.TASKS`; decoding orders live
+in `sampling/infill.py`, the loop over S in `evaluation/solve.py`.
+
+Adding a task: a file here defining `TASK = Task(...)`, and one line in names.TASKS.
 
 Every task is a fixed-length token sequence over a compact vocabulary (`symbols`, token
 id = index); positions before `prompt_len` are always given (never masked, never scored).
@@ -13,7 +20,35 @@ from typing import Callable
 
 import numpy as np
 
-from loopmdm.tasks import khop, sudoku
+
+@dataclass(frozen=True)
+class PerS:
+    """A report table of one number per record, by arm and S (`{order}_{key}` in summary.json)."""
+
+    key: str
+    title: str
+    value: Callable[[dict], float]
+
+
+@dataclass(frozen=True)
+class ByDifficulty:
+    """A report table of `key` (a rate in each record's `by_difficulty`) per difficulty column."""
+
+    key: str
+    title: str
+    note: str
+
+
+@dataclass(frozen=True)
+class Scoring:
+    # (data, rows, picked, seed, answer_len) -> {"task", "x" (blanked), "target", "difficulty", ...}:
+    # `rows` are the validation rows `picked` (indices) from PreparedData `data`.
+    test_set: Callable
+    score: Callable[[dict, np.ndarray, int], dict]  # (test, filled, mask_id) -> metrics
+    describe: Callable[[dict], str]  # a record -> the line `loopmdm solve` prints after "S=..."
+    headline: tuple[str, str]  # (record key, title) of the report's first table per order
+    tables: Callable[[dict], tuple] = lambda record: ()  # a record -> further report tables (PerS, ByDifficulty)
+    answer_symbols: Callable[[dict], int | None] = lambda meta: None  # candidate ids [0, n) when filling blanks
 
 
 @dataclass(frozen=True)
@@ -25,37 +60,11 @@ class Task:
     prompt_len: Callable[[int, int], int]
     examples: Callable[[int, int, int, int], np.ndarray]  # (size, hops, count, seed) -> (count, seq_len) ids
     check: Callable[[int, int], None]
-
-
-def _check_sudoku(size: int, hops: int) -> None:
-    sudoku.box_shape(size)
-
-
-TASKS = {
-    "sudoku": Task(
-        name="sudoku",
-        description="solved n x n Sudoku boards (size 4, 6 or 9), row-major; token id = digit - 1",
-        symbols=lambda size, hops: [str(d) for d in range(1, size + 1)],
-        seq_len=lambda size, hops: size * size,
-        prompt_len=lambda size, hops: 0,
-        examples=lambda size, hops, count, seed: sudoku.random_boards(size, count, seed) - 1,
-        check=_check_sudoku,
-    ),
-    "khop": Task(
-        name="khop",
-        description="k-hop pointer chasing on a random cycle of `size` nodes (one token per edge), `hops` answer slots",
-        symbols=lambda size, hops: khop.symbols(size),
-        seq_len=khop.seq_len,
-        prompt_len=lambda size, hops: khop.prompt_len(size),
-        examples=khop.random_examples,
-        check=khop.check,
-    ),
-}
+    scoring: Scoring
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        from loopmdm.errors import LoopMDMError
+    from loopmdm.names import TASKS, lookup
 
-        raise LoopMDMError(f"task '{name}' is not allowed; choose one of: {', '.join(TASKS)}")
-    return TASKS[name]
+    return lookup(TASKS, name, "task")
+

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from loopmdm.errors import require
+from loopmdm.tasks import PerS, Scoring, Task
 
 
 def check(n_nodes: int, hops: int) -> None:
@@ -70,3 +71,43 @@ def answers_from_prompt(prompt: np.ndarray, n_nodes: int, hops: int) -> np.ndarr
         node = succ[node]
         out.append(node)
     return np.array(out)
+
+
+# --------------------------------------------------------------------------- the task spec
+
+def test_set(data, rows: np.ndarray, picked: np.ndarray, seed: int, answer_len: int) -> dict:
+    """The validation rows with their answer slots blank."""
+    x = rows.copy()
+    x[:, int(data.meta["answer_start"]):] = data.vocab_size
+    return {"task": "khop", "x": x, "target": rows, "difficulty": np.full(len(rows), -1)}
+
+
+def score(test: dict, filled: np.ndarray, mask_id: int) -> dict:
+    """Answer accuracy, per hop, and all hops right."""
+    x, target = test["x"], test["target"]
+    blank = x == mask_id
+    correct = (filled == target) & blank
+    per_hop = correct[:, blank[0]].mean(0)
+    return {"acc": float(correct.sum() / blank.sum()), "per_hop": [float(a) for a in per_hop],
+            "all_hops": float(correct[:, blank[0]].all(1).mean()), "n": len(x)}
+
+
+def describe(r: dict) -> str:
+    hops = " ".join(f"{a:.3f}" for a in r["per_hop"])
+    return f"accuracy {r['acc']:.3f}  all hops {r['all_hops']:.3f}  per hop: {hops}"
+
+
+TASK = Task(
+    name="khop",
+    description="k-hop pointer chasing on a random cycle of `size` nodes (one token per edge), `hops` answer slots",
+    symbols=lambda size, hops: symbols(size),
+    seq_len=seq_len,
+    prompt_len=lambda size, hops: prompt_len(size),
+    examples=random_examples,
+    check=check,
+    scoring=Scoring(
+        test_set=test_set, score=score, describe=describe, headline=("acc", "answer accuracy"),
+        tables=lambda record: tuple(PerS(f"hop{h + 1}", f"accuracy at hop {h + 1}", lambda r, h=h: r["per_hop"][h])
+                                    for h in range(len(record["per_hop"]))),
+        answer_symbols=lambda meta: int(meta["task_size"])),
+)

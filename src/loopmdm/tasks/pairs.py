@@ -1,5 +1,5 @@
 """Prompt/answer pairs for conditional fine-tuning (`loopmdm pairs`, `loopmdm finetune`),
-from sources that work offline (../shared/DATA.md):
+from sources that work offline:
 
 * ``rg:NAME[:key=value,...]`` -- a reasoning-gym generator (`reasoning-gym==0.1.25`), e.g.
   ``rg:chain_sum:min_terms=2,max_terms=4``, ``rg:basic_arithmetic``, ``rg:gsm_symbolic``;
@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from loopmdm.errors import LoopMDMError, require
+from loopmdm.tasks import ByDifficulty, Scoring
 
-SOURCES = ("rg:NAME[:key=value,...]", "gsm8k-test", "gsm8k:SPLIT|FILE[:cot]", "gsm8k-aug:FILE[:cot]", "sudoku:N")
 GSM8K_HF = ("openai/gsm8k", "main")
 # reasoning-gym metadata fields that measure how many reasoning steps a problem needs.
 DIFFICULTY_KEYS = ("num_terms", "num_steps", "difficulty")
@@ -156,7 +156,6 @@ def _gsm8k_aug(spec: str, num: int) -> list[dict]:
 
 
 def _sudoku(spec: str, num: int, seed: int) -> list[dict]:
-    from loopmdm.evaluation.solve import SUDOKU_BLANKS
     from loopmdm.tasks import sudoku
 
     try:
@@ -166,7 +165,7 @@ def _sudoku(spec: str, num: int, seed: int) -> list[dict]:
     sudoku.box_shape(n)
     rng = np.random.default_rng(seed)
     boards = sudoku.random_boards(n, num, seed)
-    lo, hi = SUDOKU_BLANKS[n]
+    lo, hi = sudoku.PUZZLE_BLANKS[n]
     pairs = []
     for board in boards:
         puzzle = sudoku.make_puzzle(board, n, int(rng.integers(lo, hi + 1)), rng)
@@ -180,19 +179,22 @@ def _sudoku(spec: str, num: int, seed: int) -> list[dict]:
     return pairs
 
 
+# The pair sources: spelling -> (the prefix, or the whole name, that selects it; make(spec, num, seed)).
+PAIR_SOURCES = {
+    "rg:NAME[:key=value,...]": ("rg:", _reasoning_gym),
+    "gsm8k-test": ("gsm8k-test", lambda spec, num, seed: gsm8k_test()[:num]),
+    "gsm8k:SPLIT|FILE[:cot]": ("gsm8k:", lambda spec, num, seed: _gsm8k(spec, num)),
+    "gsm8k-aug:FILE[:cot]": ("gsm8k-aug:", lambda spec, num, seed: _gsm8k_aug(spec, num)),
+    "sudoku:N": ("sudoku:", _sudoku),
+}
+
+
 def make_pairs(source: str, num: int, seed: int = 0) -> list[dict]:
     require(num >= 1, f"--num {num} must be >= 1")
-    if source.startswith("rg:"):
-        return _reasoning_gym(source, num, seed)
-    if source == "gsm8k-test":
-        return gsm8k_test()[:num]
-    if source.startswith("sudoku:"):
-        return _sudoku(source, num, seed)
-    if source.startswith("gsm8k:"):
-        return _gsm8k(source, num)
-    if source.startswith("gsm8k-aug:"):
-        return _gsm8k_aug(source, num)
-    raise LoopMDMError(f"pair source '{source}' is not allowed; choose one of: {', '.join(SOURCES)}")
+    for key, make in PAIR_SOURCES.values():
+        if source == key or (key.endswith(":") and source.startswith(key)):
+            return make(source, num, seed)
+    raise LoopMDMError(f"pair source '{source}' is not allowed; choose one of: {', '.join(PAIR_SOURCES)}")
 
 
 def write_pairs(pairs: list[dict], path: str | Path) -> Path:
@@ -202,3 +204,64 @@ def write_pairs(pairs: list[dict], path: str | Path) -> Path:
     tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
     tmp.replace(path)  # atomic: a crash leaves the old file or the new one
     return path
+
+
+# --------------------------------------------------------------------------- scoring answers
+
+def _answer_slot(rows: np.ndarray, sep_id: int) -> np.ndarray:
+    """(N, L) True after each row's first separator (diffusion/objective.py maskable_after)."""
+    import torch
+
+    from loopmdm.diffusion.objective import maskable_after
+
+    return maskable_after(0, torch.as_tensor(rows), sep_id).numpy()
+
+
+def blank_answer(rows: np.ndarray, sep_id: int, mask_id: int, answer_len: int = 0) -> np.ndarray:
+    """Blank the answer slot (after the first separator). With `answer_len` K only its first K
+    positions are blank and the rest is given as EOS padding: the answer length as an option
+    (LLaDA's generation length), K calls instead of the whole slot under one-at-a-time orders."""
+    answer = _answer_slot(rows, sep_id)
+    x = np.where(answer, mask_id, rows)
+    if answer_len > 0:
+        start = answer.argmax(1)[:, None]
+        beyond = answer & (np.arange(rows.shape[1])[None, :] >= start + answer_len)
+        x = np.where(beyond, sep_id, x)
+    return x
+
+
+def test_set(data, rows: np.ndarray, picked: np.ndarray, seed: int, answer_len: int) -> dict:
+    """The answer slot (after the first EOS) of the validation rows is blank."""
+    return {"task": "pairs", "x": blank_answer(rows, data.prompt_sep_id, data.vocab_size, answer_len), "target": rows,
+            "difficulty": data.difficulty("val")[picked], "eos_id": data.eos_id}
+
+
+def score(test: dict, filled: np.ndarray, mask_id: int) -> dict:
+    """Exact match of the answer (up to its first EOS) and answer-token accuracy, by difficulty."""
+    x, target = test["x"], test["target"]
+    blank = x == mask_id
+    correct = (filled == target) & blank
+
+    def answer(row, b):  # the tokens of the answer slot up to its first EOS
+        ids = list(row[b])
+        return ids[:ids.index(test["eos_id"])] if test["eos_id"] in ids else ids
+    slot = _answer_slot(target, test["eos_id"])  # blank + given EOS padding
+    exact = np.array([answer(f, s) == answer(t, s) for f, t, s in zip(filled, target, slot)])
+    by_diff = {}
+    for d in sorted(set(int(v) for v in test["difficulty"])):
+        pick = test["difficulty"] == d
+        by_diff["?" if d < 0 else str(d)] = {"n": int(pick.sum()), "exact": float(exact[pick].mean())}
+    return {"exact": float(exact.mean()), "token_acc": float(correct.sum() / max(blank.sum(), 1)), "n": len(x),
+            "by_difficulty": by_diff}
+
+
+def describe(r: dict) -> str:
+    diffs = "  ".join(f"{k}:{v['exact']:.2f}(n={v['n']})" for k, v in r["by_difficulty"].items())
+    return (f"exact match {r['exact']:.3f}  answer-token accuracy {r['token_acc']:.3f}  "
+            f"({r['nfe']} calls)  by difficulty {diffs}")
+
+
+# Prompt/answer pairs (data.source=pairs, `solve --pairs`): scored like a task.
+PAIRS = Scoring(test_set=test_set, score=score, describe=describe, headline=("exact", "exact match"),
+                tables=lambda record: (ByDifficulty("exact", "exact match by difficulty",
+                                                    "the pairs' difficulty, e.g. terms of a sum; n = pairs"),))

@@ -15,11 +15,17 @@ and stacks, band and stack permutations, transposition for square boxes).
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 
 from loopmdm.errors import require
+from loopmdm.tasks import ByDifficulty, PerS, Scoring, Task
 
 BOX_SHAPES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
+# Puzzles (`loopmdm solve`, `loopmdm pairs sudoku:N`): blanks per puzzle drawn uniformly from this
+# range (make_puzzle stops earlier when no further cell can be blanked with a unique solution).
+PUZZLE_BLANKS = {4: (6, 12), 6: (14, 26), 9: (40, 58)}
 
 
 def box_shape(n: int) -> tuple[int, int]:
@@ -193,3 +199,66 @@ def make_puzzle(solution: np.ndarray, n: int, n_blanks: int, rng: np.random.Gene
         else:
             puzzle[cell] = keep
     return puzzle
+
+
+# --------------------------------------------------------------------------- the task spec
+
+def test_set(data, rows: np.ndarray, picked: np.ndarray, seed: int, answer_len: int) -> dict:
+    """Puzzles made from validation boards by blanking cells while the solution stays unique;
+    difficulty = rounds of single-deduction (-1: singles get stuck)."""
+    n = int(data.meta["task_size"])
+    mask_id = data.vocab_size
+    lo, hi = PUZZLE_BLANKS[n]
+    rng = np.random.default_rng(seed)
+    puzzles, difficulty = [], []
+    for board in rows + 1:  # digits 1..n
+        puzzle = make_puzzle(board, n, int(rng.integers(lo, hi + 1)), rng)
+        puzzles.append(puzzle)
+        rounds = deduction_rounds(puzzle, n)
+        difficulty.append(-1 if rounds is None else rounds)
+    puzzles = np.stack(puzzles)
+    x = np.where(puzzles == 0, mask_id, puzzles - 1)
+    return {"task": "sudoku", "x": x, "target": rows, "difficulty": np.array(difficulty), "size": n}
+
+
+def score(test: dict, filled: np.ndarray, mask_id: int) -> dict:
+    """Boards solved (any valid completion counts) and cell accuracy, overall and by difficulty."""
+    x, target = test["x"], test["target"]
+    blank = x == mask_id
+    correct = (filled == target) & blank
+    n = test["size"]
+    solved = np.array([solves(f + 1, np.where(b, 0, xi + 1), n) for f, b, xi in zip(filled, blank, x)])
+    cell_acc = correct.sum(1) / blank.sum(1).clip(min=1)
+    by_diff = defaultdict(lambda: {"n": 0, "solved": 0.0, "cell_acc": 0.0})
+    for d, s, c in zip(test["difficulty"], solved, cell_acc):
+        entry = by_diff["guess" if d < 0 else str(int(d))]
+        entry["n"] += 1
+        entry["solved"] += float(s)
+        entry["cell_acc"] += float(c)
+    for entry in by_diff.values():
+        entry["solved"] /= entry["n"]
+        entry["cell_acc"] /= entry["n"]
+    return {"solved": float(solved.mean()), "cell_acc": float(cell_acc.mean()), "n": len(x),
+            "by_difficulty": dict(sorted(by_diff.items(), key=lambda kv: (kv[0] == "guess", kv[0].zfill(3))))}
+
+
+def describe(r: dict) -> str:
+    diffs = "  ".join(f"{k}:{v['solved']:.2f}(n={v['n']})" for k, v in r["by_difficulty"].items())
+    return f"solved {r['solved']:.3f}  cell accuracy {r['cell_acc']:.3f}  by rounds {diffs}"
+
+
+TASK = Task(
+    name="sudoku",
+    description="solved n x n Sudoku boards (size 4, 6 or 9), row-major; token id = digit - 1",
+    symbols=lambda size, hops: [str(d) for d in range(1, size + 1)],
+    seq_len=lambda size, hops: size * size,
+    prompt_len=lambda size, hops: 0,
+    examples=lambda size, hops, count, seed: random_boards(size, count, seed) - 1,
+    check=lambda size, hops: box_shape(size),
+    scoring=Scoring(
+        test_set=test_set, score=score, describe=describe, headline=("solved", "boards solved"),
+        tables=lambda record: (PerS("cell_acc", "cell accuracy", lambda r: r["cell_acc"]),
+                               ByDifficulty("solved", "boards solved by difficulty",
+                                            "rounds of naked/hidden singles; n = puzzles")),
+        answer_symbols=lambda meta: int(meta["task_size"])),
+)

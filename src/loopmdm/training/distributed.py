@@ -1,7 +1,7 @@
 """Data parallelism applied from outside the model and the trainer (torchtitan's separation).
 
 `loopmdm train` under `torchrun --nproc_per_node N` runs one process per device. How the
-model is spread over them is `train.parallel` (PARALLELISMS, the one registry config reads):
+model is spread over them is `train.parallel` (names.PARALLELISMS, the names config checks):
 
   ddp   DistributedDataParallel: every rank holds the whole model, optimizer state and EMA;
         gradients are all-reduced on the last micro-batch only (no_sync before).
@@ -14,7 +14,7 @@ Every rank draws the same loop count S from (seed, step) (training/loops.py), so
 waits at a different depth. Without torchrun it is the single-process context.
 
 Checkpoints are world-size independent: the sharded state is gathered into full tensors on
-rank 0 and written in the single-process format (training/checkpoint.py), and a full state
+rank 0 and written in the single-process format (checkpoint.py), and a full state
 is sharded again on load, so a checkpoint moves freely between 1 process, DDP and FSDP.
 
 Connecting never hangs: the rendezvous waits at most LOOPMDM_DIST_CONNECT_TIMEOUT seconds
@@ -37,8 +37,7 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
 from loopmdm.errors import LoopMDMError, require
-
-PARALLELISMS = ("ddp", "fsdp")
+from loopmdm.names import PARALLELISMS
 CONNECT_TIMEOUT_ENV, COLLECTIVE_TIMEOUT_ENV = "LOOPMDM_DIST_CONNECT_TIMEOUT", "LOOPMDM_DIST_TIMEOUT"
 
 

@@ -5,7 +5,7 @@ RUN/config.yaml       the resolved config (model.vocab_size filled in from the d
 RUN/data.json         where the prepared data lives and the tokenizer's fingerprint
 RUN/tokenizer.json    a copy of the tokenizer, so sampling needs nothing else
 RUN/metrics.jsonl     one JSON record per log / validation step
-RUN/checkpoints/      see training/checkpoint.py
+RUN/checkpoints/      see checkpoint.py
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from loopmdm.data.prepared import PreparedData
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.runfiles import (LOCK_FILE, TMP_MARK, RunLock, clean_stale, disk_error, fault_point, is_our_lock, note,
                                write_if_changed)
-from loopmdm.runs import LoadedRun, check_tokenizer_match, load_run, read_run_config  # noqa: F401 (old import path)
-from loopmdm.training import checkpoint as ckpt
+from loopmdm.runs import read_run_config
+from loopmdm import checkpoint as ckpt
 from loopmdm.training.distributed import DistContext
 from loopmdm.training.trainer import Trainer
 

@@ -37,7 +37,7 @@ from loopmdm.evaluation.nelbo import evaluate_nelbo
 from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.model.flops import train_flops
 from loopmdm.runfiles import append_line, disk_error, finite_or_none, note, read_jsonl, write_if_changed
-from loopmdm.training import checkpoint as ckpt
+from loopmdm import checkpoint as ckpt
 from loopmdm.training.distributed import DistContext, full_tensor, local_tensor
 from loopmdm.training.ema import EMA
 from loopmdm.training.loops import train_num_loops

@@ -29,9 +29,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from loopmdm.errors import LoopMDMError
-from loopmdm.runfiles import TMP_MARK, disk_error, fault_point, fsync_dir, write_all
-from loopmdm.runfiles import write_bytes_atomic
-from loopmdm.runfiles import write_text_atomic  # noqa: F401 (callers import it from here)
+from loopmdm.runfiles import TMP_MARK, disk_error, fault_point, fsync_dir, write_all, write_bytes_atomic, write_text_atomic
 
 MODEL_FILE, EMA_FILE, STATE_FILE, LATEST = "model.safetensors", "ema.safetensors", "train_state.pt", "latest"
 BEST_FILE, BEST_KEY = "best.safetensors", "loopmdm_best"
