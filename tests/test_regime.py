@@ -160,3 +160,46 @@ def test_mask_attention_equals_the_masked_key_fraction_under_uniform_attention(t
     if looped:
         assert out["layers"][1:4] == ["loop.0@k1", "loop.0@k2", "loop.0@k3"]
     np.testing.assert_allclose(out["mask_to_mask"], out["masked_key_frac"], rtol=1e-5)
+
+
+# --- the regime report: values, not keys -----------------------------------------------------
+
+def test_regime_report_reads_matches_and_pairs_by_hand():
+    from loopmdm.experiments.regime_report import first_reach, flops_ratio, mean_se, regime_of
+
+    mdm = [{"step": 1, "flops": 10.0, "epoch": 1.0, "val_nll": 3.0}, {"step": 2, "flops": 20.0, "epoch": 2.0, "val_nll": 2.0},
+           {"step": 3, "flops": 30.0, "epoch": 3.0, "val_nll": 2.2}]
+    loop = [{"step": 1, "flops": 10.0, "epoch": 0.5, "val_nll": 2.5}, {"step": 2, "flops": 20.0, "epoch": 1.0, "val_nll": 1.5}]
+    assert first_reach(loop, 2.0) == pytest.approx(15.0)  # halfway between 2.5 and 1.5
+    assert first_reach(loop, 2.0, key="epoch") == pytest.approx(0.75)
+    assert flops_ratio(mdm, loop) == pytest.approx(20.0 / 15.0)  # MDM's best (2.0 at 20) vs loop reaching 2.0 at 15
+    assert flops_ratio(loop, mdm) is None  # MDM never reaches 1.5
+    assert regime_of(loop).startswith("still improving") and "+0.2000" in regime_of(mdm)
+    m, se = mean_se([1.0, 2.0, 3.0])
+    assert m == pytest.approx(2.0) and se == pytest.approx(1.0 / np.sqrt(3))
+    assert mean_se([4.0]) == (4.0, None)
+
+
+def test_regime_report_uses_the_same_seeds_in_every_cell(tmp_path):
+    from loopmdm.experiments.regime_report import regime_section
+    from loopmdm.experiments.suites import SUITES
+
+    curve = [{"step": 1, "flops": 1.0, "epoch": 1.0, "val_nll": 2.0}, {"step": 2, "flops": 2.0, "epoch": 2.0, "val_nll": 1.9}]
+
+    def ev(arm, seed, nll):
+        loops = [1, 2] if arm == "loop" else [1]
+        return {"arm": arm, "seed": seed, "step": 2, "train_time": 60.0, "epochs": 2.0, "val_curve": curve,
+                "best": {"step": 2, "val_nll": 1.9, "epoch": 2.0},
+                "test_nelbo": [{"loops": s, "nll": nll - 0.01 * (s - 1), "sequences": 8, "tokens": 64} for s in loops]}
+
+    evaluations = {"mdm-s0": ev("mdm", 0, 2.0), "mdm-s1": ev("mdm", 1, 2.2), "mdm-s2": ev("mdm", 2, 9.9),
+                   "loop-s0": ev("loop", 0, 1.9), "loop-s1": ev("loop", 1, 2.0)}  # loop has no seed 2
+    suite = SUITES["shakespeare-char"]
+    lines, out = regime_section(suite, None, tmp_path, evaluations, ["mdm", "loop"])
+    assert out["seeds"] == [0, 1]
+    assert out["test_nelbo"]["mdm"]["1"]["per_seed"] == [2.0, 2.2]  # seed 2's 9.9 never enters a mean
+    diff = out["paired"]["loop S=1 - mdm"]
+    assert diff["per_seed"] == pytest.approx([-0.1, -0.2]) and diff["mean"] == pytest.approx(-0.15)
+    assert diff["se"] == pytest.approx(np.std([-0.1, -0.2], ddof=1) / np.sqrt(2))
+    assert out["paired"]["loop S=2 - loop S=1"]["mean"] == pytest.approx(-0.01)
+    assert (tmp_path / "test_nelbo.png").stat().st_size > 0

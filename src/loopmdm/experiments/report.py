@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from loopmdm.config import load_config
-from loopmdm.experiments.suites import arm_overrides, layer_passes
+from loopmdm.experiments.suites import arm_overrides, layer_passes, selection_nll
 from loopmdm.runfiles import write_text_atomic
 
 
@@ -160,7 +160,7 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
     sweep_table = {}
     for spec in sweep:
         summary = json.loads((spec.out_dir / "train_summary.json").read_text())
-        sweep_table.setdefault(spec.arm, {})[spec.lr] = summary["val_nll"]
+        sweep_table.setdefault(spec.arm, {})[spec.lr] = selection_nll(summary)
     summary = {"suite": suite.name, "scale": scale_name, "dry_run": dry_run, "config": suite.config,
                "budget_flops": scale.budget_flops, "sweep_fraction": scale.sweep_fraction, "seeds": list(scale.seeds),
                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
@@ -182,7 +182,7 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
     lrs = sorted({lr for d in sweep_table.values() for lr in d})  # the grid plus any edge extensions
     extended = " (an lr outside the grid was tried where the arm's best was at the grid's edge)" \
         if set(lrs) - set(scale.lrs) else ""
-    md += ["", f"Sweep (final validation NELBO at the sweep budget{extended}):", "",
+    md += ["", f"Sweep (validation NELBO at the sweep budget, at the run's best validation where it kept one{extended}):", "",
            "| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
     for arm, d in sweep_table.items():
         md.append(f"| {arm} | " + " | ".join(f"{d[lr]:.4f}" if lr in d else "" for lr in lrs) + " |")
@@ -231,6 +231,11 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
         md += ["**FLOPs-to-match** (MDM's total FLOPs ÷ FLOPs at which the arm's validation curve first reaches "
                "MDM's final NELBO, same seed; paper: 3.34× on LM1B):", ""]
         md += [f"- {name}: " + (f"{r:.2f}×" if r else "never reached") for name, r in ratios.items()] + [""]
+    if any("test_nelbo" in ev for ev in evaluations.values()):  # a data-scarce suite (experiments/regime_report.py)
+        from loopmdm.experiments.regime_report import regime_section
+
+        lines, summary["regime"] = regime_section(suite, scale, out_dir, evaluations, arms)
+        md += lines
     _plot_curves(out_dir / "val_curves.png", evaluations)
     if wall_seconds is None:  # --report-only: nothing ran in this call; the runs' own times are above
         md += [f"Report only, on {summary['machine']}: training times are the runs' own (table above).", ""]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loopmdm.errors import LoopMDMError, require
-from loopmdm.experiments.suites import KNOB_ARMS, Scale, Suite, arm_overrides, get_suite
+from loopmdm.experiments.suites import KNOB_ARMS, Scale, Suite, arm_overrides, get_suite, selection_nll
 from loopmdm import checkpoint as ckpt
 from loopmdm.runfiles import write_text_atomic
 
@@ -167,13 +167,6 @@ def attach_init(suite: Suite, specs: list[RunSpec], init_root: Path, pairs_file:
                 f"unfinished; run `loopmdm experiment {suite.init_of}` at this scale first")
         spec.init_overrides = (f"train.init_from={source}", f"data.tokenizer_path={source / 'tokenizer.json'}",
                                "data.source=pairs", f"data.paths=['{pairs_file.resolve()}']")
-
-
-def selection_nll(summary: dict) -> float:
-    """What a sweep compares: the run's best validation NELBO (early-stopping selection) where
-    it kept one, else its final one (runs trained before best-checkpoint selection existed)."""
-    best = summary.get("best_val_nll")
-    return float(best) if best is not None else float(summary["val_nll"])
 
 
 def pick_best_lr(sweep: list[RunSpec]) -> dict:

@@ -111,6 +111,13 @@ SUITES["inference-loops"] = Suite("inference-loops", SUITES["lm"].config, ALL_AR
                                   loops=(1, 2, 4, 6, 8, 12, 16, 24), runs_of="lm")
 
 
+def selection_nll(summary: dict) -> float:
+    """What a sweep compares: the run's best validation NELBO (early-stopping selection) where
+    it kept one, else its final one (runs trained before best-checkpoint selection existed)."""
+    best = summary.get("best_val_nll")
+    return float(best) if best is not None else float(summary["val_nll"])
+
+
 def get_suite(name: str) -> Suite:
     require(name in SUITES, f"suite '{name}' is not allowed; choose one of: {', '.join(SUITES)}")
     return SUITES[name]

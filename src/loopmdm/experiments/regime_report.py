@@ -1,0 +1,266 @@
+"""The report of a data-scarce suite (one with a test split and best-on-validation weights):
+which regime each run is in, test NELBO per seed, paired differences with their standard
+error, FLOPs-to-match in both directions, curves against FLOPs, epochs and steps, and
+mask->mask attention per layer for every arm.
+
+Every table uses the same seeds in every cell (the seeds every arm of the table finished);
+differences are paired within a seed (same data order, same evaluation draws), so the
+standard error is that of the per-seed differences: sample std / sqrt(n).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error (sample std / sqrt(n); None for one value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if len(arr) < 2:
+        return float(arr.mean()), None
+    return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(len(arr)))
+
+
+def fmt_se(mean: float, se: float | None, digits: int = 4, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{mean:{sign}.{digits}f}" if se is None else f"{mean:{sign}.{digits}f} ± {se:.{digits}f}"
+
+
+def first_reach(curve: list[dict], target: float, key: str = "flops") -> float | None:
+    """`key` (flops, epoch or step) at which the validation curve first reaches `target`,
+    linearly interpolated between validation points; None if it never does."""
+    prev = None
+    for point in curve:
+        if point["val_nll"] <= target:
+            if prev is None:
+                return float(point[key])
+            frac = (prev["val_nll"] - target) / max(prev["val_nll"] - point["val_nll"], 1e-12)
+            return float(prev[key] + frac * (point[key] - prev[key]))
+        prev = point
+    return None
+
+
+def best_point(curve: list[dict]) -> dict:
+    return min(curve, key=lambda p: p["val_nll"])
+
+
+def flops_ratio(reference: list[dict], other: list[dict]) -> float | None:
+    """FLOPs at which `reference` reaches its best validation NELBO ÷ FLOPs at which `other`
+    first reaches that NELBO (> 1: `other` gets there with fewer FLOPs); None if never."""
+    best = best_point(reference)
+    reach = first_reach(other, best["val_nll"])
+    return None if reach is None else best["flops"] / reach
+
+
+def regime_of(curve: list[dict]) -> str:
+    """Where the run ended relative to its best validation NELBO."""
+    best, last = best_point(curve), curve[-1]
+    if best["step"] == last["step"]:
+        return "still improving (best at the last validation)"
+    return f"past its best by {last['val_nll'] - best['val_nll']:+.4f} (best at epoch {best.get('epoch', float('nan')):.1f})"
+
+
+def _seeds_common(evaluations: dict, arms: list[str]) -> list[int]:
+    seeds = None
+    for arm in arms:
+        mine = {ev["seed"] for ev in evaluations.values() if ev["arm"] == arm and "test_nelbo" in ev}
+        seeds = mine if seeds is None else seeds & mine
+    return sorted(seeds or [])
+
+
+def _by(evaluations: dict, arm: str, seed: int) -> dict:
+    return next(ev for ev in evaluations.values() if ev["arm"] == arm and ev["seed"] == seed)
+
+
+def _test_nll(ev: dict, loops: int) -> float | None:
+    rec = next((r for r in ev["test_nelbo"] if r["loops"] == loops), None)
+    return None if rec is None else rec["nll"]
+
+
+def _plot_curves(path: Path, evaluations: dict, arms: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    colors = {arm: f"C{i}" for i, arm in enumerate(arms)}
+    for ev in evaluations.values():
+        if ev["arm"] not in colors:
+            continue
+        curve = ev["val_curve"]
+        for ax, key in zip(axes, ("flops", "epoch", "step")):
+            if all(key in p for p in curve):
+                ax.plot([p[key] for p in curve], [p["val_nll"] for p in curve], color=colors[ev["arm"]],
+                        alpha=0.8, label=ev["arm"] if ev["seed"] == min(e["seed"] for e in evaluations.values()) else None)
+                best = best_point(curve)
+                ax.plot([best[key]], [best["val_nll"]], marker="*", color=colors[ev["arm"]], markersize=9)
+    for ax, label in zip(axes, ("training FLOPs", "epochs over the capped train split", "optimizer steps")):
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    axes[0].set_ylabel("validation NELBO (nats/token, training S_max)")
+    axes[0].legend()
+    fig.suptitle("validation curves per seed (star: the selected best checkpoint)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_test(path: Path, table: dict, loops: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (arm, per_s) in enumerate(table.items()):
+        if len(per_s) == 1:
+            (mean, se), = per_s.values()
+            ax.axhline(mean, linestyle="--", color=f"C{i}", label=f"{arm} (no loop)")
+            if se:
+                ax.axhspan(mean - se, mean + se, color=f"C{i}", alpha=0.15)
+            continue
+        xs = sorted(per_s)
+        ax.errorbar(xs, [per_s[s][0] for s in xs], yerr=[per_s[s][1] or 0 for s in xs], marker="o", capsize=3,
+                    color=f"C{i}", label=arm)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(loops, [str(s) for s in loops])
+    ax.set_xlabel("loops at inference (S)")
+    ax.set_ylabel("test NELBO (nats/char), mean ± s.e. over seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def regime_section(suite, scale, out_dir: Path, evaluations: dict, arms: list[str]) -> tuple[list[str], dict]:
+    """Markdown lines and the summary's "regime" entry."""
+    loops = list(suite.loops)
+    seeds = _seeds_common(evaluations, arms)
+    out: dict = {"seeds": seeds, "runs": {}, "test_nelbo": {}, "paired": {}, "flops_to_match": {}, "attention": {}}
+    md = ["## The data-scarce regime: selected on validation, reported on test", "",
+          f"Seeds in every cell below: {seeds} (runs of other seeds are left out of every table). "
+          "Each run is evaluated at its best validation checkpoint (early stopping on the validation plays); "
+          "the test plays were never used for a choice. ± is the standard error over seeds; differences "
+          "are paired within a seed.", ""]
+    # --- which regime each run is in -------------------------------------------------------
+    md += ["| run | steps | epochs trained | best at epoch | best val NELBO | final val NELBO | regime | train min |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, ev in sorted(evaluations.items()):
+        if ev["arm"] not in arms or ev["seed"] not in seeds:
+            continue
+        curve, best = ev["val_curve"], ev["best"]
+        out["runs"][name] = {"steps": ev["step"], "epochs": ev.get("epochs"), "best": best,
+                             "final_val_nll": curve[-1]["val_nll"], "regime": regime_of(curve),
+                             "train_minutes": ev["train_time"] / 60}
+        md.append(f"| {name} | {ev['step']} | {ev.get('epochs') or float('nan'):.1f} | {best.get('epoch', float('nan')):.1f} | "
+                  f"{best['val_nll']:.4f} | {curve[-1]['val_nll']:.4f} | {regime_of(curve)} | {ev['train_time'] / 60:.1f} |")
+    md.append("")
+    # --- test NELBO per seed -------------------------------------------------------------------
+    rows = []
+    for arm in arms:
+        looped = any(len(_by(evaluations, arm, s)["test_nelbo"]) > 1 for s in seeds)
+        for s_loops in (loops if looped else [1]):
+            values = [_test_nll(_by(evaluations, arm, seed), s_loops) for seed in seeds]
+            if any(v is None for v in values):
+                continue
+            rows.append((arm, s_loops if looped else None, values))
+    table = {}
+    first = _by(evaluations, arms[0], seeds[0])["test_nelbo"][0] if seeds else {}
+    md += [f"**Test NELBO** (nats per token; best-validation weights; {first.get('sequences', 0):,} test rows, "
+           f"{first.get('tokens', 0):,} tokens, spread over the held-out documents; the same draws at every S)", "",
+           "| arm | S | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± s.e. |",
+           "|---|---|" + "---|" * (len(seeds) + 1)]
+    for arm, s_loops, values in rows:
+        m, se = mean_se(values)
+        table.setdefault(arm, {})[s_loops or 1] = (m, se)
+        out["test_nelbo"].setdefault(arm, {})[str(s_loops or 1)] = {"per_seed": values, "mean": m, "se": se}
+        md.append(f"| {arm} | {s_loops or '–'} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {fmt_se(m, se)} |")
+    unigram = [ev.get("test_unigram_xent") for ev in evaluations.values() if ev.get("test_unigram_xent")]
+    if unigram:
+        md += ["", f"Unigram cross-entropy on the same test rows: {unigram[0]:.4f}."]
+    md.append("")
+    _plot_test(out_dir / "test_nelbo.png", table, loops)
+
+    # --- paired differences --------------------------------------------------------------------
+    def paired(a_arm, a_s, b_arm, b_s) -> tuple[float, float | None, list[float]] | None:
+        diffs = []
+        for seed in seeds:
+            a, b = _test_nll(_by(evaluations, a_arm, seed), a_s), _test_nll(_by(evaluations, b_arm, seed), b_s)
+            if a is None or b is None:
+                return None
+            diffs.append(a - b)
+        return (*mean_se(diffs), diffs)
+
+    lines = []
+    if "loop" in arms:
+        loop_s = sorted(int(s) for s in out["test_nelbo"].get("loop", {}))
+        for other in [a for a in arms if a != "loop"]:
+            for s_loops in loop_s:
+                d = paired("loop", s_loops, other, 1)
+                if d:
+                    key = f"loop S={s_loops} - {other}"
+                    out["paired"][key] = {"mean": d[0], "se": d[1], "per_seed": d[2]}
+                    lines.append((key, d))
+        for s_loops in loop_s[1:]:
+            d = paired("loop", s_loops, "loop", loop_s[0])
+            if d:
+                key = f"loop S={s_loops} - loop S={loop_s[0]}"
+                out["paired"][key] = {"mean": d[0], "se": d[1], "per_seed": d[2]}
+                lines.append((key, d))
+    if "deeper" in arms and "mdm" in arms:
+        d = paired("deeper", 1, "mdm", 1)
+        if d:
+            out["paired"]["deeper - mdm"] = {"mean": d[0], "se": d[1], "per_seed": d[2]}
+            lines.append(("deeper - mdm", d))
+    md += ["**Paired test-NELBO differences** (negative: the first is better)", "",
+           "| difference | per seed | mean ± s.e. | mean / s.e. |", "|---|---|---|---|"]
+    for key, (m, se, diffs) in lines:
+        md.append(f"| {key} | " + ", ".join(f"{v:+.4f}" for v in diffs) + f" | {fmt_se(m, se, signed=True)} | "
+                  + (f"{m / se:+.1f}" if se else "–") + " |")
+    md.append("")
+
+    # --- FLOPs-to-match, both directions ------------------------------------------------------
+    md += ["**FLOPs-to-match** on the validation curves (training S_max), per seed. "
+           "`A → B`: FLOPs at which A reaches its best validation NELBO ÷ FLOPs at which B first reaches that "
+           "value (the paper's reading with A = MDM; > 1: B needs fewer FLOPs; 'never': B never gets there "
+           "within the budget).", "", "| direction | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+           "|---|" + "---|" * len(seeds)]
+    pairs = [("mdm", "loop"), ("loop", "mdm"), ("mdm", "deeper"), ("deeper", "mdm"), ("deeper", "loop"), ("loop", "deeper")]
+    for ref, other in pairs:
+        if ref in arms and other in arms:
+            ratios = [flops_ratio(_by(evaluations, ref, s)["val_curve"], _by(evaluations, other, s)["val_curve"])
+                      for s in seeds]
+            out["flops_to_match"][f"{ref} -> {other}"] = ratios
+            md.append(f"| {ref} → {other} | " + " | ".join("never" if r is None else f"{r:.2f}×" for r in ratios) + " |")
+    md.append("")
+
+    # --- attention -------------------------------------------------------------------------
+    att_rows = []
+    for arm in arms:
+        recs = [_by(evaluations, arm, s).get("mask_attention") for s in seeds]
+        if not recs or any(r is None for r in recs):
+            continue
+        layers = recs[0]["layers"]
+        values = np.asarray([r["mask_to_mask"] for r in recs])
+        means = values.mean(0)
+        out["attention"][arm] = {"layers": layers, "mask_to_mask": means.tolist(),
+                                 "masked_key_frac": float(np.mean([r["masked_key_frac"] for r in recs])),
+                                 "num_loops": recs[0]["num_loops"]}
+        att_rows.append((arm, layers, means, out["attention"][arm]["masked_key_frac"]))
+    if att_rows:
+        md += ["**Mask→mask attention** per layer in execution order (share of a masked query's attention on masked "
+               "keys, mean over seeds; LoopMDM at its training S_max, so its loop layer appears once per iteration "
+               "`@k`). Uniform attention would give the masked-key fraction.", ""]
+        for arm, layers, means, frac in att_rows:
+            md.append(f"- {arm} (masked-key fraction {frac:.3f}): "
+                      + ", ".join(f"{name} {v:.3f}" for name, v in zip(layers, means)))
+        md.append("")
+    _plot_curves(out_dir / "val_curves_regime.png", evaluations, arms)
+    md += ["Plots: `val_curves_regime.png` (validation NELBO against FLOPs, epochs and steps, per seed; "
+           "star = selected checkpoint), `test_nelbo.png` (test NELBO against inference S).", ""]
+    return md, out
