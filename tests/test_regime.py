@@ -203,3 +203,23 @@ def test_regime_report_uses_the_same_seeds_in_every_cell(tmp_path):
     assert diff["se"] == pytest.approx(np.std([-0.1, -0.2], ddof=1) / np.sqrt(2))
     assert out["paired"]["loop S=2 - loop S=1"]["mean"] == pytest.approx(-0.01)
     assert (tmp_path / "test_nelbo.png").stat().st_size > 0
+
+
+def test_eval_cli_scores_the_test_split_with_the_best_weights_and_draws_the_loop_plot(tiny_cfg_factory, tmp_path, capsys):
+    from loopmdm.cli import main
+
+    cfg = tiny_cfg_factory("data.tokenizer=char", "data.test_fraction=0.2", "train.eval_every=4")
+    train(cfg)
+    capsys.readouterr()
+    png = tmp_path / "loops.png"
+    main(["eval", cfg.train.out_dir, "--split", "test", "--best", "--loops", "1,2,4", "--plot", str(png), "--json"])
+    records = json.loads(capsys.readouterr().out.splitlines()[-1])
+    info = ckpt.read_best_info(cfg.train.out_dir)
+    assert [r["loops"] for r in records] == [1, 2, 4]
+    assert all(r["split"] == "test" and r["step"] == info["step"] for r in records)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    try:
+        code = main(["eval", cfg.train.out_dir, "--plot", str(tmp_path / "loops.txt")])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2 and "must name a .png file" in capsys.readouterr().err

@@ -117,7 +117,8 @@ def cmd_eval(args) -> None:
         value = getattr(args, option)
         require(value is None or value >= 1, f"--{option.replace('_', '-')} {value} must be >= 1")
     require(args.batches is None or args.batches >= 0, f"--batches {args.batches} must be >= 0 (0 = all of it)")
-    run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
+    require(not args.plot or args.plot.endswith(".png"), f"--plot {args.plot!r} must name a .png file")
+    run = load_run(args.run, device=args.device, use_ema=not args.no_ema, best=args.best)
     cfg = run.cfg
     loops = _loops_list(args.loops) if args.loops else list(cfg.eval.loops)
     if not run.model.is_looped and loops != [1]:
@@ -134,7 +135,7 @@ def cmd_eval(args) -> None:
     else:
         data = run.prepared_data() if args.data is None else load_prepared(args.data)
         check_tokenizer_match(run, data)
-        split = "val" if args.split == "val" else "train"
+        split = args.split
         blocks, source, prompt_len, prompt_sep = data.blocks(split), str(data.path), data.prompt_len, data.prompt_sep_id
         pad_id = data.pad_id if data.meta.get("packing") == "pad" else None
         num_batches = cfg.eval.num_batches if args.batches is None else args.batches
@@ -147,15 +148,24 @@ def cmd_eval(args) -> None:
     for r in results:
         r.update({"split": split, "step": run.step, "data": source,
                   "unigram_xent": unigram if math.isfinite(unigram) else None})
+    if args.plot:
+        from loopmdm.analysis.plots import plot_nelbo_by_loops
+
+        plot_nelbo_by_loops(args.plot, results, unigram, title=f"{run.run_dir.name}: {split} NELBO against loops "
+                            f"(trained S ~ U{{1..{cfg.model.max_train_loops}}})", train_max=cfg.model.max_train_loops)
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(results))
         return
     print(f"run {run.run_dir} (step {run.step}), " + (source if split == "text" else f"{split} split of {source}"))
     print(f"{results[0]['sequences']} sequences; unigram baseline on them: {unigram:.4f} nats/token (PPL {math.exp(min(unigram, 700)):.2f})"
           if math.isfinite(unigram) else f"{results[0]['sequences']} sequences")
-    print(f"{'loops':>6} {'NELBO/token':>12} {'PPL <=':>10} {'tokens':>10} {'draws':>6}")
+    # The draws are the same at every S, so the difference to the first S is paired, not noise.
+    print(f"{'loops':>6} {'NELBO/token':>12} {'PPL <=':>10} {'tokens':>10} {'draws':>6} {f'vs S={loops[0]}':>10}")
     for r in results:
-        print(f"{r['loops']:>6} {r['nll']:>12.4f} {r['ppl']:>10.2f} {r['tokens']:>10} {r['draws']:>6}")
+        print(f"{r['loops']:>6} {r['nll']:>12.4f} {r['ppl']:>10.2f} {r['tokens']:>10} {r['draws']:>6} "
+              f"{r['nll'] - results[0]['nll']:>+10.4f}")
+
 
 
 def cmd_zeroshot(args) -> None:
@@ -593,7 +603,11 @@ def _eval_args(p) -> None:
                                   "it must use the run's tokenizer and data.seq_len")
     p.add_argument("--text", nargs="+", metavar="FILE_OR_GLOB",
                    help="score these text files (one document each), all of them, with the run's tokenizer and length")
-    p.add_argument("--split", choices=["val", "train"], default="val")
+    p.add_argument("--split", choices=["val", "train", "test"], default="val",
+                   help="test: the held-out split of data.test_fraction > 0 (never used for a choice)")
+    p.add_argument("--best", action="store_true",
+                   help="the weights of the run's lowest validation NELBO (checkpoints/best.safetensors), not the newest")
+    p.add_argument("--plot", metavar="PNG", help="also draw NELBO against the loop count (with the unigram line) to this file")
     p.add_argument("--batches", type=int, help="number of batches (0 = whole split; default: eval.num_batches)")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: eval.batch_size)")
     p.add_argument("--draws", type=int, help="Monte-Carlo draws of (t, mask) per sequence (default: eval.draws)")

@@ -85,3 +85,42 @@ def plot_diagnostics(diag: dict, out_dir: str | Path, max_train_loops: int | Non
     plt.close(fig)
     paths.append(path)
     return paths
+
+
+def plot_nelbo_by_loops(path: str | Path, results: list[dict], unigram: float | None, title: str = "",
+                        train_max: int | None = None) -> Path:
+    """NELBO per token against the inference loop count (one `evaluate_nelbo` record per S),
+    with the unigram floor and the trained range marked. Written atomically."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from loopmdm.runfiles import write_bytes_atomic
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["loops"] for r in results]
+    ax.plot(xs, [r["nll"] for r in results], marker="o", label="NELBO (nats/token)")
+    if unigram is not None and math.isfinite(unigram):
+        ax.axhline(unigram, color="C3", linestyle="--", label=f"unigram {unigram:.3f}")
+    _mark_train_range(ax, train_max)
+    if len(xs) > 1 and min(xs) >= 1:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("loops at inference (S)")
+    ax.set_ylabel("NELBO (nats/token), lower is better")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+    return path
