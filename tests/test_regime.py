@@ -2,6 +2,7 @@
 cap with epochs, best-on-validation weights, and mask->mask attention for any model."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -223,3 +224,16 @@ def test_eval_cli_scores_the_test_split_with_the_best_weights_and_draws_the_loop
     except SystemExit as exc:
         code = exc.code
     assert code == 2 and "must name a .png file" in capsys.readouterr().err
+
+
+def test_train_records_carry_gradient_and_update_norms_per_part(tiny_cfg_factory, tmp_path):
+    train(tiny_cfg_factory("data.tokenizer=char", "train.max_steps=4", f"train.out_dir={tmp_path / 'loop'}"))
+    rec = [json.loads(line) for line in open(tmp_path / "loop" / "metrics.jsonl") if '"train"' in line][-1]
+    for part in ("prelude", "loop_block", "coda", "other"):
+        assert rec[f"grad_norm_{part}"] > 0 and 0 < rec[f"update_ratio_{part}"] < 1
+    total = math.sqrt(sum(rec[f"grad_norm_{p}"] ** 2 for p in ("prelude", "loop_block", "coda", "other")))
+    assert total == pytest.approx(min(rec["grad_norm"], 1.0), rel=1e-4)  # clipped at train.grad_clip = 1
+    train(tiny_cfg_factory("data.tokenizer=char", "train.max_steps=4", "model.loop_start=null", "model.loop_end=null",
+                           f"train.out_dir={tmp_path / 'mdm'}"))
+    rec = [json.loads(line) for line in open(tmp_path / "mdm" / "metrics.jsonl") if '"train"' in line][-1]
+    assert "grad_norm_loop_block" not in rec and rec["grad_norm_prelude"] > 0  # the MDM's layers are one stack

@@ -45,6 +45,32 @@ from loopmdm.training.speed import apply_speedups
 from loopmdm.training.lr import learning_rate
 
 
+PARTS = ("prelude", "loop_block", "coda")
+
+
+def _part_of(name: str) -> str:
+    return next((part for part in PARTS if name.startswith(part + ".")), "other")  # other: embeddings, head
+
+
+@torch.no_grad()
+def part_norms(model: torch.nn.Module, before: dict) -> dict:
+    """{grad_norm_<part>, update_ratio_<part>}: the (clipped) gradient norm of each part and its
+    step's relative change ||theta' - theta|| / ||theta|| (AdamW's effective step size)."""
+    sums: dict = {}
+    for name, p in model.named_parameters():
+        part = _part_of(name)
+        g, d, w = sums.setdefault(part, [0.0, 0.0, 0.0]), p.detach() - before[name], before[name]
+        if p.grad is not None:
+            g[0] += float(p.grad.detach().float().pow(2).sum())
+        g[1] += float(d.float().pow(2).sum())
+        g[2] += float(w.float().pow(2).sum())
+    out = {}
+    for part, (g2, d2, w2) in sums.items():
+        out[f"grad_norm_{part}"] = round(math.sqrt(g2), 6)
+        out[f"update_ratio_{part}"] = round(math.sqrt(d2) / max(math.sqrt(w2), 1e-12), 8)
+    return out
+
+
 class StopOnSignal:
     """SIGINT / SIGTERM (Ctrl-C, a scheduler's preemption) ask the loop to stop *between*
     steps, so the checkpoint it then writes is consistent (never half an optimizer step).
@@ -301,7 +327,13 @@ class Trainer:
             grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
         else:
             grad_norm = torch.zeros((), device=self.device)
+        # At log steps: gradient and relative update norms per part of the model (why does the loop
+        # learn slower per step? its gradient sums S iterations; docs/RESULTS.md, "Per step").
+        watch = (self.step + 1) % tc.log_every == 0 and not self.dist.shards_model
+        before = {n: p.detach().clone() for n, p in self.model.named_parameters()} if watch else None
         self.optimizer.step()
+        if watch:
+            self.part_stats = part_norms(self.model, before)
         if self.ema:
             self.ema.update(self.model)
         self.step += 1
@@ -407,7 +439,8 @@ class Trainer:
                               "flops": self.flops,
                               "time": round(self.train_time, 3),
                               "tokens_per_sec": round(tc.batch_size * self.seq_len / max(step_time, 1e-9), 1),
-                              "flops_per_sec": round(step_flops / max(step_time, 1e-9), 1)}
+                              "flops_per_sec": round(step_flops / max(step_time, 1e-9), 1),
+                              **getattr(self, "part_stats", {})}
                     self._log(record)
                     self.interval = {"loops": 0, "steps": 0}
                     self.loss_accum.zero_()
