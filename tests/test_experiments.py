@@ -35,6 +35,17 @@ def test_arms_match_the_loop_arms_expected_per_step_flops():
         arm_overrides(suite, "bogus")
 
 
+def test_khop_gpu_scale_is_a_valid_task_past_the_mdms_depth():
+    """The GPU k-hop scale loads (hops <= nodes // 2: no backward shortcut) and asks for more
+    hops than the 4-layer MDM has layers (hop k needs k look-ups, about k + 1 attention rounds)."""
+    suite = get_suite("khop")
+    for arm in ("mdm", "loop"):
+        cfg = load_config(suite.config, [*suite.scales["gpu"].overrides, *arm_overrides(suite, arm)])
+        assert cfg.data.task_hops <= cfg.data.task_size // 2
+    mdm = load_config(suite.config, [*suite.scales["gpu"].overrides, *arm_overrides(suite, "mdm")])
+    assert (mdm.data.task_size, mdm.data.task_hops) == (16, 8) and mdm.data.task_hops > mdm.model.n_layers
+
+
 def test_flops_to_match_interpolates_the_first_crossing():
     curve = [{"flops": 1.0, "val_nll": 3.0}, {"flops": 2.0, "val_nll": 2.0}, {"flops": 3.0, "val_nll": 1.0}]
     assert flops_to_match(2.5, 6.0, curve) == pytest.approx(6.0 / 1.5)

@@ -53,17 +53,70 @@ def test_ambiguous_puzzle_counts_several_solutions():
 
 
 def test_khop_answers_follow_the_listed_edges():
-    x = khop.random_examples(8, 6, 300, seed=2)
-    assert x.shape == (300, khop.seq_len(8, 6))
+    x = khop.random_examples(8, 4, 300, seed=2)
+    assert x.shape == (300, khop.seq_len(8, 4))
     for row in x:
         answers = row[khop.prompt_len(8):]
-        np.testing.assert_array_equal(answers, khop.answers_from_prompt(row, 8, 6))
-        assert len(set(answers.tolist()) | {int(row[8])}) == 7  # one cycle: no repeats within 6 hops
+        np.testing.assert_array_equal(answers, khop.answers_from_prompt(row, 8, 4))
+        assert len(set(answers.tolist()) | {int(row[8])}) == 5  # one cycle: no repeats within 4 hops
         assert sorted(((row[:8] - 8) // 8).tolist()) == list(range(8))  # every node has one listed edge
         assert answers.max() < 8 and row[:8].min() >= 8  # answers are nodes, the prompt's edges edge tokens
     assert len(khop.symbols(8)) == 8 + 64 and khop.symbols(8)[8 + 3 * 8 + 5] == "3>5"
     with pytest.raises(LoopMDMError, match="hops=8"):
         khop.check(8, 8)
+
+
+@pytest.mark.parametrize("nodes,hops", [(8, 5), (8, 6), (8, 7), (16, 9), (5, 3), (3, 2)])
+def test_khop_refuses_hops_past_half_the_cycle(nodes, hops):
+    """Hop N - k on one N-cycle is k look-ups backwards: more than N // 2 hops is refused, by
+    the task and by the config, with one line naming both settings and what is allowed."""
+    with pytest.raises(LoopMDMError) as err:
+        khop.check(nodes, hops)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"data.task_hops={hops}" in message and f"data.task_size={nodes}" in message
+    assert f"[1, {nodes // 2}]" in message
+    with pytest.raises(LoopMDMError, match=f"data.task_hops={hops}"):
+        load_config(None, ["data.source=task", "data.task=khop", f"data.task_size={nodes}", f"data.task_hops={hops}"])
+    khop.check(nodes, nodes // 2)  # the largest allowed
+    load_config(None, ["data.source=task", "data.task=khop", f"data.task_size={nodes}", f"data.task_hops={nodes // 2}"])
+
+
+def _lookups(prompt: np.ndarray, nodes: int, start: int) -> dict:
+    """Fewest edge look-ups from `start` to every node when each listed edge may be followed
+    either way (forward: source -> target; backward: target -> source): breadth-first search."""
+    edges = [(int(e - nodes) // nodes, int(e - nodes) % nodes) for e in prompt[:nodes]]
+    dist, frontier = {start: 0}, [start]
+    while frontier:
+        nxt = []
+        for node in frontier:
+            for a, b in edges:
+                for u, v in ((a, b), (b, a)):
+                    if u == node and v not in dist:
+                        dist[v] = dist[node] + 1
+                        nxt.append(v)
+        frontier = nxt
+    return dist
+
+
+def test_khop_has_no_backward_shortcut_at_any_allowed_setting():
+    """For every (nodes, hops) the task accepts, the answer at hop k is no fewer than k look-ups
+    from the start even when edges may be read backwards, in every example of a batch; so hop
+    k needs k look-ups. (Accepting hops = N - 1 would fail here: that hop is 1 look-up back.)"""
+    checked = 0
+    for nodes in (3, 4, 5, 8, 9, 16):
+        for hops in range(1, nodes):
+            try:
+                khop.check(nodes, hops)
+            except LoopMDMError:
+                continue
+            x = khop.random_examples(nodes, hops, 40, seed=nodes * 100 + hops)
+            for row in x:
+                dist = _lookups(row, nodes, int(row[nodes]))
+                answers = row[khop.prompt_len(nodes):]
+                assert [dist[int(a)] for a in answers] == list(range(1, hops + 1)), (nodes, hops, row)
+            checked += 1
+    assert checked == sum(n // 2 for n in (3, 4, 5, 8, 9, 16))  # every allowed setting was generated
 
 
 def _task_cfg(tmp_path, *extra):
