@@ -37,12 +37,69 @@ def test_puzzles_have_unique_solutions_and_difficulty():
     assert sudoku.deduction_rounds(one_blank, 6) == 1
     rounds = sudoku.deduction_rounds(puzzle, 6)
     assert rounds is None or rounds >= 1
-    # a different valid completion consistent with the givens also counts as solved
     assert sudoku.solves(board, puzzle, 6)
     wrong = board.copy()
     blank = int(np.flatnonzero(puzzle == 0)[0])
     wrong[blank] = wrong[blank] % 6 + 1
     assert not sudoku.solves(wrong, puzzle, 6)
+
+
+def _swappable_rectangle(board: np.ndarray, n: int) -> list[int]:
+    """Four cells (r1, c1), (r1, c2), (r2, c1), (r2, c2) holding a, b / b, a that lie in exactly
+    two boxes: swapping a and b there keeps every row, column and box valid (an unavoidable set)."""
+    br, bc = sudoku.box_shape(n)
+    grid = board.reshape(n, n)
+    for r1 in range(n):
+        for r2 in range(r1 + 1, n):
+            for c1 in range(n):
+                for c2 in range(c1 + 1, n):
+                    cells = [(r1, c1), (r1, c2), (r2, c1), (r2, c2)]
+                    boxes = {(r // br, c // bc) for r, c in cells}
+                    if (grid[r1, c1] == grid[r2, c2] and grid[r1, c2] == grid[r2, c1] and len(boxes) == 2):
+                        return [r * n + c for r, c in cells]
+    raise AssertionError("no swappable rectangle")
+
+
+def test_a_different_valid_completion_of_the_same_puzzle_counts_as_solved():
+    """A puzzle with two solutions (the four cells of a swappable rectangle blank): the scorer
+    counts the other solution as solved although its cells differ from the target, and still
+    rejects an invalid board and a valid board that changes a given."""
+    n = 6
+    board = sudoku.random_boards(n, 1, seed=3)[0].reshape(-1)
+    cells = _swappable_rectangle(board, n)
+    other = board.copy()
+    a, b = board[cells[0]], board[cells[1]]
+    other[cells] = np.where(board[cells] == a, b, a)
+    assert sudoku.is_valid_board(other, n) and (other != board).sum() == 4
+    puzzle = board.copy()
+    puzzle[cells] = 0
+    puzzle[[i for i in range(n * n) if i not in cells][:4]] = 0  # a few more blanks, still both complete it
+    assert sudoku.count_solutions(puzzle, n, limit=3) == 2
+    assert sudoku.solves(board, puzzle, n) and sudoku.solves(other, puzzle, n)
+    invalid = other.copy()
+    invalid[cells[0]] = invalid[cells[1]]  # a repeated digit in a row
+    assert not sudoku.solves(invalid, puzzle, n)
+    given = int(np.flatnonzero(puzzle)[0])
+    relabel = np.roll(np.arange(1, n + 1), 1)  # a valid board, but not the puzzle's: givens changed
+    moved = relabel[board - 1]
+    assert sudoku.is_valid_board(moved, n) and moved[given] != puzzle[given]
+    assert not sudoku.solves(moved, puzzle, n)
+    # the task's scorer: token ids are digits - 1, blanks hold mask_id, the target is `board`
+    mask_id = n + 1
+    x = np.where(puzzle == 0, mask_id, puzzle - 1)[None].repeat(4, 0)
+    test = {"task": "sudoku", "x": x, "target": (board - 1)[None].repeat(4, 0), "difficulty": np.array([-1] * 4),
+            "size": n}
+    filled = np.stack([board, other, invalid, moved]) - 1
+    result = score(test, filled, mask_id)
+    blanks = int((puzzle == 0).sum())
+    assert result["solved"] == 0.5  # board and other: solved; invalid and moved: not
+    per_board = [sudoku.solves(f + 1, puzzle, n) for f in filled]
+    assert per_board == [True, True, False, False]
+    # cell accuracy is against the target: `other` gets the 4 swapped cells wrong
+    expected_cells = [1.0, (blanks - 4) / blanks,
+                      ((filled[2] == board - 1) & (puzzle == 0)).sum() / blanks,
+                      ((filled[3] == board - 1) & (puzzle == 0)).sum() / blanks]
+    assert result["cell_acc"] == pytest.approx(np.mean(expected_cells))
 
 
 def test_ambiguous_puzzle_counts_several_solutions():
