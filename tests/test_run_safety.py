@@ -332,7 +332,7 @@ def test_kill_during_every_kind_of_write_of_a_resume_or_an_overwrite(kill_setup,
     new_kinds = {_kind(t) for t in flag_trace} - {_kind(t) for t in trace}
     assert new_kinds == ({"write metrics.jsonl: partial", "checkpoint step-N: old copy moved aside"} if flag == "--resume"
                          else {"overwrite: deleted checkpoints/latest", "overwrite: deleted checkpoints/step-N",
-                               "overwrite: deleted run file"})
+                               "overwrite: deleted checkpoints/best.safetensors", "overwrite: deleted run file"})
     for n in _points_to_kill(flag_trace, {_kind(t) for t in trace} if not EVERY_POINT else set()):
         run = root / f"{flag[2:]}-{n}"
         shutil.copytree(base, run)
