@@ -35,6 +35,17 @@ def test_arms_match_the_loop_arms_expected_per_step_flops():
         arm_overrides(suite, "bogus")
 
 
+def test_khop_gpu_scale_is_a_valid_task_past_the_mdms_depth():
+    """The GPU k-hop scale loads (hops <= nodes // 2: no backward shortcut) and asks for more
+    hops than the 4-layer MDM has layers (hop k needs k look-ups, about k + 1 attention rounds)."""
+    suite = get_suite("khop")
+    for arm in ("mdm", "loop"):
+        cfg = load_config(suite.config, [*suite.scales["gpu"].overrides, *arm_overrides(suite, arm)])
+        assert cfg.data.task_hops <= cfg.data.task_size // 2
+    mdm = load_config(suite.config, [*suite.scales["gpu"].overrides, *arm_overrides(suite, "mdm")])
+    assert (mdm.data.task_size, mdm.data.task_hops) == (16, 8) and mdm.data.task_hops > mdm.model.n_layers
+
+
 def test_flops_to_match_interpolates_the_first_crossing():
     curve = [{"flops": 1.0, "val_nll": 3.0}, {"flops": 2.0, "val_nll": 2.0}, {"flops": 3.0, "val_nll": 1.0}]
     assert flops_to_match(2.5, 6.0, curve) == pytest.approx(6.0 / 1.5)
@@ -172,3 +183,101 @@ eval: {{batch_size: 8, num_batches: 1}}
     by_diff = summary["tables"]["confidence_exact_by_difficulty"]
     assert set(next(iter(by_diff.values()))) <= {"2", "3"}
     assert "exact match by difficulty" in (out / "summary.md").read_text()
+
+
+def _ev(arm, seed, nll, curve=None, flops=6.0, orders=None):
+    """A synthetic evaluation (experiments/evaluate.py's shape): NELBO per S, optionally solve records."""
+    ev = {"arm": arm, "seed": seed, "lr": 1e-3, "step": 10, "flops": flops, "train_time": 60.0, "params": 100,
+          "val_curve": curve or [{"step": 10, "flops": flops, "val_nll": 9.0}],
+          "nelbo": [{"loops": s, "nll": v} for s, v in nll.items()]}
+    if orders is not None:
+        ev["orders"] = orders
+    return ev
+
+
+def _solve_records(solved: dict, n: int = 10) -> list[dict]:
+    return [{"loops": s, "solved": v, "cell_acc": v, "nfe": 1,
+             "by_difficulty": {"1": {"n": n, "solved": v, "cell_acc": v}}} for s, v in solved.items()]
+
+
+def _report(tmp_path, suite, evaluations):
+    from loopmdm.experiments.report import write_report
+
+    summary = write_report(suite, "cpu", suite.scales["cpu"], tmp_path, [], [], evaluations, 1.0, dry_run=False)
+    return summary, (tmp_path / "summary.md").read_text()
+
+
+def test_report_tables_never_mix_seeds_across_s(tmp_path):
+    """Issue 16, fault 1: LoopMDM seed 1 evaluated at S = 1 and 8 only, seed 0 at every S. Every
+    cell of every table is seed 0's alone (not a two-seed mean at S = 1 and 8 beside seed 0 at the
+    rest), the table says so, seed 1 stays visible per seed, and the by-difficulty table pools seed 0."""
+    from dataclasses import replace
+
+    suite = replace(get_suite("sudoku"), arms=("mdm", "loop"), orders=("raster",), loops=(1, 2, 4, 8))
+    loop0 = {1: 0.09, 2: 0.22, 4: 0.20, 8: 0.18}
+    loop1 = {1: 0.50, 8: 0.90}
+    evaluations = {
+        "mdm-s0": _ev("mdm", 0, {1: 1.0}, orders={"raster": _solve_records({1: 0.40})}),
+        "mdm-s1": _ev("mdm", 1, {1: 2.0}, orders={"raster": _solve_records({1: 0.60})}),
+        "loop-s0": _ev("loop", 0, {s: 1.0 + v for s, v in loop0.items()}, orders={"raster": _solve_records(loop0)}),
+        "loop-s1": _ev("loop", 1, {s: 1.0 + v for s, v in loop1.items()}, orders={"raster": _solve_records(loop1)}),
+    }
+    summary, md = _report(tmp_path, suite, evaluations)
+    solved = summary["tables"]["raster_solved"]
+    assert {s: v[0] for s, v in solved["loop"].items()} == {"1": 0.09, "2": 0.22, "4": 0.20, "8": 0.18}
+    assert solved["mdm"]["1"] == (0.40, None)  # MDM too: seed 0 alone, the seeds every arm has
+    assert summary["tables"]["val_nelbo"]["loop"]["8"][0] == pytest.approx(1.18)
+    seeds = summary["seed_tables"]["raster_solved"]
+    assert seeds["seeds"] == [0] and seeds["left_out"] == {"loop": {"1": [2, 4]}, "mdm": {"1": []}}
+    assert seeds["per_seed"]["loop"]["1"] == {"1": 0.50, "8": 0.90}  # still shown, per seed
+    assert seeds["paired_vs_s1"]["loop"]["2"] == {"mean": pytest.approx(0.13), "se": None, "n": 1}
+    assert "seeds [0] in every cell; left out: mdm seed 1 (another arm lacks it); loop seed 1 (no value at S = 2, 4)" in md
+    assert "| loop s1 (left out) | 0.500 |  |  | 0.900 |" in md
+    by_diff = summary["tables"]["raster_solved_by_difficulty"]
+    assert by_diff["loop S=1"]["1"] == 0.09 and "1 (n=10)" in md  # seed 0's 10 boards, not 20 pooled
+
+
+def test_report_cells_and_paired_differences_equal_the_hand_computed_ones(tmp_path):
+    """Three complete seeds: a cell is the mean ± half the spread, the paired S - (S = 1) is the
+    mean ± sample std / sqrt(n) of the within-seed differences; FLOPs-to-match is MDM's FLOPs over
+    the interpolated FLOPs at which the arm's curve first reaches MDM's final NELBO."""
+    from dataclasses import replace
+
+    suite = replace(get_suite("lm"), arms=("mdm", "loop"), loops=(1, 2))
+    curve = [{"step": 1, "flops": 1.0, "val_nll": 3.0}, {"step": 2, "flops": 2.0, "val_nll": 2.0},
+             {"step": 3, "flops": 3.0, "val_nll": 1.0}]
+    mdm_curve = [{"step": 1, "flops": 6.0, "val_nll": 2.5}]
+    evaluations = {f"mdm-s{k}": _ev("mdm", k, {1: 3.0 + k}, curve=mdm_curve) for k in range(3)}
+    # loop at S = 1: 2.0, 2.2, 2.6; at S = 2: 1.9, 2.0, 2.3 -> differences -0.1, -0.2, -0.3
+    for k, (a, b) in enumerate([(2.0, 1.9), (2.2, 2.0), (2.6, 2.3)]):
+        evaluations[f"loop-s{k}"] = _ev("loop", k, {1: a, 2: b}, curve=curve, flops=3.0)
+    summary, md = _report(tmp_path, suite, evaluations)
+    table = summary["tables"]["val_nelbo"]
+    assert table["loop"]["1"][0] == pytest.approx(6.8 / 3) and table["loop"]["1"][1] == pytest.approx(0.3)
+    assert table["mdm"]["1"][0] == pytest.approx(4.0) and table["mdm"]["1"][1] == pytest.approx(1.0)
+    paired = summary["seed_tables"]["val_nelbo"]["paired_vs_s1"]["loop"]["2"]
+    assert paired["mean"] == pytest.approx(-0.2) and paired["se"] == pytest.approx(0.1 / 3 ** 0.5) and paired["n"] == 3
+    assert "| loop | 2.267 ± 0.300 | 2.067 ± 0.200 |" in md
+    assert "| loop, [0, 1, 2] | -0.200 ± 0.058 |" in md  # the paired table: S = 2 vs S = 1
+    assert "seeds [0, 1, 2] in every cell; mean" in md
+    assert summary["flops_to_match"] == {f"loop-s{k}": pytest.approx(6.0 / 1.5) for k in range(3)}
+    assert "- loop-s0: 4.00×" in md
+
+
+def test_a_table_with_no_seed_in_every_arm_shows_seeds_only_and_draws_nothing_wrong(tmp_path):
+    """MDM ran seed 0 only, LoopMDM seed 1 only: no seed is common, so no mean is reported
+    (a mean of different seeds per arm would be the same mix across rows); per-seed values and
+    LoopMDM's paired S = 2 vs S = 1 (within its own seed) stay."""
+    from loopmdm.experiments.tables import render_seed_table, seed_table
+
+    evaluations = {"mdm-s0": _ev("mdm", 0, {1: 1.0}), "loop-s1": _ev("loop", 1, {1: 2.0, 2: 1.5})}
+    st = seed_table(evaluations, ["mdm", "loop"], lambda ev: [(r["loops"], r["nll"]) for r in ev["nelbo"]])
+    assert st.seeds == [] and st.means == {"mdm": {}, "loop": {}}
+    assert st.paired == {"loop": {2: (-0.5, None, 1)}}  # within one arm: over its own seed
+    md = "\n".join(render_seed_table("NELBO", st, [1, 2]))
+    assert "no seed has a value in every cell of every arm" in md and "| loop s1 | 2.000 | 1.500 |" in md
+    assert "| loop, [1] | -0.500 |" in md
+    from loopmdm.experiments.report import _plot
+
+    _plot(tmp_path / "per_seed.png", "NELBO", "nats", st, [1, 2])  # no common seed: each seed drawn
+    assert (tmp_path / "per_seed.png").stat().st_size > 1000

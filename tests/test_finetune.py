@@ -213,3 +213,44 @@ def test_solve_scores_external_pairs(tmp_path, capsys, monkeypatch):
     record = json.loads(capsys.readouterr()[0])[0]
     assert record["nfe"] == 3  # one call per blank: only 3 answer positions are blank
     assert main(["solve", str(tmp_path / "run"), "--pairs", str(tmp_path / "nope.jsonl")]) == 2
+
+
+def test_pairs_exact_match_oracle():
+    """Exact match of the answer slot on a hand-built case: tokens 0..9, EOS 10, mask 11; the
+    answer is everything after the first EOS up to the next EOS (what follows it is padding)."""
+    from loopmdm.evaluation.solve import score
+    from loopmdm.tasks.pairs import blank_answer
+
+    eos, mask = 10, 11
+    row = [1, 2, 3, eos, 4, 5, eos, eos, eos]  # prompt 1 2 3, answer 4 5
+    filled = np.array([
+        [1, 2, 3, eos, 4, 5, eos, eos, eos],  # the right answer: exact
+        [1, 2, 3, eos, 4, 6, eos, eos, eos],  # a wrong token: not exact
+        [1, 2, 3, eos, 4, 5, 7, eos, eos],  # extra trailing token before the EOS: not exact
+        [1, 2, 3, eos, 4, eos, eos, eos, eos],  # a prefix of the answer: not exact
+        [1, 2, 3, eos, 4, 5, eos, 7, 7],  # right, then tokens after its EOS (ignored): exact
+        [1, 2, 3, eos, 4, 5, 7, 7, 7],  # right, then no EOS at all: not exact
+    ])
+    target = np.array([row] * len(filled))
+    x = blank_answer(target, eos, mask)
+    assert (x[:, :4] == target[:, :4]).all() and (x[:, 4:] == mask).all()  # the whole slot is blank
+    test = {"task": "pairs", "x": x, "target": target, "difficulty": np.array([1, 1, 2, 2, 3, 3]), "eos_id": eos}
+    r = score(test, filled, mask)
+    assert r["exact"] == pytest.approx(2 / 6) and r["n"] == 6
+    assert r["by_difficulty"] == {"1": {"n": 2, "exact": 0.5}, "2": {"n": 2, "exact": 0.0},
+                                  "3": {"n": 2, "exact": 0.5}}
+    # answer-token accuracy: slot cells equal to the target, over the 6 x 5 blank cells
+    assert r["token_acc"] == pytest.approx((5 + 4 + 4 + 4 + 3 + 2) / 30)
+    # a target whose answer fills the slot to the end (no closing EOS) and a prompt-only row
+    full = np.array([[1, eos, 4, 5, 6]])
+    t2 = {"task": "pairs", "x": blank_answer(full, eos, mask), "target": full, "difficulty": np.array([-1]),
+          "eos_id": eos}
+    assert score(t2, full, mask)["exact"] == 1.0
+    assert score(t2, np.array([[1, eos, 4, 5, eos]]), mask)["exact"] == 0.0  # a prefix again
+    assert set(score(t2, full, mask)["by_difficulty"]) == {"?"}
+    # answer_len 2: only the first 2 slot cells are blank, the rest given as EOS padding
+    x2 = blank_answer(target[:1], eos, mask, answer_len=2)
+    assert x2[0].tolist() == [1, 2, 3, eos, mask, mask, eos, eos, eos]
+    t3 = {"task": "pairs", "x": x2, "target": target[:1], "difficulty": np.array([0]), "eos_id": eos}
+    assert score(t3, filled[:1], mask)["exact"] == 1.0 and score(t3, filled[:1], mask)["token_acc"] == 1.0
+    assert score(t3, filled[3:4], mask)["exact"] == 0.0  # the prefix 4 EOS

@@ -37,12 +37,69 @@ def test_puzzles_have_unique_solutions_and_difficulty():
     assert sudoku.deduction_rounds(one_blank, 6) == 1
     rounds = sudoku.deduction_rounds(puzzle, 6)
     assert rounds is None or rounds >= 1
-    # a different valid completion consistent with the givens also counts as solved
     assert sudoku.solves(board, puzzle, 6)
     wrong = board.copy()
     blank = int(np.flatnonzero(puzzle == 0)[0])
     wrong[blank] = wrong[blank] % 6 + 1
     assert not sudoku.solves(wrong, puzzle, 6)
+
+
+def _swappable_rectangle(board: np.ndarray, n: int) -> list[int]:
+    """Four cells (r1, c1), (r1, c2), (r2, c1), (r2, c2) holding a, b / b, a that lie in exactly
+    two boxes: swapping a and b there keeps every row, column and box valid (an unavoidable set)."""
+    br, bc = sudoku.box_shape(n)
+    grid = board.reshape(n, n)
+    for r1 in range(n):
+        for r2 in range(r1 + 1, n):
+            for c1 in range(n):
+                for c2 in range(c1 + 1, n):
+                    cells = [(r1, c1), (r1, c2), (r2, c1), (r2, c2)]
+                    boxes = {(r // br, c // bc) for r, c in cells}
+                    if (grid[r1, c1] == grid[r2, c2] and grid[r1, c2] == grid[r2, c1] and len(boxes) == 2):
+                        return [r * n + c for r, c in cells]
+    raise AssertionError("no swappable rectangle")
+
+
+def test_a_different_valid_completion_of_the_same_puzzle_counts_as_solved():
+    """A puzzle with two solutions (the four cells of a swappable rectangle blank): the scorer
+    counts the other solution as solved although its cells differ from the target, and still
+    rejects an invalid board and a valid board that changes a given."""
+    n = 6
+    board = sudoku.random_boards(n, 1, seed=3)[0].reshape(-1)
+    cells = _swappable_rectangle(board, n)
+    other = board.copy()
+    a, b = board[cells[0]], board[cells[1]]
+    other[cells] = np.where(board[cells] == a, b, a)
+    assert sudoku.is_valid_board(other, n) and (other != board).sum() == 4
+    puzzle = board.copy()
+    puzzle[cells] = 0
+    puzzle[[i for i in range(n * n) if i not in cells][:4]] = 0  # a few more blanks, still both complete it
+    assert sudoku.count_solutions(puzzle, n, limit=3) == 2
+    assert sudoku.solves(board, puzzle, n) and sudoku.solves(other, puzzle, n)
+    invalid = other.copy()
+    invalid[cells[0]] = invalid[cells[1]]  # a repeated digit in a row
+    assert not sudoku.solves(invalid, puzzle, n)
+    given = int(np.flatnonzero(puzzle)[0])
+    relabel = np.roll(np.arange(1, n + 1), 1)  # a valid board, but not the puzzle's: givens changed
+    moved = relabel[board - 1]
+    assert sudoku.is_valid_board(moved, n) and moved[given] != puzzle[given]
+    assert not sudoku.solves(moved, puzzle, n)
+    # the task's scorer: token ids are digits - 1, blanks hold mask_id, the target is `board`
+    mask_id = n + 1
+    x = np.where(puzzle == 0, mask_id, puzzle - 1)[None].repeat(4, 0)
+    test = {"task": "sudoku", "x": x, "target": (board - 1)[None].repeat(4, 0), "difficulty": np.array([-1] * 4),
+            "size": n}
+    filled = np.stack([board, other, invalid, moved]) - 1
+    result = score(test, filled, mask_id)
+    blanks = int((puzzle == 0).sum())
+    assert result["solved"] == 0.5  # board and other: solved; invalid and moved: not
+    per_board = [sudoku.solves(f + 1, puzzle, n) for f in filled]
+    assert per_board == [True, True, False, False]
+    # cell accuracy is against the target: `other` gets the 4 swapped cells wrong
+    expected_cells = [1.0, (blanks - 4) / blanks,
+                      ((filled[2] == board - 1) & (puzzle == 0)).sum() / blanks,
+                      ((filled[3] == board - 1) & (puzzle == 0)).sum() / blanks]
+    assert result["cell_acc"] == pytest.approx(np.mean(expected_cells))
 
 
 def test_ambiguous_puzzle_counts_several_solutions():
@@ -53,17 +110,70 @@ def test_ambiguous_puzzle_counts_several_solutions():
 
 
 def test_khop_answers_follow_the_listed_edges():
-    x = khop.random_examples(8, 6, 300, seed=2)
-    assert x.shape == (300, khop.seq_len(8, 6))
+    x = khop.random_examples(8, 4, 300, seed=2)
+    assert x.shape == (300, khop.seq_len(8, 4))
     for row in x:
         answers = row[khop.prompt_len(8):]
-        np.testing.assert_array_equal(answers, khop.answers_from_prompt(row, 8, 6))
-        assert len(set(answers.tolist()) | {int(row[8])}) == 7  # one cycle: no repeats within 6 hops
+        np.testing.assert_array_equal(answers, khop.answers_from_prompt(row, 8, 4))
+        assert len(set(answers.tolist()) | {int(row[8])}) == 5  # one cycle: no repeats within 4 hops
         assert sorted(((row[:8] - 8) // 8).tolist()) == list(range(8))  # every node has one listed edge
         assert answers.max() < 8 and row[:8].min() >= 8  # answers are nodes, the prompt's edges edge tokens
     assert len(khop.symbols(8)) == 8 + 64 and khop.symbols(8)[8 + 3 * 8 + 5] == "3>5"
     with pytest.raises(LoopMDMError, match="hops=8"):
         khop.check(8, 8)
+
+
+@pytest.mark.parametrize("nodes,hops", [(8, 5), (8, 6), (8, 7), (16, 9), (5, 3), (3, 2)])
+def test_khop_refuses_hops_past_half_the_cycle(nodes, hops):
+    """Hop N - k on one N-cycle is k look-ups backwards: more than N // 2 hops is refused, by
+    the task and by the config, with one line naming both settings and what is allowed."""
+    with pytest.raises(LoopMDMError) as err:
+        khop.check(nodes, hops)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"data.task_hops={hops}" in message and f"data.task_size={nodes}" in message
+    assert f"[1, {nodes // 2}]" in message
+    with pytest.raises(LoopMDMError, match=f"data.task_hops={hops}"):
+        load_config(None, ["data.source=task", "data.task=khop", f"data.task_size={nodes}", f"data.task_hops={hops}"])
+    khop.check(nodes, nodes // 2)  # the largest allowed
+    load_config(None, ["data.source=task", "data.task=khop", f"data.task_size={nodes}", f"data.task_hops={nodes // 2}"])
+
+
+def _lookups(prompt: np.ndarray, nodes: int, start: int) -> dict:
+    """Fewest edge look-ups from `start` to every node when each listed edge may be followed
+    either way (forward: source -> target; backward: target -> source): breadth-first search."""
+    edges = [(int(e - nodes) // nodes, int(e - nodes) % nodes) for e in prompt[:nodes]]
+    dist, frontier = {start: 0}, [start]
+    while frontier:
+        nxt = []
+        for node in frontier:
+            for a, b in edges:
+                for u, v in ((a, b), (b, a)):
+                    if u == node and v not in dist:
+                        dist[v] = dist[node] + 1
+                        nxt.append(v)
+        frontier = nxt
+    return dist
+
+
+def test_khop_has_no_backward_shortcut_at_any_allowed_setting():
+    """For every (nodes, hops) the task accepts, the answer at hop k is no fewer than k look-ups
+    from the start even when edges may be read backwards, in every example of a batch; so hop
+    k needs k look-ups. (Accepting hops = N - 1 would fail here: that hop is 1 look-up back.)"""
+    checked = 0
+    for nodes in (3, 4, 5, 8, 9, 16):
+        for hops in range(1, nodes):
+            try:
+                khop.check(nodes, hops)
+            except LoopMDMError:
+                continue
+            x = khop.random_examples(nodes, hops, 40, seed=nodes * 100 + hops)
+            for row in x:
+                dist = _lookups(row, nodes, int(row[nodes]))
+                answers = row[khop.prompt_len(nodes):]
+                assert [dist[int(a)] for a in answers] == list(range(1, hops + 1)), (nodes, hops, row)
+            checked += 1
+    assert checked == sum(n // 2 for n in (3, 4, 5, 8, 9, 16))  # every allowed setting was generated
 
 
 def _task_cfg(tmp_path, *extra):

@@ -112,7 +112,7 @@ class DataConfig:
     # replace data.tokenizer and data.seq_len. train examples; validation gets val_fraction of that.
     task: str = "sudoku"
     task_size: int = 6  # sudoku: board side (4, 6, 9); khop: number of nodes
-    task_hops: int = 4  # khop: answer slots (hops 1..task_hops)
+    task_hops: int = 3  # khop: answer slots (hops 1..task_hops), at most task_size // 2
     task_examples: int = 100000
     # false: train on the whole sequence (prompt positions may be masked too, a denser signal
     # for learning look-ups); evaluation always gives the prompt and scores the answers.

@@ -15,13 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def mean_se(values: list[float]) -> tuple[float, float | None]:
-    """Mean and standard error (sample std / sqrt(n); None for one value)."""
-    arr = np.asarray(values, dtype=np.float64)
-    if len(arr) < 2:
-        return float(arr.mean()), None
-    return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(len(arr)))
+from loopmdm.experiments.tables import mean_se  # noqa: F401 (also this module's API)
 
 
 def fmt_se(mean: float, se: float | None, digits: int = 4, signed: bool = False) -> str:

@@ -6,21 +6,10 @@ import json
 import platform
 from pathlib import Path
 
-import numpy as np
-
 from loopmdm.config import load_config
 from loopmdm.experiments.suites import arm_overrides, layer_passes, selection_nll
+from loopmdm.experiments.tables import SeedTable, render_seed_table, seed_table, seed_table_json
 from loopmdm.runfiles import write_text_atomic
-
-
-def _mean_band(values: list[float]) -> tuple[float, float | None]:
-    """Mean over seeds and half the min-max spread (the noise band we quote; None for one seed)."""
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float((arr.max() - arr.min()) / 2) if len(arr) > 1 else None
-
-
-def _fmt(mean: float, band: float | None, digits: int = 3) -> str:
-    return f"{mean:.{digits}f}" if band is None else f"{mean:.{digits}f} ± {band:.{digits}f}"
 
 
 def flops_to_match(mdm_final_nll: float, mdm_flops: float, curve: list[dict]) -> float | None:
@@ -38,42 +27,28 @@ def flops_to_match(mdm_final_nll: float, mdm_flops: float, curve: list[dict]) ->
     return None
 
 
-def _metric_table(suite, evaluations, arms, metric) -> dict:
-    """{arm: {S: (mean, band)}} of metric(record) over seeds, for records keyed by loops."""
-    table = {}
-    for arm in arms:
-        per_s: dict = {}
-        for ev in evaluations.values():
-            if ev["arm"] != arm:
-                continue
-            for rec in metric(ev):
-                per_s.setdefault(rec[0], []).append(rec[1])
-        table[arm] = {s: _mean_band(v) for s, v in sorted(per_s.items())}
-    return table
+def _add_table(summary: dict, key: str, title: str, st: SeedTable, loops: list[int]) -> list[str]:
+    """Record a seed table in summary.json (means under "tables", the rest under "seed_tables")
+    and return its markdown: the means over its seeds, per seed, and paired against S = 1."""
+    summary["tables"][key] = {a: {str(s): v for s, v in d.items()} for a, d in st.means.items()}
+    summary["seed_tables"][key] = seed_table_json(st)
+    return render_seed_table(title, st, loops)
 
 
-def _render_table(title: str, table: dict, loops: list[int]) -> list[str]:
-    lines = [f"**{title}**", "", "| arm | " + " | ".join(f"S = {s}" for s in loops) + " |",
-             "|---|" + "---|" * len(loops)]
-    for arm, per_s in table.items():
-        cells = []
-        for s in loops:
-            if s in per_s:
-                cells.append(_fmt(*per_s[s]))
-            elif len(per_s) == 1:  # a non-looped arm: the same at every S
-                cells.append("(" + _fmt(*next(iter(per_s.values()))) + ")" if s == loops[0] else "″")
-            else:
-                cells.append("")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
-def _plot(path: Path, title: str, ylabel: str, table: dict, loops: list[int]) -> None:
+def _plot(path: Path, title: str, ylabel: str, st: SeedTable, loops: list[int]) -> None:
+    """The means over the table's seeds (bars: half their spread), or each seed's values where no
+    seed has a value in every cell of every arm; the seeds drawn are in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if st.seeds:
+        table, title = st.means, f"{title} (seeds {st.seeds})"
+    else:
+        table = {f"{arm} s{seed}": {s: (v, None) for s, v in per_s.items()}
+                 for arm, d in st.per_seed.items() for seed, per_s in d.items()}
+        title = f"{title} (per seed)"
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, per_s in table.items():
         if len(per_s) == 1:
@@ -116,10 +91,14 @@ def _plot_curves(path: Path, evaluations: dict) -> None:
 def _difficulty_table(order: str, evaluations: dict, arms: list, summary: dict, key: str, title: str, note: str
                       ) -> list[str]:
     """Boards solved (or pairs answered exactly) by difficulty (rounds of single-deduction a
-    puzzle needs; terms of a sum), per arm and S, summed over seeds: the rate and the number
-    of examples in each column."""
+    puzzle needs; terms of a sum), per arm and S, pooled over the seeds that have a record at
+    every S of every arm (the same seeds in every row): the rate and the number of examples in
+    each column."""
+    seeds = seed_table(evaluations, arms, lambda ev: [(r["loops"], 0.0) for r in ev["orders"][order]]).seeds
     rows, columns = {}, set()
     for ev in evaluations.values():
+        if ev["arm"] not in arms or ev["seed"] not in seeds:
+            continue
         for rec in ev["orders"][order]:
             for diff, entry in rec["by_difficulty"].items():
                 cell = rows.setdefault((ev["arm"], rec["loops"]), {}).setdefault(diff, [0.0, 0])
@@ -130,8 +109,9 @@ def _difficulty_table(order: str, evaluations: dict, arms: list, summary: dict, 
     table = {f"{arm} S={s}": {d: (v[0] / v[1] if v[1] else None) for d, v in cells.items()}
              for (arm, s), cells in sorted(rows.items(), key=lambda kv: (arms.index(kv[0][0]), kv[0][1]))}
     summary["tables"][f"{order}_{key}_by_difficulty"] = table
+    summary["seed_tables"][f"{order}_{key}_by_difficulty"] = {"seeds": seeds}
     n = {d: max(v[1] for cells in rows.values() for dd, v in cells.items() if dd == d) for d in columns}
-    lines = [f"**{order}: {title}** ({note})", "",
+    lines = [f"**{order}: {title}** ({note}; seeds {seeds} pooled)", "",
              "| arm, S | " + " | ".join(f"{d} (n={n[d]})" for d in columns) + " |", "|---|" + "---|" * len(columns)]
     for name, cells in table.items():
         lines.append(f"| {name} | " + " | ".join("" if cells.get(d) is None else f"{cells[d]:.2f}" for d in columns) + " |")
@@ -166,13 +146,16 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
                "wall_seconds": wall_seconds, "arms": arm_info,
                "sweep_val_nll": {a: {str(lr): v for lr, v in d.items()} for a, d in sweep_table.items()},
-               "tables": {}}
+               "tables": {}, "seed_tables": {}}
     extended = {spec.lr for spec in sweep if spec.lr not in scale.lrs}
     md = [f"# Suite `{suite.name}` ({scale_name} scale{', DRY RUN: measures nothing' if dry_run else ''})", "",
           f"Base config `{suite.config}`; every final run trains to {scale.budget_flops:.2e} FLOPs; seeds "
           f"{list(scale.seeds)}; learning rate per arm from a sweep over {list(scale.lrs)}"
           + (f" (extended to {sorted({f'{lr:g}' for lr in extended})} at the grid's edge)" if extended else "")
-          + f" at {scale.sweep_fraction:g}× the budget (seed 0). Values are the mean over seeds ± half their spread.", "",
+          + f" at {scale.sweep_fraction:g}× the budget (seed 0). Every table is computed over the same seeds in "
+          "every cell (named beside it; a seed missing a cell is left out and said so): the mean over those seeds "
+          "± half their spread, then each seed's values, then the paired difference S − (S = 1) within each seed, "
+          "mean ± standard error over seeds.", "",
           "| arm | overrides | best lr | layer passes / step | params | steps | train minutes |",
           "|---|---|---|---|---|---|---|"]
     for arm, info in arm_info.items():
@@ -188,37 +171,33 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
         md.append(f"| {arm} | " + " | ".join(f"{d[lr]:.4f}" if lr in d else "" for lr in lrs) + " |")
     md.append("")
 
-    nelbo = _metric_table(suite, evaluations, arms, lambda ev: [(r["loops"], r["nll"]) for r in ev["nelbo"]])
-    summary["tables"]["val_nelbo"] = {a: {str(s): v for s, v in d.items()} for a, d in nelbo.items()}
-    md += _render_table("Validation NELBO (nats per scored token) at inference S", nelbo, loops)
-    _plot(out_dir / ("val_nelbo.png" if not suite.runs_of else f"val_nelbo-{suite.name}.png"), f"{suite.name}: validation NELBO", "NELBO (nats/token)", nelbo, loops)
+    nelbo = seed_table(evaluations, arms, lambda ev: [(r["loops"], r["nll"]) for r in ev["nelbo"]])
+    md += _add_table(summary, "val_nelbo", "Validation NELBO (nats per scored token) at inference S", nelbo, loops)
+    _plot(out_dir / ("val_nelbo.png" if not suite.runs_of else f"val_nelbo-{suite.name}.png"),
+          f"{suite.name}: validation NELBO", "NELBO (nats/token)", nelbo, loops)
     first = next(iter(evaluations.values()))["nelbo"][0]
     for label in first.get("by_t", {}):
-        by_t = _metric_table(suite, evaluations, arms, lambda ev, b=label: [
+        by_t = seed_table(evaluations, arms, lambda ev, b=label: [
             (r["loops"], r["by_t"][b]) for r in ev["nelbo"] if r.get("by_t", {}).get(b) is not None])
-        summary["tables"][f"val_nelbo_t{label}"] = {a: {str(s): v for s, v in d.items()} for a, d in by_t.items()}
-        md += _render_table(f"Validation NELBO of sequences with t in {label}", by_t, loops)
+        md += _add_table(summary, f"val_nelbo_t{label}", f"Validation NELBO of sequences with t in {label}", by_t, loops)
     if suite.kind == "task":
         from loopmdm.tasks import ByDifficulty
 
         scoring = suite_scoring(suite)
         key, title = scoring.headline
         for order in suite.orders:
-            acc = _metric_table(suite, evaluations, arms,
-                                lambda ev, o=order, k=key: [(r["loops"], r[k]) for r in ev["orders"][o]])
+            acc = seed_table(evaluations, arms, lambda ev, o=order, k=key: [(r["loops"], r[k]) for r in ev["orders"][o]])
             name = f"{order}: {title}"
-            summary["tables"][f"{order}_{key}"] = {a: {str(s): v for s, v in d.items()} for a, d in acc.items()}
-            md += _render_table(name, acc, loops)
+            md += _add_table(summary, f"{order}_{key}", name, acc, loops)
             _plot(out_dir / f"{order}_{key}.png", f"{suite.name}: {name}", key, acc, loops)
             for table in scoring.tables(next(iter(evaluations.values()))["orders"][order][0]):
                 if isinstance(table, ByDifficulty):
                     md += _difficulty_table(order, evaluations, arms, summary, key=table.key, title=table.title,
                                             note=table.note)
                     continue
-                per_s = _metric_table(suite, evaluations, arms,
-                                      lambda ev, o=order, t=table: [(r["loops"], t.value(r)) for r in ev["orders"][o]])
-                summary["tables"][f"{order}_{table.key}"] = {a: {str(s): v for s, v in d.items()} for a, d in per_s.items()}
-                md += _render_table(f"{order}: {table.title}", per_s, loops)
+                per_s = seed_table(evaluations, arms,
+                                   lambda ev, o=order, t=table: [(r["loops"], t.value(r)) for r in ev["orders"][o]])
+                md += _add_table(summary, f"{order}_{table.key}", f"{order}: {table.title}", per_s, loops)
     if "mdm" in arms and suite.kind == "lm":
         ratios = {}
         for name, ev in evaluations.items():

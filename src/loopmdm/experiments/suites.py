@@ -64,11 +64,15 @@ KNOB_ARMS = {
     "loop-smax2x": "S_max doubled",
 }
 
+# k-hop at GPU scale: 16 nodes, 8 hops (hops <= nodes // 2: on one cycle hop N - k is k look-ups
+# backwards, tasks/khop.py), so hop 8 needs 8 look-ups either way, ~9 rounds of attention under
+# one-shot decoding: past the 4 rounds a 4-layer MDM has in one call. 16 + 256 edge tokens + 2.
+KHOP_GPU = ("data.task_size=16", "data.task_hops=8")
+
 SUITES = {
     "khop": Suite("khop", "experiments/khop", ALL_ARMS, "task",
                   {"cpu": Scale(2.4e13, 0.25, (3e-4, 1e-3, 3e-3), (0, 1), 500),
-                   "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000,
-                                GPU_TASK + ("data.task_size=8", "data.task_hops=6"))},
+                   "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000, GPU_TASK + KHOP_GPU)},
                   orders=("oneshot",)),
     "sudoku": Suite("sudoku", "experiments/sudoku", ALL_ARMS, "task",
                     {"cpu": Scale(2.4e13, 0.2, (1e-3, 3e-3, 1e-2), (0, 1), 300),

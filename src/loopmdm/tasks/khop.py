@@ -11,6 +11,11 @@ tokens each look-up first needs an induction-style pairing of neighbours, which 
 did not learn in a CPU budget at all (docs/RESULTS.md, k-hop calibration). A single cycle
 makes the K answers distinct (K < N), so no hop can be read off a short cycle.
 
+Why hops <= N // 2: on one N-cycle f^(N-k)(s) = f^(-k)(s), so hop N - k is k look-ups
+*backwards* (the slot attends to the edge token whose target is c and reads its source).
+Beyond N // 2 hops the deepest answers need fewer rounds, not more (8 nodes / 6 hops needs at
+most 4); with K <= N // 2 every hop j is j steps away in either direction, never fewer.
+
 Sequence: [e_1 ... e_N  s  a_1 ... a_K]. Token ids: node i = i (0..N-1); edge a>b = N + a*N + b.
 Only the K answer slots are ever masked (the prompt is always given: meta `prompt_len`).
 """
@@ -24,8 +29,10 @@ from loopmdm.tasks import PerS, Scoring, Task
 
 
 def check(n_nodes: int, hops: int) -> None:
-    require(3 <= n_nodes <= 64, f"khop nodes={n_nodes} must be in [3, 64] (the vocabulary holds nodes^2 edge tokens)")
-    require(1 <= hops < n_nodes, f"khop hops={hops} must be in [1, nodes={n_nodes})")
+    require(3 <= n_nodes <= 64, f"data.task_size={n_nodes} khop nodes must be in [3, 64] (the vocabulary holds nodes^2 edge tokens)")
+    require(1 <= hops <= n_nodes // 2,
+            f"data.task_hops={hops} with data.task_size={n_nodes} khop nodes is not allowed: hops must be in "
+            f"[1, {n_nodes // 2}] (task_size // 2), since on one cycle hop N - k is k look-ups backwards")
 
 
 def symbols(n_nodes: int) -> list[str]:
