@@ -113,7 +113,7 @@ def test_knob_arms_train_at_the_loop_arms_lr_with_one_seed_and_no_sweep_of_their
     assert "model.grad_loops=2" in final[-1].overrides
 
 
-def test_an_lr_optimum_at_the_grids_edge_gets_one_more_sweep_run(tmp_path):
+def test_an_lr_optimum_at_the_grids_edge_gets_more_sweep_runs_up_to_two_steps_out(tmp_path):
     from dataclasses import replace
 
     from loopmdm.experiments.runner import edge_extensions, plan
@@ -129,10 +129,15 @@ def test_an_lr_optimum_at_the_grids_edge_gets_one_more_sweep_run(tmp_path):
         (spec.out_dir / "train_summary.json").write_text(json.dumps({"val_nll": nll[(spec.arm, spec.lr)]}))
     extra = edge_extensions(suite, scale, sweep, tmp_path)
     assert sorted((s.arm, s.lr) for s in extra) == [("loop", 0.03), ("mdm", 0.000333)]
-    for spec in extra:  # the extension is better still: it is taken, and not extended again
+    for spec in extra:  # the extension is better still: one more step out, then no further
         spec.out_dir.mkdir(parents=True)
         (spec.out_dir / "train_summary.json").write_text(json.dumps({"val_nll": 0.5}))
-    assert edge_extensions(suite, scale, sweep + extra, tmp_path) == []
+    extra2 = edge_extensions(suite, scale, sweep + extra, tmp_path)
+    assert sorted((s.arm, s.lr) for s in extra2) == [("loop", 0.09), ("mdm", 0.000111)]
+    for spec in extra2:
+        spec.out_dir.mkdir(parents=True)
+        (spec.out_dir / "train_summary.json").write_text(json.dumps({"val_nll": 0.25}))
+    assert edge_extensions(suite, scale, sweep + extra + extra2, tmp_path) == []  # MAX_EDGE_STEPS reached
 
 
 def test_a_finished_run_at_another_lr_than_planned_is_refused_not_reused(tmp_path):

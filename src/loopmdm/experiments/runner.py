@@ -136,20 +136,25 @@ def plan(suite: Suite, scale: Scale, out: Path, best_lr: dict | None) -> tuple[l
     return sweep, final
 
 
+MAX_EDGE_STEPS = 2  # grid steps an arm's sweep may extend beyond either edge of the grid
+
+
 def edge_extensions(suite: Suite, scale: Scale, sweep: list[RunSpec], out: Path) -> list[RunSpec]:
-    """One more sweep run for every arm whose best lr is at an edge of the grid it tried: a
-    grid step (the ratio of the first two lrs) beyond that edge, so no arm is compared at an
-    optimum the grid cut off. One extension per arm and direction (the report shows the lrs)."""
+    """One more sweep run for every arm whose best lr is at an edge of the lrs it tried: a grid
+    step (the ratio of the first two lrs) beyond that edge, so no arm is compared at an optimum
+    the grid cut off. Called again after those runs, it extends further while the optimum stays
+    at the edge, up to MAX_EDGE_STEPS beyond the grid (the report shows every lr tried)."""
     if len(scale.lrs) < 2:
         return []
     step = scale.lrs[1] / scale.lrs[0]
+    low, high = min(scale.lrs) / step ** MAX_EDGE_STEPS, max(scale.lrs) * step ** MAX_EDGE_STEPS
     best = pick_best_lr(sweep)
     extra = []
     for arm, lr in best.items():
         tried = sorted(s.lr for s in sweep if s.arm == arm)
-        if lr == tried[-1] and lr <= max(scale.lrs):
+        if lr == tried[-1] and lr * step <= high * 1.01:
             new = lr * step
-        elif lr == tried[0] and lr >= min(scale.lrs):
+        elif lr == tried[0] and lr / step >= low / 1.01:  # (1.01: lrs are rounded to 3 digits)
             new = lr / step
         else:
             continue
@@ -229,12 +234,14 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
         require(sweep, f"no finished sweep run under {out_dir / 'runs'}: nothing to report")
     train = (lambda specs: None) if report_only else (lambda specs: train_runs(suite, specs, jobs, log))
     train(sweep)
-    extra = edge_extensions(suite, scale, sweep, out_dir)
-    attach(extra)
-    if report_only:
-        extra = list(filter(_trained, extra))
-    if extra:
-        log("best lr at the edge of the grid for " + ", ".join(f"{s.arm} (trying {s.lr:g})" for s in extra))
+    for _ in range(MAX_EDGE_STEPS):
+        extra = edge_extensions(suite, scale, sweep, out_dir)
+        attach(extra)
+        if report_only:
+            extra = list(filter(_trained, extra))
+        if not extra:
+            break
+        log("best lr at the edge of the lrs tried for " + ", ".join(f"{s.arm} (trying {s.lr:g})" for s in extra))
         train(extra)
         sweep += extra
     best = pick_best_lr(sweep)
