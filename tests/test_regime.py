@@ -237,3 +237,16 @@ def test_train_records_carry_gradient_and_update_norms_per_part(tiny_cfg_factory
                            f"train.out_dir={tmp_path / 'mdm'}"))
     rec = [json.loads(line) for line in open(tmp_path / "mdm" / "metrics.jsonl") if '"train"' in line][-1]
     assert "grad_norm_loop_block" not in rec and rec["grad_norm_prelude"] > 0  # the MDM's layers are one stack
+
+
+def test_export_best_ships_the_best_validation_weights(tiny_cfg_factory, tmp_path):
+    from loopmdm.export.hf import export_run
+
+    cfg = tiny_cfg_factory("data.tokenizer=char", "train.eval_every=2", "train.lr=3e-3")
+    train(cfg)
+    summary = export_run(cfg.train.out_dir, tmp_path / "best-export", best=True)
+    best = load_run(cfg.train.out_dir, device="cpu", best=True)
+    exported = load_run(tmp_path / "best-export", device="cpu")
+    assert summary["step"] == best.step == ckpt.read_best_info(cfg.train.out_dir)["step"]
+    for key, value in best.model.state_dict().items():
+        assert torch.equal(value, exported.model.state_dict()[key]), key

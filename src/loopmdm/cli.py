@@ -488,7 +488,7 @@ def cmd_export(args) -> None:
     require(args.default_loops is None or args.default_loops >= 1,
             f"{_spelled(args, 'default_loops', '--default-loops')} {args.default_loops} must be an integer >= 1")
     summary = export_run(args.run, args.out_dir, overwrite=args.overwrite, use_ema=not args.no_ema,
-                         num_loops=args.default_loops)
+                         num_loops=args.default_loops, best=args.best)
     if args.json:
         print(json.dumps(summary))
         return
@@ -733,6 +733,7 @@ def _export_args(p) -> None:
     p.add_argument("out_dir", help="the folder to write (must be new or empty, or an export with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT_DIR")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--best", action="store_true", help="export the best-on-validation weights (checkpoints/best.safetensors)")
     p.add_argument("--default-loops", type=int, metavar="S",
                    help="the loop count the exported model runs by default (default: model.max_train_loops)")
     _deprecated(p, "--num-loops", "--default-loops", "default_loops", type=int)

@@ -195,10 +195,11 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, use_ema: bool = True,
-               num_loops: int | None = None) -> dict:
-    """Write the Hugging Face folder of a run (or of another export); returns a summary."""
+               num_loops: int | None = None, best: bool = False) -> dict:
+    """Write the Hugging Face folder of a run (or of another export); returns a summary. `best`:
+    the run's best-on-validation weights (checkpoints/best.safetensors) instead of the newest."""
     run_dir, out = Path(run_dir), Path(out_dir)
-    run = load_run(run_dir, device="cpu", use_ema=use_ema)
+    run = load_run(run_dir, device="cpu", use_ema=use_ema, best=best)
     require(not run.cfg.model.causal, f"run '{run_dir}' is an autoregressive judge (model.causal=true), not a "
                                       f"masked diffusion model; export exports diffusion runs")
     require(num_loops is None or (isinstance(num_loops, int) and num_loops >= 1),
