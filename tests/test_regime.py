@@ -219,6 +219,16 @@ def test_eval_cli_scores_the_test_split_with_the_best_weights_and_draws_the_loop
     assert [r["loops"] for r in records] == [1, 2, 4]
     assert all(r["split"] == "test" and r["step"] == info["step"] for r in records)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mdm = tiny_cfg_factory("data.tokenizer=char", "data.test_fraction=0.2", "model.loop_start=null", "model.loop_end=null",
+                           f"train.out_dir={tmp_path / 'mdm'}")
+    train(mdm)
+    capsys.readouterr()
+    main(["eval", cfg.train.out_dir, "--split", "test", "--loops", "1,2", "--baseline", mdm.train.out_dir, "--json"])
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    main(["eval", mdm.train.out_dir, "--split", "test", "--json"])
+    alone = json.loads(capsys.readouterr().out.splitlines()[-1])[0]
+    assert out["baseline"]["nll"] == pytest.approx(alone["nll"], rel=1e-9)  # the same rows and draws
+    assert out["results"][1]["vs_baseline"] == pytest.approx(out["results"][1]["nll"] - alone["nll"])
     try:
         code = main(["eval", cfg.train.out_dir, "--plot", str(tmp_path / "loops.txt")])
     except SystemExit as exc:

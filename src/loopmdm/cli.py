@@ -106,6 +106,8 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from pathlib import Path
+
     from loopmdm.data.loader import eval_rows
     from loopmdm.data.prepared import load_prepared
     from loopmdm.diffusion.schedule import make_schedule
@@ -148,23 +150,40 @@ def cmd_eval(args) -> None:
     for r in results:
         r.update({"split": split, "step": run.step, "data": source,
                   "unigram_xent": unigram if math.isfinite(unigram) else None})
+    baseline = None
+    if args.baseline:  # another run (e.g. the MDM trained to the same FLOPs) on the same rows and draws
+        other = load_run(args.baseline, device=args.device, use_ema=not args.no_ema, best=args.best)
+        require(other.tokenizer.fingerprint() == run.tokenizer.fingerprint() and other.cfg.data.seq_len == cfg.data.seq_len,
+                f"--baseline {args.baseline} uses another tokenizer or data.seq_len than {args.run}")
+        baseline = evaluate_nelbo(other.model, blocks, make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
+                                  [1], eps=cfg.diffusion.eps, batch_size=batch_size, num_batches=num_batches,
+                                  draws=args.draws or cfg.eval.draws, seed=cfg.eval.seed if args.seed is None else args.seed,
+                                  pad_id=pad_id, prompt_len=prompt_len, prompt_sep_id=prompt_sep, device=other.device,
+                                  precision=args.precision or cfg.train.precision)[0]
+        baseline.update({"run": str(other.run_dir), "step": other.step, "looped": other.model.is_looped})
+        for r in results:
+            r["vs_baseline"] = r["nll"] - baseline["nll"]
     if args.plot:
         from loopmdm.analysis.plots import plot_nelbo_by_loops
 
         plot_nelbo_by_loops(args.plot, results, unigram, title=f"{run.run_dir.name}: {split} NELBO against loops "
-                            f"(trained S ~ U{{1..{cfg.model.max_train_loops}}})", train_max=cfg.model.max_train_loops)
+                            f"(trained S ~ U{{1..{cfg.model.max_train_loops}}})", train_max=cfg.model.max_train_loops,
+                            baseline=(f"{Path(args.baseline).name} (S = 1)", baseline["nll"]) if baseline else None)
         print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps(results if baseline is None else {"results": results, "baseline": baseline}))
         return
     print(f"run {run.run_dir} (step {run.step}), " + (source if split == "text" else f"{split} split of {source}"))
     print(f"{results[0]['sequences']} sequences; unigram baseline on them: {unigram:.4f} nats/token (PPL {math.exp(min(unigram, 700)):.2f})"
           if math.isfinite(unigram) else f"{results[0]['sequences']} sequences")
     # The draws are the same at every S, so the difference to the first S is paired, not noise.
-    print(f"{'loops':>6} {'NELBO/token':>12} {'PPL <=':>10} {'tokens':>10} {'draws':>6} {f'vs S={loops[0]}':>10}")
+    print(f"{'loops':>6} {'NELBO/token':>12} {'PPL <=':>10} {'tokens':>10} {'draws':>6} {f'vs S={loops[0]}':>10}"
+          + (f" {'vs baseline':>12}" if baseline else ""))
     for r in results:
         print(f"{r['loops']:>6} {r['nll']:>12.4f} {r['ppl']:>10.2f} {r['tokens']:>10} {r['draws']:>6} "
-              f"{r['nll'] - results[0]['nll']:>+10.4f}")
+              f"{r['nll'] - results[0]['nll']:>+10.4f}" + (f" {r['vs_baseline']:>+12.4f}" if baseline else ""))
+    if baseline:
+        print(f"baseline {baseline['run']} (step {baseline['step']}): NELBO {baseline['nll']:.4f} on the same rows and draws")
 
 
 
@@ -608,6 +627,8 @@ def _eval_args(p) -> None:
     p.add_argument("--best", action="store_true",
                    help="the weights of the run's lowest validation NELBO (checkpoints/best.safetensors), not the newest")
     p.add_argument("--plot", metavar="PNG", help="also draw NELBO against the loop count (with the unigram line) to this file")
+    p.add_argument("--baseline", metavar="RUN", help="also score this run (e.g. the MDM trained to the same FLOPs) at S = 1 "
+                                                     "on the same rows and draws; the table gains its paired difference")
     p.add_argument("--batches", type=int, help="number of batches (0 = whole split; default: eval.num_batches)")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: eval.batch_size)")
     p.add_argument("--draws", type=int, help="Monte-Carlo draws of (t, mask) per sequence (default: eval.draws)")

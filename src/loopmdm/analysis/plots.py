@@ -88,7 +88,7 @@ def plot_diagnostics(diag: dict, out_dir: str | Path, max_train_loops: int | Non
 
 
 def plot_nelbo_by_loops(path: str | Path, results: list[dict], unigram: float | None, title: str = "",
-                        train_max: int | None = None) -> Path:
+                        train_max: int | None = None, baseline: tuple[str, float] | None = None) -> Path:
     """NELBO per token against the inference loop count (one `evaluate_nelbo` record per S),
     with the unigram floor and the trained range marked. Written atomically."""
     import math
@@ -106,6 +106,8 @@ def plot_nelbo_by_loops(path: str | Path, results: list[dict], unigram: float | 
     ax.plot(xs, [r["nll"] for r in results], marker="o", label="NELBO (nats/token)")
     if unigram is not None and math.isfinite(unigram):
         ax.axhline(unigram, color="C3", linestyle="--", label=f"unigram {unigram:.3f}")
+    if baseline is not None:
+        ax.axhline(baseline[1], color="C2", linestyle="-.", label=f"{baseline[0]} {baseline[1]:.3f}")
     _mark_train_range(ax, train_max)
     if len(xs) > 1 and min(xs) >= 1:
         ax.set_xscale("log", base=2)
