@@ -736,7 +736,8 @@ def _experiment_args(p) -> None:
     from loopmdm.experiments.suites import ALL_ARMS, KNOB_ARMS, SUITES
 
     p.add_argument("suites", nargs="+", choices=list(SUITES), help="suite(s) to run")
-    p.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="budgets (default cpu: ~90 min on 2 cores)")
+    p.add_argument("--scale", default="cpu", help="budgets: a scale of the suite (cpu, gpu, cpu-4k for shakespeare-char; "
+                                                 "default cpu: ~90 min on 2 cores)")
     p.add_argument("--out", help="output folder (default results/<suite>-<scale>)")
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (default 2)")
     p.add_argument("--dry-run", action="store_true", help="every stage at a token budget: tests the pipeline")

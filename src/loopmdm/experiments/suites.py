@@ -93,7 +93,9 @@ SUITES = {
 # epochs), ~8 min a run on one core; sweep at half the budget (seed 0), finals on 3 seeds. (A 64k-
 # character calibration run of the MDM was still improving at 37 epochs: diffusion repeats data well.)
 SUITES["shakespeare-char"] = Suite("shakespeare-char", "experiments/shakespeare-char", ("mdm", "loop", "deeper"),
-                                   "lm", {"cpu": Scale(1.2e13, 0.5, (1e-3, 2e-3, 4e-3), (0, 1, 2), 16)},
+                                   "lm", {"cpu": Scale(1.2e13, 0.5, (1e-3, 2e-3, 4e-3), (0, 1, 2), 16),
+                                    # 8x less unique text (4k characters, 2 steps an epoch): hundreds of epochs
+                                    "cpu-4k": Scale(1.2e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 16, ("data.train_tokens=4096",))},
                                    loops=(1, 2, 4, 8, 12, 16))
 # Reasoning after fine-tuning (the reasoning issue): the `lm` suite's pretrained MDM, LoopMDM and deeper
 # MDM, fine-tuned on multi-step arithmetic (reasoning-gym chain_sum, 1-digit operands, 2-4 terms: the
