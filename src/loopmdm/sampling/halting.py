@@ -16,7 +16,9 @@ once the score falls below 1 (averaged over the call, per row, or per position: 
                        calls with many masks loop longer -- a threshold scaled by the noise level.
 * ``flips``         -- change of the prediction: 1 where a masked position's top-1 token
                        differs from the previous iteration's, 0 elsewhere (mean = the flip
-                       fraction).
+                       fraction). It halts at the first iteration that flips nothing, which
+                       can come before the first flip (tests/test_halting.py's stub: 1 loop for
+                       a crowded row, 2 for a nearly finished one) -- give it min_loops.
 * ``kl``            -- change of the prediction: KL(p^k || p^{k-1}) in nats per masked position.
 
 Rules that read the prediction (`needs_logits`) run the coda and head after every iteration
