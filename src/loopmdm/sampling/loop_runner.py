@@ -16,12 +16,16 @@ On top of it, optionally:
   - ``sequence`` -- each row stops on its own mean; halted rows keep their state;
   - ``token``    -- each position stops on its own change; converged positions keep their
                     state while the rest keep looping (still visible to attention as keys).
-  `sequence` and `token` run the loop block on the whole batch until every row / position has
-  halted and discard the frozen updates, so on dense hardware they save wall time only when
-  the whole batch halts early. Both FLOP counts are recorded: `flops` (what ran) and
-  `active_flops` (what an implementation that skips frozen rows / positions would run; for
-  tokens this assumes the frozen positions' keys and values are cached, as their state no
-  longer changes).
+  `sequence` runs the loop block on the whole batch until every row has halted and discards
+  the frozen updates. `token` runs it only on the positions still active
+  (`LoopedDenoiser.loop_step_at`: gathered queries, MLP on active positions, keys and values
+  of every position; frozen positions pass through every layer of the block unchanged --
+  for a one-layer loop block exactly the dense semantics, for a deeper block their
+  intermediate states are not recomputed), so it saves wall time too
+  (benchmarks/token_halting.py); `skip_frozen=False` runs the dense block and discards the
+  frozen updates. Both FLOP counts are recorded: `flops` (the dense loop) and `active_flops`
+  (skipping frozen rows / positions; for tokens this counts their key/value projections as
+  cached, which `loop_step_at` does not yet do).
 * **Warm start** (ours, beyond the paper): a position whose token did not change since the
   previous call starts the loop from that call's final state H^S instead of the prelude
   output H^0, so the loop continues across denoising steps instead of restarting.
@@ -60,6 +64,7 @@ class LoopRunner:
     precision: str = "fp32"
     records: list = field(default_factory=list)
     step: int = 0  # the denoising step the next call serves (set by the caller, sampling/generate.py)
+    skip_frozen: bool = True  # token halting: run the loop block on active positions only
 
     def __post_init__(self):
         self._prev_x, self._prev_h = None, None
@@ -115,10 +120,19 @@ class LoopRunner:
                     active = halting.still_active(step, active)
                 return h_new
 
+            def step_active(h, c, key_mask):
+                # Per-token halting: run the loop block only on the positions still active.
+                if bool(active.all()):
+                    return model.loop_step(h, c, key_mask)
+                return model.loop_step_at(h, c, active, key_mask)
+
+            skip = self.skip_frozen and halting is not None and halting.granularity == "token" \
+                and hasattr(model, "loop_step_at")
             # Without halting: no per-iteration bookkeeping and no device sync in the loop.
             h, k = h0, 0
             for h in model.iterate_loop(h0, c, None, num_loops, h_start=h_start,
-                                        merge=merge if halting is not None else None):
+                                        merge=merge if halting is not None else None,
+                                        step=step_active if skip else None):
                 k += 1
                 if halting is not None and not bool(active.any()):
                     break
