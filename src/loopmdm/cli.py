@@ -296,7 +296,9 @@ def cmd_sample_bench(args) -> None:
             f"--sampler {sampler} needs a time-agnostic model; use ancestral")
     specs = sb.default_specs(run.model, loops, taus, sb.parse_rules(args.rules), extras=not args.lean)
     data = run.prepared_data()
-    reference = sb.reference_quality(judge, data.blocks("val"), args.num,
+    require(args.num >= 1 or (args.num == 0 and args.infill > 0),
+            f"--num {args.num} must be >= 1 (or 0 with --infill: infill only)")
+    reference = sb.reference_quality(judge, data.blocks("val"), max(args.num, args.infill),
                                      data.pad_id if run.cfg.data.packing == "pad" else None)
 
     def progress(r):
@@ -680,7 +682,7 @@ def _sample_bench_args(p) -> None:
                         "(rules: " + ", ".join(HALT_RULES) + ")")
     p.add_argument("--lean", action="store_true",
                    help="only fixed S and per-call halting (no t-schedule, sequence/token halting or warm starts)")
-    p.add_argument("--num", type=int, default=16, help="samples per configuration (default 16)")
+    p.add_argument("--num", type=int, default=16, help="samples per configuration (default 16; 0 with --infill: infill only)")
     p.add_argument("--infill", type=int, default=0,
                    help="also fill the middle half of this many validation rows: accuracy and judge PPL (default 0)")
     sampler_argument(p, "the run's sample.sampler")

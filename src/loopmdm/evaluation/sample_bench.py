@@ -102,6 +102,7 @@ def run_bench(run, specs: list[SamplerSpec], steps_list, *, num: int, sampler: s
     """One record per (steps, spec): quality and compute. With `infill_rows` (a template and
     its truth from `infill_template`) also conditional quality: the accuracy of the filled
     middle against the held-out text and the judge's perplexity of the completed rows.
+    With `num` = 0 only the infill rows are sampled (their calls are the compute record).
     Resumable: configurations already in `done` (records of an interrupted bench with the
     same settings) are kept, not rerun; `on_record(records)` sees the list after each one."""
     model, cfg = run.model, run.cfg
@@ -115,16 +116,20 @@ def run_bench(run, specs: list[SamplerSpec], steps_list, *, num: int, sampler: s
             if (steps, spec.label) in finished:
                 records.append(finished[(steps, spec.label)])
                 continue
-            template = torch.full((num, seq_len), model.mask_id, dtype=torch.long, device=run.device)
-            result, stats = generate(model, cfg, template, spec, steps=steps, sampler=sampler,
-                                     temperature=temperature, seed=seed)
-            stats["entropy"] = unigram_entropy(result.tokens)
-            if judge is not None:
-                stats.update(generative_perplexity(judge, result.tokens))
+            stats = None
+            if num > 0:
+                template = torch.full((num, seq_len), model.mask_id, dtype=torch.long, device=run.device)
+                result, stats = generate(model, cfg, template, spec, steps=steps, sampler=sampler,
+                                         temperature=temperature, seed=seed)
+                stats["entropy"] = unigram_entropy(result.tokens)
+                if judge is not None:
+                    stats.update(generative_perplexity(judge, result.tokens))
             if infill_rows is not None:
                 template, truth = (r.to(run.device) for r in infill_rows)
-                filled, _ = generate(model, cfg, template, spec, steps=steps, sampler=sampler,
-                                     temperature=temperature, seed=seed)
+                filled, infill_stats = generate(model, cfg, template, spec, steps=steps, sampler=sampler,
+                                                temperature=temperature, seed=seed)
+                if stats is None:  # --num 0: the infill calls are the compute record
+                    stats = dict(infill_stats, entropy=unigram_entropy(filled.tokens))
                 blank = template == model.mask_id
                 stats["infill_acc"] = float((filled.tokens == truth)[blank].float().mean())
                 if judge is not None:
