@@ -214,6 +214,17 @@ def test_sample_cli_halting_show_and_accounting(judged_runs, capsys):
     assert code == 0 and "step 1/4" in text and "final" in text and "[" in text and "compute:" in text
     assert main(["sample", str(judged_runs / "run"), "--halt", "token"]) == 2
     assert "--halt-tau" in capsys.readouterr().err
+    code = main(["sample", str(judged_runs / "run"), "--loops", "5", "--halt-rule", "kl", "--halt-tau", "1e-3",
+                 "--steps", "3", "--num", "2", "--length", "16", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(out["call_loops"]) == len(out["call_step"]) == len(out["call_masked"]) == out["calls"]
+    assert out["call_step"][0] == 0 and out["call_masked"][0] == 1.0
+    assert main(["sample", str(judged_runs / "run"), "--halt-rule", "kl"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", str(judged_runs / "run"), "--halt-rule", "nope", "--halt-tau", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--halt-tau" in err and "invalid choice: 'nope'" in err
 
 
 def test_sample_bench_writes_table_and_plot(judged_runs, capsys, tmp_path):
@@ -242,3 +253,14 @@ def test_sample_bench_writes_table_and_plot(judged_runs, capsys, tmp_path):
     assert [r["steps"] for r in merged] == [2] * 7 + [4] * 8
     code = main(["sample-bench", str(judged_runs / "run"), "--judge", str(judged_runs / "run")])
     assert code == 2 and "not an autoregressive run" in capsys.readouterr().err
+    # Infill only, fixed S and per-call halting by a rule: one record per configuration.
+    code = main(["sample-bench", str(judged_runs / "run"), "--steps", "3", "--loops", "1,3", "--taus", "0.5",
+                 "--rules", "change-masked:0.2", "--lean", "--num", "0", "--infill", "2",
+                 "--out", str(tmp_path / "infill"), "--json"])
+    records = json.loads(capsys.readouterr().out)["records"]
+    assert code == 0 and [r["label"] for r in records] == [
+        "S=1", "S=3", "halt-call tau=0.5 (S in [1, 3])", "halt-call change-masked tau=0.2 (S in [1, 3])"]
+    assert all(0.0 <= r["infill_acc"] <= 1.0 and len(r["call_loops"]) == r["calls"] for r in records)
+    for bad in (["--rules", "kl"], ["--num", "0"]):
+        assert main(["sample-bench", str(judged_runs / "run"), *bad, "--out", str(tmp_path / "x")]) == 2
+        assert capsys.readouterr().err.startswith("error:")

@@ -224,10 +224,10 @@ def _halting(args):
     from loopmdm.sampling.loop_runner import Halting
 
     if args.halt_tau is None:
-        require(args.halt == "call" and args.halt_min == 1,
-                "--halt and --halt-min need --halt-tau (the relative-change threshold that stops the loop)")
+        require(args.halt == "call" and args.halt_min == 1 and args.halt_rule == "change",
+                "--halt, --halt-min and --halt-rule need --halt-tau (the threshold that stops the loop)")
         return None
-    return Halting(args.halt_tau, args.halt_min, args.halt)
+    return Halting(args.halt_tau, args.halt_min, args.halt, args.halt_rule)
 
 
 def cmd_sample(args) -> None:
@@ -313,9 +313,11 @@ def cmd_sample_bench(args) -> None:
     sampler = args.sampler or run.cfg.sample.sampler
     require(not (sampler_spec(sampler).time_agnostic_only and run.cfg.model.time_conditioning),
             f"--sampler {sampler} needs a time-agnostic model; use ancestral")
-    specs = sb.default_specs(run.model, loops, taus)
+    specs = sb.default_specs(run.model, loops, taus, sb.parse_rules(args.rules), extras=not args.lean)
     data = run.prepared_data()
-    reference = sb.reference_quality(judge, data.blocks("val"), args.num,
+    require(args.num >= 1 or (args.num == 0 and args.infill > 0),
+            f"--num {args.num} must be >= 1 (or 0 with --infill: infill only)")
+    reference = sb.reference_quality(judge, data.blocks("val"), max(args.num, args.infill),
                                      data.pad_id if run.cfg.data.packing == "pad" else None)
 
     def progress(r):
@@ -655,7 +657,7 @@ def _zeroshot_args(p) -> None:
 
 
 def _sample_args(p) -> None:
-    from loopmdm.sampling.loop_runner import GRANULARITIES
+    from loopmdm.sampling.halting import GRANULARITIES, HALT_RULES, describe_rules
     from loopmdm.sampling.loop_schedule import LOOP_SCHEDULES
 
     run_arguments(p, precision=False)
@@ -671,8 +673,10 @@ def _sample_args(p) -> None:
     sampler_argument(p, "sample.sampler")
     p.add_argument("--temperature", type=float, help="default: sample.temperature")
     p.add_argument("--seed", type=int, help="default: sample.seed")
-    p.add_argument("--halt-tau", type=float, help="adaptive halting: stop looping once the relative change of the "
-                                                  "hidden state falls below this (--loop-schedule is then the cap)")
+    p.add_argument("--halt-tau", type=float, help="adaptive halting: stop looping once the halting rule's signal "
+                                                  "falls below this (--loop-schedule is then the cap)")
+    p.add_argument("--halt-rule", default="change", choices=list(HALT_RULES),
+                   help="adaptive halting signal (default change): " + describe_rules())
     p.add_argument("--halt-min", type=int, default=1, help="adaptive halting: at least this many loops (default 1)")
     p.add_argument("--halt", default="call", choices=GRANULARITIES,
                    help="what halts: the whole call (default), each sequence, or each token")
@@ -684,6 +688,7 @@ def _sample_args(p) -> None:
 
 def _sample_bench_args(p) -> None:
     from loopmdm.evaluation import sample_bench as sb
+    from loopmdm.sampling.halting import HALT_RULES
 
     def listed(values) -> str:
         return ",".join(f"{v:g}" for v in values)
@@ -693,7 +698,12 @@ def _sample_bench_args(p) -> None:
     p.add_argument("--steps", default=listed(sb.DEFAULT_STEPS), help=f"denoising step counts (default {listed(sb.DEFAULT_STEPS)})")
     loops_argument(p, listed(sb.DEFAULT_LOOPS), "fixed loop counts; the largest caps adaptive halting")
     p.add_argument("--taus", default=listed(sb.DEFAULT_TAUS), help=f"adaptive-halting thresholds (default {listed(sb.DEFAULT_TAUS)})")
-    p.add_argument("--num", type=int, default=16, help="samples per configuration (default 16)")
+    p.add_argument("--rules", default="", metavar="RULE:TAU[:TAU],...",
+                   help="also halt each call by these rules at their thresholds, e.g. 'change-masked:0.1:0.05,kl:0.01' "
+                        "(rules: " + ", ".join(HALT_RULES) + ")")
+    p.add_argument("--lean", action="store_true",
+                   help="only fixed S and per-call halting (no t-schedule, sequence/token halting or warm starts)")
+    p.add_argument("--num", type=int, default=16, help="samples per configuration (default 16; 0 with --infill: infill only)")
     p.add_argument("--infill", type=int, default=0,
                    help="also fill the middle half of this many validation rows: accuracy and judge PPL (default 0)")
     sampler_argument(p, "the run's sample.sampler")

@@ -13,39 +13,71 @@ Every configuration samples from the same seed, so differences are paired.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from loopmdm.errors import require
+from loopmdm.data.loader import eval_rows
+from loopmdm.errors import LoopMDMError, require
 from loopmdm.evaluation.judge import generative_perplexity, unigram_entropy
 from loopmdm.sampling.generate import SamplerSpec, generate
-from loopmdm.sampling.loop_runner import Halting
+from loopmdm.sampling.halting import HALT_RULES, Halting
 
 DEFAULT_STEPS = (16, 64, 256)
 DEFAULT_LOOPS = (1, 2, 4, 8, 12, 24)
 DEFAULT_TAUS = (0.2, 0.1, 0.05)
 
 
-def default_specs(model, loops=DEFAULT_LOOPS, taus=DEFAULT_TAUS) -> list[SamplerSpec]:
+def parse_rules(text: str) -> list[tuple[str, list[float]]]:
+    """`--rules` spelling 'RULE:TAU:TAU,RULE:TAU' -> [(rule, [tau, ...])]: the halting rules
+    (sampling/halting.py) a bench adds, each at its own thresholds (rules read different units)."""
+    out = []
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        name, *taus = part.split(":")
+        if name not in HALT_RULES:
+            raise LoopMDMError(f"--rules: halting rule '{name}' is not allowed; choose one of: {', '.join(HALT_RULES)}")
+        try:
+            values = [float(x) for x in taus]
+        except ValueError:
+            values = []
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            raise LoopMDMError(f"--rules: '{part}' needs one or more thresholds > 0 after the rule, e.g. '{name}:0.1:0.05'")
+        out.append((name, values))
+    return out
+
+
+def default_specs(model, loops=DEFAULT_LOOPS, taus=DEFAULT_TAUS, rules=(), extras: bool = True) -> list[SamplerSpec]:
     """Fixed S, a t-schedule peaking at S_max, adaptive halting per call at each tau (capped at
-    the largest S), per-sequence and per-token halting and warm starts at the middle tau."""
+    the largest S), per-sequence and per-token halting and warm starts at the middle tau; then
+    each (rule, taus) of `rules` per call. `extras=False` leaves out the t-schedule, the
+    sequence / token halting and the warm starts (a quality-vs-loops sweep of the rules)."""
     if not model.is_looped:
         return [SamplerSpec("1")]
     cap, s_max = max(loops), model.cfg.max_train_loops
     specs = [SamplerSpec(str(s)) for s in loops]
-    specs.append(SamplerSpec(f"noise:1:{s_max}"))
+    if extras:
+        specs.append(SamplerSpec(f"noise:1:{s_max}"))
     specs += [SamplerSpec(str(cap), Halting(tau, 1, "call")) for tau in taus]
-    mid = sorted(taus)[len(taus) // 2]
-    specs += [SamplerSpec(str(cap), Halting(mid, 1, "sequence")), SamplerSpec(str(cap), Halting(mid, 1, "token")),
-              SamplerSpec("2", warm_start=True), SamplerSpec(str(cap), Halting(mid, 1, "call"), warm_start=True)]
+    if extras and taus:
+        mid = sorted(taus)[len(taus) // 2]
+        specs += [SamplerSpec(str(cap), Halting(mid, 1, "sequence")), SamplerSpec(str(cap), Halting(mid, 1, "token")),
+                  SamplerSpec("2", warm_start=True), SamplerSpec(str(cap), Halting(mid, 1, "call"), warm_start=True)]
+    specs += [SamplerSpec(str(cap), Halting(tau, 1, "call", rule)) for rule, rule_taus in rules for tau in rule_taus]
     return specs
 
 
+def reference_rows(blocks, num: int) -> np.ndarray:
+    """`num` validation rows spread evenly over the split (splits are stored in document order,
+    so the first rows would all come from the first documents)."""
+    return np.asarray(blocks)[eval_rows(len(blocks), num, 1)]
+
+
 def reference_quality(judge, blocks, num: int, pad_id: int | None) -> dict:
-    """Judge perplexity and unigram entropy of `num` real validation sequences (the target)."""
-    rows = torch.as_tensor(blocks[:num].astype("int64"))
+    """Judge perplexity and unigram entropy of `num` real validation sequences spread over the
+    split (the target)."""
+    rows = torch.as_tensor(reference_rows(blocks, num).astype("int64"))
     require(pad_id is None or not bool((rows == pad_id).any()),
             "the reference rows hold pads (packing: pad); sample-bench expects packing: wrap")
     out = {"entropy": unigram_entropy(rows)}
@@ -57,9 +89,7 @@ def reference_quality(judge, blocks, num: int, pad_id: int | None) -> dict:
 def infill_template(blocks, num: int, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Conditional generation on held-out text: `num` validation rows (spread over the split)
     with their middle half masked; returns (template, truth)."""
-    from loopmdm.data.loader import eval_rows
-
-    rows = torch.as_tensor(np.asarray(blocks)[eval_rows(len(blocks), num, 1)].astype("int64"))
+    rows = torch.as_tensor(reference_rows(blocks, num).astype("int64"))
     L = rows.shape[1]
     template = rows.clone()
     template[:, L // 4: L - L // 4] = mask_id
@@ -72,6 +102,7 @@ def run_bench(run, specs: list[SamplerSpec], steps_list, *, num: int, sampler: s
     """One record per (steps, spec): quality and compute. With `infill_rows` (a template and
     its truth from `infill_template`) also conditional quality: the accuracy of the filled
     middle against the held-out text and the judge's perplexity of the completed rows.
+    With `num` = 0 only the infill rows are sampled (their calls are the compute record).
     Resumable: configurations already in `done` (records of an interrupted bench with the
     same settings) are kept, not rerun; `on_record(records)` sees the list after each one."""
     model, cfg = run.model, run.cfg
@@ -85,16 +116,20 @@ def run_bench(run, specs: list[SamplerSpec], steps_list, *, num: int, sampler: s
             if (steps, spec.label) in finished:
                 records.append(finished[(steps, spec.label)])
                 continue
-            template = torch.full((num, seq_len), model.mask_id, dtype=torch.long, device=run.device)
-            result, stats = generate(model, cfg, template, spec, steps=steps, sampler=sampler,
-                                     temperature=temperature, seed=seed)
-            stats["entropy"] = unigram_entropy(result.tokens)
-            if judge is not None:
-                stats.update(generative_perplexity(judge, result.tokens))
+            stats = None
+            if num > 0:
+                template = torch.full((num, seq_len), model.mask_id, dtype=torch.long, device=run.device)
+                result, stats = generate(model, cfg, template, spec, steps=steps, sampler=sampler,
+                                         temperature=temperature, seed=seed)
+                stats["entropy"] = unigram_entropy(result.tokens)
+                if judge is not None:
+                    stats.update(generative_perplexity(judge, result.tokens))
             if infill_rows is not None:
                 template, truth = (r.to(run.device) for r in infill_rows)
-                filled, _ = generate(model, cfg, template, spec, steps=steps, sampler=sampler,
-                                     temperature=temperature, seed=seed)
+                filled, infill_stats = generate(model, cfg, template, spec, steps=steps, sampler=sampler,
+                                                temperature=temperature, seed=seed)
+                if stats is None:  # --num 0: the infill calls are the compute record
+                    stats = dict(infill_stats, entropy=unigram_entropy(filled.tokens))
                 blank = template == model.mask_id
                 stats["infill_acc"] = float((filled.tokens == truth)[blank].float().mean())
                 if judge is not None:

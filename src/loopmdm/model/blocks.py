@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from loopmdm.model.layers import LayerNormNoBias, RMSNorm, Rotary, SelfAttention
 
 
+def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, L, D) at positions index (B, A) -> (B, A, D)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1.0 + scale) + shift
 
@@ -42,6 +47,18 @@ class DiTBlock(nn.Module):
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = mods
         h = self.attn(modulate(self.norm1(x), shift_attn, scale_attn), rotary, key_mask)
         x = x + gate_attn * self.dropout(h)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * self.dropout(h)
+
+    def forward_at(self, x: torch.Tensor, c: torch.Tensor, rotary: Rotary, index: torch.Tensor,
+                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """forward() for the positions `index` (B, A) only, every position still attended as a
+        key/value: returns their new states (B, A, D)."""
+        mods = self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = mods
+        kv_in = modulate(self.norm1(x), shift_attn, scale_attn)
+        h = self.attn.attend(gather_positions(kv_in, index), kv_in, index, rotary, key_mask)
+        x = gather_positions(x, index) + gate_attn * self.dropout(h)
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x + gate_mlp * self.dropout(h)
 
@@ -78,6 +95,14 @@ class LlamaBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor | None, rotary: Rotary,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.norm1(x), rotary, key_mask))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+    def forward_at(self, x: torch.Tensor, c: torch.Tensor | None, rotary: Rotary, index: torch.Tensor,
+                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """forward() for the positions `index` (B, A) only (see DiTBlock.forward_at)."""
+        kv_in = self.norm1(x)
+        x = gather_positions(x, index) + self.dropout(
+            self.attn.attend(gather_positions(kv_in, index), kv_in, index, rotary, key_mask))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 

@@ -117,6 +117,27 @@ class LoopedDenoiser(nn.Module):
             h = block(h, c, self.rotary, key_mask)
         return h
 
+    def loop_step_at(self, h: torch.Tensor, c, active: torch.Tensor, key_mask=None) -> torch.Tensor:
+        """One loop iteration that updates only the `active` (B, L) positions: the others pass
+        through every layer of the loop block unchanged, their keys and values still attended.
+        The block runs on the A = (most active positions in a row) gathered positions, so the
+        MLP, the queries and the scores of frozen positions are skipped (per-token halting;
+        their keys and values are still projected). With every position active it equals
+        loop_step() up to float rounding."""
+        B, L, D = h.shape
+        counts = active.sum(1)
+        A = int(counts.max())
+        # Active positions first in each row (stable: in position order); the padding slots
+        # of rows with fewer than A actives hold frozen positions, whose results are dropped.
+        index = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :A]
+        valid = (torch.arange(A, device=h.device)[None, :] < counts[:, None])[..., None]
+        scatter_index = index[..., None].expand(-1, -1, D)
+        for block in self.loop_block:
+            new = block.forward_at(h, c, self.rotary, index, key_mask)
+            new = torch.where(valid, new, h.gather(1, scatter_index))
+            h = h.scatter(1, scatter_index, new.to(h.dtype))
+        return h
+
     def run_coda(self, h: torch.Tensor, c, key_mask=None) -> torch.Tensor:
         for block in self.coda:
             h = block(h, c, self.rotary, key_mask)
@@ -124,7 +145,7 @@ class LoopedDenoiser(nn.Module):
 
     # ----------------------------------------------------------------- the loop driver
     def iterate_loop(self, h0: torch.Tensor, c, key_mask=None, num_loops: int | None = None,
-                     h_start: torch.Tensor | None = None, merge=None):
+                     h_start: torch.Tensor | None = None, merge=None, step=None):
         """Yield H^1, H^2, ... from H^0 = prelude output: the one place the loop is run.
 
         `forward()`, loop diagnostics and adaptive halting all drive the loop through this
@@ -134,7 +155,8 @@ class LoopedDenoiser(nn.Module):
         is given. Sampling hooks (sampling/loop_runner.py): `h_start` replaces H^0 as the
         state the loop starts from (warm start; input injection still re-adds H^0), and
         `merge(k, h_prev, h_new)` returns the state kept after iteration k (halting freezes
-        converged positions)."""
+        converged positions), and `step(h, c, key_mask)`, if given, runs the iteration instead of
+        loop_step (per-token halting skips frozen positions, `loop_step_at`)."""
         if not self.is_looped:
             return
         if num_loops is not None:
@@ -153,7 +175,7 @@ class LoopedDenoiser(nn.Module):
             elif self.cfg.checkpoint_loops and self.training and torch.is_grad_enabled():
                 h = checkpoint(self.loop_step, h, c, key_mask, use_reentrant=False)
             else:
-                h = self.loop_step(h, c, key_mask)
+                h = (step or self.loop_step)(h, c, key_mask)
             k += 1
             if merge is not None:
                 h = merge(k, h_prev, h)

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loopmdm.errors import require
+
 
 class LayerNormNoBias(nn.Module):
     """LayerNorm with a weight and no bias, computed in float32 (MDLM's DDiT)."""
@@ -112,6 +114,26 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                is_causal=self.causal and attn_mask is None)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+    def attend(self, xq: torch.Tensor, xkv: torch.Tensor, index: torch.Tensor, rotary: Rotary,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention for some positions only: the queries of `xq` (B, A, D), the inputs at
+        positions `index` (B, A), attend to the keys and values of every position of `xkv`
+        (B, L, D). The same weights and result as forward() at those positions, without the
+        query, output-projection and score work of the others (per-token halting)."""
+        require(not self.causal, "attention restricted to some queries is bidirectional only")
+        B, A, D = xq.shape
+        L, H = xkv.shape[1], self.n_heads
+        w = self.qkv.weight
+        q = F.linear(xq, w[:D]).view(B, A, H, D // H).transpose(1, 2)
+        k, v = F.linear(xkv, w[D:]).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        cos, sin = rotary.cos_sin(L, xkv.device)
+        q = apply_rotary(q, cos[index][:, None], sin[index][:, None]).to(v.dtype)
+        k = apply_rotary(k, cos, sin).to(v.dtype)
+        attn_mask = key_mask[:, None, None, :] if key_mask is not None else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(y.transpose(1, 2).reshape(B, A, D))
 
 
 class TimestepEmbedder(nn.Module):

@@ -33,7 +33,9 @@ class SamplerSpec:
         text = f"S={describe(self.schedule)}"
         if self.halting is not None:
             h = self.halting
-            text = f"halt-{h.granularity} tau={h.tau:g} (S in [{h.min_loops}, {describe(self.schedule)}])"
+            rule = "" if h.rule == "change" else f" {h.rule}"
+            cap = describe(self.schedule) if h.cap is None else f"min({describe(self.schedule)}, {h.cap})"
+            text = f"halt-{h.granularity}{rule} tau={h.tau:g} (S in [{h.min_loops}, {cap}])"
         return text + (" +warm" if self.warm_start else "")
 
 
@@ -51,13 +53,18 @@ def generate(model, cfg: Config, template: torch.Tensor, spec: SamplerSpec, *, s
             on_call(runner.records[-1])
         return logits
 
+    def stepped(i, x):
+        runner.step = i + 1  # the calls that follow serve the next denoising step
+        if on_step is not None:
+            on_step(i, x)
+
     generator = torch.Generator(device=device).manual_seed(seed)
     generated = int((template == model.mask_id).sum())
     start = time.perf_counter()
     result = sample(denoiser, mask_id=model.mask_id, x_init=template, steps=steps, loops=spec.schedule,
                     sampler=sampler, schedule=make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
                     temperature=temperature, generator=generator, time_agnostic=not cfg.model.time_conditioning,
-                    device=device, on_step=on_step)
+                    device=device, on_step=stepped)
     wall = time.perf_counter() - start
     stats = runner.stats(generated)
     stats.update({"label": spec.label, "loops": spec.loops, "sampler": sampler, "steps": steps,
