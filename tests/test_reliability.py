@@ -105,3 +105,142 @@ def test_the_losing_second_writer_is_told_the_run_is_in_use(trained, tmp_path, c
         code, _, err = run_cli(capsys, *train_argv(trained, run))
     assert_one_line_error(code, err, "in use by another loopmdm process", f"pid ")
     assert "--overwrite" not in err
+
+
+# ----------------------------------------------------------------------------- user-named outputs
+
+def test_pairs_never_overwrites_a_users_file_unless_told(tmp_path, capsys):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("my own pairs\n")
+    code, _, err = run_cli(capsys, "pairs", "sudoku:4", "--num", "3", "--out", str(mine))
+    assert_one_line_error(code, err, "already exists", "--overwrite")
+    assert mine.read_text() == "my own pairs\n"
+    assert run_cli(capsys, "pairs", "sudoku:4", "--num", "3", "--out", str(mine), "--overwrite")[0] == 0
+    assert len(mine.read_text().splitlines()) == 3 and not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("out,needle", [("", "is empty"), ("{dir}", "is a folder"),
+                                        ("{file}/x.jsonl", "is a file, not a folder")])
+def test_pairs_out_that_cannot_be_a_file_is_one_line(tmp_path, capsys, out, needle):
+    (tmp_path / "f").write_text("x")
+    out = out.replace("{dir}", str(tmp_path)).replace("{file}", str(tmp_path / "f"))
+    assert_one_line_error(*run_cli(capsys, "pairs", "sudoku:4", "--num", "3", "--out", out)[::2], needle)
+
+
+def _disk_full(monkeypatch, after_bytes=0):
+    """Every write through runfiles.write_all fails with ENOSPC (a full file system)."""
+    import errno
+
+    def full(f, data, label):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runfiles, "write_all", full)
+
+
+def test_a_full_disk_under_pairs_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    _disk_full(monkeypatch)
+    code, _, err = run_cli(capsys, "pairs", "sudoku:4", "--num", "3", "--out", str(tmp_path / "p.jsonl"))
+    assert_one_line_error(code, err, "disk full", "p.jsonl")
+    assert list(tmp_path.iterdir()) == []  # no temporary, no 0-byte file
+
+
+def test_a_full_disk_under_analyze_plots_is_one_line_and_leaves_nothing(trained, tmp_path, capsys, monkeypatch):
+    _disk_full(monkeypatch)
+    plots = tmp_path / "plots"
+    code, _, err = run_cli(capsys, "analyze", str(trained / "run"), "--batches", "1", "--loops", "2",
+                           "--plots", str(plots))
+    assert_one_line_error(code, err, "disk full", "plots")
+    assert [p for p in plots.rglob("*") if p.is_file()] == []
+
+
+def test_analyze_plots_into_a_file_is_refused_before_work(trained, tmp_path, capsys):
+    (tmp_path / "f.png").write_bytes(b"png")
+    code, _, err = run_cli(capsys, "analyze", str(trained / "run"), "--plots", str(tmp_path / "f.png"))
+    assert_one_line_error(code, err, "--plots", "is a file")
+
+
+def test_zeroshot_out_is_refused_when_it_exists(trained, tmp_path, capsys):
+    (tmp_path / "zs.md").write_text("my notes")
+    code, _, err = run_cli(capsys, "zeroshot", str(trained / "run"), "--out", str(tmp_path / "zs"))
+    assert_one_line_error(code, err, "zs.md", "already exists", "--overwrite")
+    assert (tmp_path / "zs.md").read_text() == "my notes"
+
+
+def test_sample_bench_bad_taus_and_a_file_as_out_are_one_line(trained, tmp_path, capsys):
+    assert_one_line_error(*run_cli(capsys, "sample-bench", str(trained / "run"), "--taus", "abc")[::2], "--taus 'abc'")
+    (tmp_path / "f").write_text("x")
+    assert_one_line_error(*run_cli(capsys, "sample-bench", str(trained / "run"), "--out", str(tmp_path / "f"))[::2],
+                          "is a file")
+
+
+# ----------------------------------------------------------------------------- 2. what cannot be scored
+
+@pytest.fixture(scope="module")
+def task_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    overrides = [o for o in tiny_overrides(root) if not o.startswith("data.")]
+    assert main(["train", "tiny", *overrides, "data.source=task", "data.task=khop", "data.task_size=6",
+                 "data.task_hops=2", "data.task_examples=300", f"data.cache_dir={root / 'cache'}",
+                 "train.max_steps=2", "train.eval_every=0"]) == 0
+    return root / "run"
+
+
+def test_text_scores_of_a_task_run_are_refused(task_run, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("Some plain English text. " * 20)
+    assert_one_line_error(*run_cli(capsys, "eval", str(task_run), "--text", str(text))[::2],
+                          "data.source=task", "cannot score text")
+    assert_one_line_error(*run_cli(capsys, "zeroshot", str(task_run), "--sets", f"ptb={text}")[::2],
+                          "data.source=task", "cannot score text")
+
+
+@pytest.mark.parametrize("content,needle", [(bytes(range(256)) * 40, "not text"), (b"caf\xe9 " * 50, "not UTF-8")])
+def test_input_that_is_not_text_is_refused(trained, tmp_path, capsys, content, needle):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    assert_one_line_error(*run_cli(capsys, "eval", str(trained / "run"), "--text", str(bad))[::2], needle, "bad.txt")
+    assert_one_line_error(*run_cli(capsys, "zeroshot", str(trained / "run"), "--sets", f"ptb={bad}")[::2],
+                          needle, "bad.txt")
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_bytes(content)
+    assert_one_line_error(*run_cli(capsys, "finetune", str(jsonl), "--init", str(trained / "run"))[::2],
+                          needle, "bad.jsonl")
+    assert_one_line_error(*run_cli(capsys, "pairs", f"gsm8k-aug:{bad}", "--out", str(tmp_path / "p.jsonl"))[::2],
+                          needle, "bad.txt")
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- 3. one line, never a traceback
+
+@pytest.mark.parametrize("preset", ["configs/experiments/khop.yaml", "configs/experiments/sudoku.yaml"])
+def test_flops_of_a_task_config(capsys, preset):
+    code, out, _ = run_cli(capsys, "flops", preset, "--json")
+    assert code == 0 and json.loads(out)["vocab_size"] > 0
+
+
+def test_an_optimizer_overflow_stops_like_a_divergence(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_argv(trained, run, "train.lr=1e38", "train.warmup_steps=0"))
+    assert_one_line_error(code, err, "training diverged", "overflow", "no checkpoint was saved", "--overwrite")
+    assert not ckpt.has_checkpoint(run)
+
+
+def test_an_os_error_anywhere_is_one_line_naming_the_path(capsys, monkeypatch):
+    import errno
+
+    import loopmdm.cli as cli
+
+    def boom(args):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", "/some/where")
+
+    monkeypatch.setattr(cli, "cmd_flops", boom)
+    code, _, err = run_cli(capsys, "flops", "tiny")
+    assert_one_line_error(code, err, "'/some/where'", "Is a directory")
+
+
+def test_syntax_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "run", "--draws", "abc"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.strip().splitlines() == [
+        "error: argument --draws: invalid int value: 'abc' (see `loopmdm eval --help`)"]
