@@ -8,6 +8,7 @@ construction. Each command starts from valid arguments and changes one option at
 
 import io
 import os
+import signal
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
@@ -69,18 +70,36 @@ def _fill(value: str, places: dict) -> str:
     return value
 
 
+class CaseTimeout(BaseException):
+    """A bad value that was accepted and started real work (no OSError: the boundary would catch that)."""
+
+
+def _timeout(signum, frame):
+    raise CaseTimeout()
+
+
+CASE_LIMIT_S = 120  # a refusal takes well under a second; this only turns a hang into a failure
+
+
 def _run(argv):
     out, err = io.StringIO(), io.StringIO()
+    previous = signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(CASE_LIMIT_S)
     with redirect_stdout(out), redirect_stderr(err):
         try:
             code = main(argv)
         except SystemExit as exc:  # argparse
             code = exc.code
+        except CaseTimeout:
+            code = f"still running after {CASE_LIMIT_S} s"
         except Exception as exc:  # a traceback is what this test exists to find
             import traceback
 
             traceback.print_exc(file=err)
             code = f"raised {type(exc).__name__}"
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
     return code, err.getvalue()
 
 

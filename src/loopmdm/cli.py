@@ -342,7 +342,7 @@ def cmd_solve(args) -> None:
     loops = _loops_list(args.loops)  # options first: nothing loads before they are checked
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     data = run.prepared_data()
-    if args.pairs:  # external prompt/answer pairs, e.g. the GSM8K test set
+    if args.pairs is not None:  # external prompt/answer pairs, e.g. the GSM8K test set
         from loopmdm.data.prepare import read_pairs
         from loopmdm.evaluation.solve import pairs_test_set
 
@@ -420,6 +420,10 @@ def cmd_experiment(args) -> None:
     from loopmdm.experiments.runner import run_suite
 
     names = list(args.suites)
+    if args.out is not None:
+        from loopmdm.userfiles import check_out_dir
+
+        check_out_dir(args.out, "--out")
     for name in names:
         run_suite(name, args.scale, out=args.out if len(names) == 1 else None, jobs=args.jobs,
                   dry_run=args.dry_run, arms=args.arms.split(",") if args.arms is not None else None,

@@ -481,10 +481,21 @@ def prepare_data(cfg: DataConfig, progress: bool = False) -> PreparedData:
         except LoopMDMError as exc:
             log(f"rebuilding damaged cache: {exc}")
     cache_dir = Path(cfg.cache_dir)
+    created = [d for d in [cache_dir, *cache_dir.parents] if not d.exists()]  # innermost first
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LoopMDMError(f"cannot create data.cache_dir='{cfg.cache_dir}': {exc.strerror or exc}") from None
+    try:
+        return _prepare_locked(cfg, out, cache_dir, log, progress)
+    except BaseException:
+        with contextlib.suppress(OSError):  # folders this call made and left empty go too
+            for folder in created:
+                folder.rmdir()
+        raise
+
+
+def _prepare_locked(cfg: DataConfig, out: Path, cache_dir: Path, log, progress: bool) -> PreparedData:
     work = cache_dir / f".partial-{out.name}"
     with _exclusive(cache_dir / f".{out.name}.lock"):
         if _complete(out):  # another process finished it while we waited

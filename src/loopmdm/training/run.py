@@ -149,6 +149,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, dist: Dist
     dist.barrier()  # every rank has looked before the main rank creates anything
     lock = None
     had_lock = (run_dir / LOCK_FILE).exists()
+    created = [d for d in [run_dir, *run_dir.parents] if not d.exists()]  # innermost first
     if dist.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +164,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, dist: Dist
             lock.release()
             if kind == "missing" and os.listdir(run_dir) == [LOCK_FILE]:  # failed before writing anything
                 (run_dir / LOCK_FILE).unlink(missing_ok=True)
-                run_dir.rmdir()
+                try:  # and the folders above it that this call made
+                    for folder in created:
+                        folder.rmdir()
+                except OSError:
+                    pass
             elif not had_lock and read_marker(run_dir) is None:  # not made a run: leave the folder as it was
                 (run_dir / LOCK_FILE).unlink(missing_ok=True)
 
