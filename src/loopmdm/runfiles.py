@@ -5,6 +5,8 @@
   mixture or an empty file.
 - `append_line`: metrics records. A kill can leave a partial last line, which
   `read_jsonl` drops (with a note) instead of failing.
+- `write_marker` / `read_marker`: RUN/.loopmdm-run, a JSON record with the run's id that this
+  project writes before any other run file; `--overwrite` replaces only a folder holding it.
 - `RunLock`: one writer per run directory, `fcntl.flock` on RUN/.lock. The OS releases it when
   the process dies however it dies, so a held lock always means a live writer and its absence
   means every temporary file in the run is stale (`clean_stale`).
@@ -33,6 +35,8 @@ FAULT_EXIT = 137  # what a shell reports for kill -9
 LOCK_FILE = ".lock"
 LOCK_TAG = "loopmdm run lock"
 TMP_MARK = ".tmp-"
+MARKER_FILE = ".loopmdm-run"  # written first into every run: what --overwrite recognises
+MARKER_KIND = "loopmdm run"
 
 _fault = {"at": int(os.environ.get(FAULT_ENV, "0") or 0), "count": 0, "trace": None}
 
@@ -239,17 +243,86 @@ def is_our_lock(path: Path) -> bool:
         return False
 
 
+def lock_holder(run_dir: Path) -> str | None:
+    """Who holds RUN/.lock right now ('pid N on HOST'), or None when nobody does. Probes without
+    creating the file, so a folder that is not a run is left as it was."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lines = os.read(fd, 1000).decode("utf-8", errors="replace").strip().splitlines()
+        holder = lines[-1].removeprefix(LOCK_TAG).strip() if lines else ""
+        return holder or "another process"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got it
+    return None
+
+
+def in_use_error(run_dir: Path, holder: str) -> LoopMDMError:
+    return LoopMDMError(f"run directory '{run_dir}' is in use by another loopmdm process ({holder}); wait for it "
+                        f"to finish (or stop it), or choose another train.out_dir")
+
+
+# --------------------------------------------------------------------------- the run marker
+
+def read_marker(run_dir: Path) -> dict | None:
+    """RUN/.loopmdm-run if it is one this project wrote (a JSON object of our kind with a run id)."""
+    try:
+        with open(Path(run_dir) / MARKER_FILE, "rb") as f:
+            record = json.loads(f.read(10_000).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("kind") == MARKER_KIND and isinstance(record.get("run_id"), str):
+        return record
+    return None
+
+
+def write_marker(run_dir: Path) -> dict:
+    """Mark `run_dir` as a loopmdm run with a new run id (atomically: a kill leaves the old marker,
+    the new one, or none and a temporary file of ours)."""
+    import time
+    import uuid
+
+    record = {"kind": MARKER_KIND, "run_id": uuid.uuid4().hex,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid()}
+    write_bytes_atomic(Path(run_dir) / MARKER_FILE, (json.dumps(record) + "\n").encode("utf-8"))
+    return record
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 _OLD_STEP_DIR = re.compile(r"^\.old-(step-\d+)-\d+$")
+_TMP_STEP_DIR = re.compile(r"^\.tmp-step-\d+-\d+$")
+_TMP_FILE = re.compile(r"^\.(.+)\.tmp-\d+$")  # tmp_name(): `.NAME.tmp-PID`
 
 
-def clean_stale(run_dir: Path) -> list[str]:
+def is_tmp_of(name: str, names) -> bool:
+    """`name` is a temporary file of one of `names`, written by `tmp_name`."""
+    m = _TMP_FILE.match(name)
+    return bool(m) and m.group(1) in names
+
+
+def is_checkpoint_entry(name: str) -> bool:
+    """What loopmdm writes in RUN/checkpoints: step-N folders, `latest`, and its temporaries."""
+    return bool(name == "latest" or _STEP_DIR.match(name) or _OLD_STEP_DIR.match(name)
+                or _TMP_STEP_DIR.match(name) or is_tmp_of(name, ("latest",)))
+
+
+def clean_stale(run_dir: Path, run_files) -> list[str]:
     """Remove what dead writers left behind (call only while holding the run lock): temporary
-    files of run files, temporary checkpoint folders. A checkpoint moved aside while being
-    replaced (`.old-step-N-PID`) is moved back when its replacement never arrived."""
+    files of `run_files` (`.NAME.tmp-PID`, nothing else), temporary checkpoint folders. A
+    checkpoint moved aside while being replaced (`.old-step-N-PID`) is moved back when its
+    replacement never arrived."""
     run_dir = Path(run_dir)
     removed = []
     for path in run_dir.glob(f".*{TMP_MARK}*"):
-        if path.is_file():
+        if path.is_file() and is_tmp_of(path.name, run_files):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     ckpt_root = run_dir / "checkpoints"
@@ -259,7 +332,7 @@ def clean_stale(run_dir: Path) -> list[str]:
             if old and path.is_dir() and not (ckpt_root / old.group(1)).exists():
                 os.replace(path, ckpt_root / old.group(1))
                 removed.append(f"{path.name} (restored as {old.group(1)})")
-            elif old or path.name.startswith(TMP_MARK) or (path.name.startswith(".") and TMP_MARK in path.name):
+            elif old or _TMP_STEP_DIR.match(path.name) or is_tmp_of(path.name, ("latest",)):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                 removed.append(path.name)
     return removed

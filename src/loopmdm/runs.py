@@ -128,11 +128,15 @@ class LoadedRun:
         packed with its seq_len and packing; nothing is dropped: the last partial block of
         `wrap` packing is padded (pads are never scored). Returns (blocks, info)."""
         from loopmdm.data.corpus import expand_paths, read_text_file
+        from loopmdm.userfiles import check_text_file
 
         try:
             files = expand_paths(patterns)
         except LoopMDMError as exc:
             raise LoopMDMError(str(exc).replace("data.paths", "--text")) from None
+        require_text_run(self, "--text")
+        for f in files:  # another run's text would be scored as whatever tokens it maps to: refuse
+            check_text_file(f, "--text file")
         texts = [t for t in (read_text_file(f) for f in files) if t]
         require(texts, f"--text {' '.join(patterns)}: the files are empty")
         d, tok = self.cfg.data, self.tokenizer
@@ -184,6 +188,16 @@ def is_export(path: str | Path) -> bool:
     path = Path(path)
     return ((path / EXPORT_CONFIG).is_file() and (path / EXPORT_RUN_CONFIG).is_file()
             and not (path / "checkpoints").exists())
+
+
+def require_text_run(run: LoadedRun, what: str) -> None:
+    """Text can only be scored by a language model: a task or pairs run has its own vocabulary
+    or a prompt/answer layout, and would give a meaningless number."""
+    source = run.cfg.data.source
+    require(source not in ("task", "pairs"),
+            f"{what}: run '{run.run_dir}' was trained on data.source={source}"
+            + (f" ({run.cfg.data.task})" if source == "task" else "")
+            + ", not on text, so it cannot score text; use `loopmdm solve` for it, or a language-model run")
 
 
 def load_run(run_dir: str | Path, device: str = "auto", use_ema: bool = True, best: bool = False) -> LoadedRun:

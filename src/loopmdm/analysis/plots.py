@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loopmdm.userfiles import save_figure
+
 PLOT_FILES = ("rel_change.png", "nelbo_vs_loops.png", "attention_mask_to_mask.png", "nelbo_by_t.png")
 
 
@@ -25,7 +27,6 @@ def plot_diagnostics(diag: dict, out_dir: str | Path, max_train_loops: int | Non
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = diag["per_loop"]
     ks = [r["k"] for r in rows]
     bins = diag["t_bins"]
@@ -41,8 +42,10 @@ def plot_diagnostics(diag: dict, out_dir: str | Path, max_train_loops: int | Non
             ax.set_title(title, fontsize=9)
         fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        try:
+            save_figure(fig, path, dpi=110)
+        finally:
+            plt.close(fig)
         paths.append(path)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -81,8 +84,10 @@ def plot_diagnostics(diag: dict, out_dir: str | Path, max_train_loops: int | Non
     fig.suptitle(title or "NELBO by noise level t", fontsize=9)
     fig.tight_layout()
     path = out_dir / PLOT_FILES[3]
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     paths.append(path)
     return paths
 

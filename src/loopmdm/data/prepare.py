@@ -221,22 +221,24 @@ def _build_task(cfg: DataConfig, out_dir: Path, log) -> None:
 def read_pairs(paths) -> list[tuple[str, str, int]]:
     """(prompt, answer, difficulty) from JSONL files, one {"prompt": str, "answer": str} object
     per line, with an optional integer "difficulty" (-1 when absent)."""
+    from loopmdm.userfiles import read_text
+
     pairs = []
     for path in expand_paths(paths):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as exc:
-                    raise LoopMDMError(f"{path}:{lineno} is not valid JSON ({exc})") from None
-                ok = isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("answer"), str)
-                require(ok, f"{path}:{lineno} must be an object with string fields \"prompt\" and \"answer\"")
-                difficulty = obj.get("difficulty", -1)
-                require(isinstance(difficulty, int) and not isinstance(difficulty, bool),
-                        f"{path}:{lineno}: \"difficulty\" must be an integer, got {difficulty!r}")
-                pairs.append((obj["prompt"], obj["answer"], difficulty))
+        text = read_text(path, "pairs file").replace("\r\n", "\n").replace("\r", "\n")  # as open() reads lines
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise LoopMDMError(f"{path}:{lineno} is not valid JSON ({exc})") from None
+            ok = isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("answer"), str)
+            require(ok, f"{path}:{lineno} must be an object with string fields \"prompt\" and \"answer\"")
+            difficulty = obj.get("difficulty", -1)
+            require(isinstance(difficulty, int) and not isinstance(difficulty, bool),
+                    f"{path}:{lineno}: \"difficulty\" must be an integer, got {difficulty!r}")
+            pairs.append((obj["prompt"], obj["answer"], difficulty))
     require(len(pairs) >= 2, f"data.paths={list(paths)} hold {len(pairs)} prompt/answer pairs; need at least 2")
     return pairs
 
@@ -456,12 +458,20 @@ def _exclusive(lock_path: Path):
     except ImportError:  # not POSIX: no lock
         yield
         return
-    with open(lock_path, "a") as f:
+    while True:
+        f = open(lock_path, "a")
         fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        try:  # the holder before us may have removed the file: then lock the new one
+            if os.fstat(f.fileno()).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # no lock file is left behind; a waiter re-checks the inode
+        f.close()
 
 
 def prepare_data(cfg: DataConfig, progress: bool = False) -> PreparedData:
@@ -483,10 +493,21 @@ def prepare_data(cfg: DataConfig, progress: bool = False) -> PreparedData:
         except LoopMDMError as exc:
             log(f"rebuilding damaged cache: {exc}")
     cache_dir = Path(cfg.cache_dir)
+    created = [d for d in [cache_dir, *cache_dir.parents] if not d.exists()]  # innermost first
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LoopMDMError(f"cannot create data.cache_dir='{cfg.cache_dir}': {exc.strerror or exc}") from None
+    try:
+        return _prepare_locked(cfg, out, cache_dir, log, progress)
+    except BaseException:
+        with contextlib.suppress(OSError):  # folders this call made and left empty go too
+            for folder in created:
+                folder.rmdir()
+        raise
+
+
+def _prepare_locked(cfg: DataConfig, out: Path, cache_dir: Path, log, progress: bool) -> PreparedData:
     work = cache_dir / f".partial-{out.name}"
     with _exclusive(cache_dir / f".{out.name}.lock"):
         if _complete(out):  # another process finished it while we waited
@@ -499,10 +520,14 @@ def prepare_data(cfg: DataConfig, progress: bool = False) -> PreparedData:
             if out.exists():
                 shutil.rmtree(out)  # a damaged or stale folder from an older run
             os.replace(work, out)
-        except OSError as exc:  # a full disk: one line; the partial folder stays for resuming
-            from loopmdm.runfiles import disk_error
+        except BaseException as exc:
+            if cfg.source in ("task", "pairs") or _read_progress(work) is None:
+                shutil.rmtree(work, ignore_errors=True)  # nothing a rerun could resume: leave nothing
+            if isinstance(exc, OSError):  # a full disk: one line; resumable progress stays
+                from loopmdm.runfiles import disk_error
 
-            raise disk_error(exc, f"prepared data in data.cache_dir='{cfg.cache_dir}'") from None
+                raise disk_error(exc, f"prepared data in data.cache_dir='{cfg.cache_dir}'") from None
+            raise
     log(f"wrote {out}")
     return load_prepared(out)
 

@@ -247,6 +247,11 @@ def parse_sets(text: Optional[str], cache_dir: Path) -> list[tuple[str, Optional
         require(not (sep and not source), f"--sets: '{item}' names no file after '='")
         require(not source or source.startswith("hf:") or Path(os.path.expanduser(source)).is_file(),
                 f"--sets {item}: no such file")
+        if source and not source.startswith("hf:") and _builder_for(Path(source)) in ("json", "csv", "text") \
+                and not source.endswith(".gz"):
+            from loopmdm.userfiles import check_text_file
+
+            check_text_file(Path(os.path.expanduser(source)), f"--sets {name}=")
         chosen.append((name, source or None))
     require(chosen, f"--sets '{text}' names no set; choose from: {', '.join(SETS)}")
     return chosen

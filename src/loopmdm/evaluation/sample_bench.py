@@ -24,6 +24,7 @@ from loopmdm.errors import LoopMDMError, require
 from loopmdm.evaluation.judge import generative_perplexity, unigram_entropy
 from loopmdm.sampling.generate import SamplerSpec, generate
 from loopmdm.sampling.halting import HALT_RULES, Halting
+from loopmdm.userfiles import save_figure, write_file
 
 DEFAULT_STEPS = (16, 64, 256)
 DEFAULT_LOOPS = (1, 2, 4, 8, 12, 24)
@@ -190,9 +191,10 @@ def plot(records: list[dict], path: Path, title: str) -> None:
         ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def settings_key(meta: dict) -> dict:
@@ -212,20 +214,15 @@ def load_partial(out_dir: Path, meta: dict) -> list[dict]:
 
 def write_json(out_dir: Path, meta: dict, reference: dict, records: list[dict]) -> Path:
     """sample_bench.json, replaced atomically (a kill mid-write keeps the previous one)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "sample_bench.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "reference": reference, "records": records}, indent=1) + "\n",
-                   encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_file(out_dir / "sample_bench.json",
+                      json.dumps({"meta": meta, "reference": reference, "records": records}, indent=1) + "\n")
 
 
 def write_outputs(out_dir: Path, meta: dict, reference: dict, records: list[dict]) -> list[Path]:
     write_json(out_dir, meta, reference, records)
     header = (f"# sample-bench: {meta['run']}\n\n{meta['description']}\n\n"
               f"```bash\n{meta['command']}\n```\n\n")
-    (out_dir / "sample_bench.md").write_text(header + markdown_table(records, reference), encoding="utf-8")
+    write_file(out_dir / "sample_bench.md", header + markdown_table(records, reference))
     paths = [out_dir / "sample_bench.json", out_dir / "sample_bench.md"]
     if any(r.get("gen_ppl") is not None for r in records):
         plot(records, out_dir / "sample_bench.png", meta["run"])

@@ -142,6 +142,9 @@ def _gsm8k_aug(spec: str, num: int) -> list[dict]:
     target, cot = _split_cot(spec, "gsm8k-aug:")
     path = Path(target)
     require(path.is_file(), f"source '{spec}': '{target}' is not a file (the augmented GSM8K train.txt)")
+    from loopmdm.userfiles import check_text_file
+
+    check_text_file(path, f"source '{spec}': the file")  # binary or not UTF-8: one line, not a traceback
     pairs = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -194,16 +197,17 @@ def make_pairs(source: str, num: int, seed: int = 0) -> list[dict]:
     for key, make in PAIR_SOURCES.values():
         if source == key or (key.endswith(":") and source.startswith(key)):
             return make(source, num, seed)
+    if "/" in source or Path(source).suffix in (".jsonl", ".json", ".txt"):  # meant as a file
+        raise LoopMDMError(f"'{source}' is not an existing file (a JSONL file of prompt/answer pairs) nor a pair "
+                           f"source ({', '.join(PAIR_SOURCES)}); check the path")
     raise LoopMDMError(f"pair source '{source}' is not allowed; choose one of: {', '.join(PAIR_SOURCES)}")
 
 
 def write_pairs(pairs: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    tmp.replace(path)  # atomic: a crash leaves the old file or the new one
-    return path
+    """Atomically (a crash or a full disk leaves the old file or the new one, and no temporary)."""
+    from loopmdm.userfiles import write_file
+
+    return write_file(Path(path), "".join(json.dumps(p) + "\n" for p in pairs))
 
 
 # --------------------------------------------------------------------------- scoring answers

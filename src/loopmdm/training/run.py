@@ -21,8 +21,9 @@ from loopmdm.config import Config, config_from_dict
 from loopmdm.data.prepare import NOT_IN_KEY, prepare_data
 from loopmdm.data.prepared import PreparedData
 from loopmdm.errors import LoopMDMError, require
-from loopmdm.runfiles import (LOCK_FILE, TMP_MARK, RunLock, clean_stale, disk_error, fault_point, is_our_lock, note,
-                               write_if_changed)
+from loopmdm.runfiles import (LOCK_FILE, MARKER_FILE, RunLock, clean_stale, disk_error, fault_point, in_use_error,
+                               is_checkpoint_entry, is_our_lock, is_tmp_of, lock_holder, note, read_marker,
+                               write_if_changed, write_marker)
 from loopmdm.runs import read_run_config
 from loopmdm import checkpoint as ckpt
 from loopmdm.training.distributed import DistContext
@@ -49,24 +50,17 @@ def attach_vocab(cfg: Config, data: PreparedData) -> None:
 
 
 RUN_FILES = ("config.yaml", "data.json", "tokenizer.json", "metrics.jsonl")
-
-
-def _leftover(name: str) -> bool:
-    """A temporary file of one of our run files (`.config.yaml.tmp-PID`)."""
-    return name.startswith(".") and TMP_MARK in name and name[1:].split(TMP_MARK)[0] in RUN_FILES
-
-
-def _looks_like_run_config(path: Path) -> bool:
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception:
-        return False
-    return isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("model", "data", "train"))
+OWN_FILES = RUN_FILES + (MARKER_FILE,)  # every file loopmdm writes at the top of a run directory
 
 
 def classify_run_dir(run_dir: Path) -> tuple[str, list[str]]:
-    """('missing' | 'empty' | 'run' | 'foreign', names loopmdm did not write). 'empty' allows
-    our own lock and temporary files; 'run' needs a checkpoint, our lock or a run config."""
+    """('missing' | 'empty' | 'run' | 'unmarked' | 'foreign', names loopmdm did not write).
+
+    'run' is a folder holding our marker (RUN/.loopmdm-run), nothing else: file names alone
+    (config.yaml, metrics.jsonl, checkpoints/step-N) could be another tool's. 'empty' allows our
+    lock and temporary files. 'unmarked' holds checkpoints but no marker: a run written before
+    the marker existed, or another tool's folder; only --resume opens it (its checkpoint must
+    load as ours), which then marks it."""
     if not run_dir.exists():
         return "missing", []
     require(run_dir.is_dir(), f"train.out_dir='{run_dir}' is a file, not a folder; set train.out_dir to a folder")
@@ -74,38 +68,43 @@ def classify_run_dir(run_dir: Path) -> tuple[str, list[str]]:
         names = sorted(os.listdir(run_dir))
     except OSError as exc:
         raise LoopMDMError(f"cannot read train.out_dir='{run_dir}': {exc.strerror or exc}") from None
-    ours = set(RUN_FILES) | {"checkpoints"}
-    is_run = (ckpt.has_checkpoint(run_dir) or (LOCK_FILE in names and is_our_lock(run_dir / LOCK_FILE))
-              or _looks_like_run_config(run_dir / "config.yaml"))
-    foreign = [n for n in names if not (_leftover(n) or (n == LOCK_FILE and is_our_lock(run_dir / n))
-                                        or (is_run and n in ours))]
-    if is_run:
+    marked = read_marker(run_dir) is not None
+    ours = set(OWN_FILES) | {"checkpoints"} if marked else set()
+    foreign = [n for n in names if not (is_tmp_of(n, OWN_FILES) or (n == LOCK_FILE and is_our_lock(run_dir / n))
+                                        or n in ours)]
+    if marked:
         return "run", foreign
     if not foreign:
         return "empty", []
+    if ckpt.has_checkpoint(run_dir):
+        return "unmarked", foreign
     return "foreign", foreign
 
 
 def delete_run_files(run_dir: Path) -> None:
-    """--overwrite: remove what loopmdm wrote in `run_dir` (never other files, never the lock)."""
+    """--overwrite: remove what loopmdm wrote in `run_dir`: its run files, `checkpoints/latest`,
+    `checkpoints/step-N` and their temporaries. Never other files (a user's
+    `checkpoints/step-0000004.bak` stays), never the lock or the marker (rewritten next)."""
     root = run_dir / "checkpoints"
     if root.is_dir():
         for path in sorted(root.iterdir()):
-            if path.name in (ckpt.LATEST, ckpt.BEST_FILE) or path.name.startswith((".", "step-")):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if is_checkpoint_entry(path.name) or path.name == ckpt.BEST_FILE:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
                 fault_point(f"overwrite: deleted checkpoints/{path.name}")
         if not any(root.iterdir()):
             root.rmdir()
     for name in sorted(os.listdir(run_dir)):
-        if name in RUN_FILES or _leftover(name):
+        if (name in RUN_FILES and not (run_dir / name).is_dir()) or is_tmp_of(name, OWN_FILES):
             (run_dir / name).unlink()
             fault_point(f"overwrite: deleted {name}")
 
 
-def _write_run_files(cfg: Config, data: PreparedData, run_dir: Path) -> None:
+def _write_run_files(cfg: Config, data: PreparedData, run_dir: Path, new_run: bool) -> None:
     info = {"prepared_path": str(data.path.resolve()), "tokenizer_fingerprint": data.tokenizer.fingerprint(),
             "vocab_size": data.vocab_size}
     try:
+        if new_run or read_marker(run_dir) is None:  # the marker comes first: what --overwrite recognises
+            write_marker(run_dir)
         write_if_changed(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         write_if_changed(run_dir / "tokenizer.json", data.tokenizer.tok.to_str(pretty=True))
         write_if_changed(run_dir / "data.json", json.dumps(info, indent=2) + "\n")
@@ -123,10 +122,19 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, dist: Dist
     require(not (resume and overwrite), "pass --resume or --overwrite, not both")
     run_dir = Path(cfg.train.out_dir)
     kind, foreign = classify_run_dir(run_dir)
-    has_ckpt = kind == "run" and ckpt.has_checkpoint(run_dir)
+    if kind in ("run", "unmarked", "empty"):
+        holder = lock_holder(run_dir)  # a live writer: say so, not what its half-made folder looks like
+        if holder:
+            raise in_use_error(run_dir, holder)
+    has_ckpt = kind in ("run", "unmarked") and ckpt.has_checkpoint(run_dir)
     if resume:
         require(has_ckpt, f"--resume: no checkpoint in '{run_dir}' to resume from"
                 + ("; the run stopped before its first checkpoint: start it again with --overwrite" if kind == "run" else ""))
+    elif kind == "unmarked":
+        raise LoopMDMError(f"train.out_dir='{run_dir}' holds checkpoints but no {MARKER_FILE} marker (a run from an "
+                           f"older loopmdm, or another tool's folder), so {'--overwrite' if overwrite else 'loopmdm'} "
+                           f"will not replace it: continue it with --resume (which marks it), delete it yourself, "
+                           f"or set train.out_dir to a new folder")
     elif kind == "run" and has_ckpt and not overwrite:
         raise LoopMDMError(f"run directory '{run_dir}' already holds a checkpoint; pass --resume to continue it, "
                            f"--overwrite to replace it, or set train.out_dir to a new folder")
@@ -140,6 +148,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, dist: Dist
                            f"set train.out_dir to a new or empty folder")
     dist.barrier()  # every rank has looked before the main rank creates anything
     lock = None
+    had_lock = (run_dir / LOCK_FILE).exists()
+    created = [d for d in [run_dir, *run_dir.parents] if not d.exists()]  # innermost first
     if dist.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,18 +157,26 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, dist: Dist
             raise LoopMDMError(f"cannot create the run directory train.out_dir='{run_dir}': {exc.strerror or exc}") from None
         lock = RunLock(run_dir).acquire()
     try:
-        return _train_locked(cfg, run_dir, resume, overwrite and kind == "run", dist, progress_print)
+        return _train_locked(cfg, run_dir, resume, overwrite and kind == "run", kind in ("missing", "empty"), dist,
+                             progress_print)
     finally:
         if lock is not None:
             lock.release()
             if kind == "missing" and os.listdir(run_dir) == [LOCK_FILE]:  # failed before writing anything
                 (run_dir / LOCK_FILE).unlink(missing_ok=True)
-                run_dir.rmdir()
+                try:  # and the folders above it that this call made
+                    for folder in created:
+                        folder.rmdir()
+                except OSError:
+                    pass
+            elif not had_lock and read_marker(run_dir) is None:  # not made a run: leave the folder as it was
+                (run_dir / LOCK_FILE).unlink(missing_ok=True)
 
 
-def _train_locked(cfg: Config, run_dir: Path, resume: bool, replace: bool, dist: DistContext, progress_print) -> dict:
+def _train_locked(cfg: Config, run_dir: Path, resume: bool, replace: bool, new_run: bool, dist: DistContext,
+                  progress_print) -> dict:
     if dist.is_main:
-        removed = clean_stale(run_dir)  # we hold the lock: whoever left these is dead
+        removed = clean_stale(run_dir, OWN_FILES)  # we hold the lock: whoever left these is dead
         if removed:
             note(f"removed {len(removed)} leftover(s) of an interrupted write in '{run_dir}': {', '.join(removed[:3])}")
     # Every rank calls it: the first takes the cache folder's file lock and prepares, the others
@@ -185,7 +203,7 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, replace: bool, dist:
     if dist.is_main:
         if replace:
             delete_run_files(run_dir)
-        _write_run_files(cfg, data, run_dir)
+        _write_run_files(cfg, data, run_dir, new_run or replace)
         progress_print(f"run directory: {run_dir}")
     dist.barrier()
     if resume and dist.is_main:

@@ -193,11 +193,15 @@ class Trainer:
         finite = math.isfinite(loss_value) and bool(torch.isfinite(self.loss_accum).all()) and bool(torch.stack(
             [torch.isfinite(local_tensor(p)).all() for p in self.model.parameters()]).all())
         if self.dist.any(not finite):  # under FSDP each rank sees only its shard
-            kept = (f"the last finite checkpoint step-{self.saved_step:07d} is kept" if self.saved_step is not None
-                    else "no checkpoint was saved")
-            raise LoopMDMError(f"training diverged: the loss or the weights became non-finite (NaN/inf) by step "
-                               f"{self.step} (train.lr={self.cfg.train.lr:g}); stopped without saving, {kept}; "
-                               f"lower train.lr (or raise train.warmup_steps) and --resume")
+            raise self.diverged("the loss or the weights became non-finite (NaN/inf)")
+
+    def diverged(self, what: str) -> LoopMDMError:
+        if self.saved_step is not None:
+            kept, then = f"the last finite checkpoint step-{self.saved_step:07d} is kept", "and --resume"
+        else:
+            kept, then = "no checkpoint was saved", "and start again with --overwrite"
+        return LoopMDMError(f"training diverged: {what} by step {self.step} (train.lr={self.cfg.train.lr:g}); "
+                            f"stopped without saving, {kept}; lower train.lr (or raise train.warmup_steps) {then}")
 
     def save(self) -> None:
         if self.step == self.saved_step:  # nothing new (e.g. --resume of a finished run)
@@ -331,7 +335,12 @@ class Trainer:
         # learn slower per step? its gradient sums S iterations; docs/RESULTS.md, "Per step").
         watch = (self.step + 1) % tc.log_every == 0 and not self.dist.shards_model
         before = {n: p.detach().clone() for n, p in self.model.named_parameters()} if watch else None
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as exc:  # e.g. Adam's lr / bias correction beyond float range: a divergence too
+            if "overflow" not in str(exc):
+                raise
+            raise self.diverged(f"the optimizer step overflowed ({exc})") from None
         if watch:
             self.part_stats = part_norms(self.model, before)
         if self.ema:
