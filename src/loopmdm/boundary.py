@@ -31,14 +31,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"error: {one_line(message)} (see `{self.prog} --help`)\n")
 
     def parse_known_args(self, args=None, namespace=None):
-        """Every integer option is a count, a size or a seed: in [0, 2^31); every float option is
-        finite. Commands check the tighter ranges (>= 1, > 0) themselves."""
+        """No integer option (a count, a size or a seed) is huge (>= 2^31: nothing that large can
+        run), no seed is negative, every float option is finite. Commands check their own lower
+        bounds (>= 0, >= 1)."""
         namespace, extra = super().parse_known_args(args, namespace)
         for action in self._actions:
             value = getattr(namespace, action.dest, None)
             name = "/".join(action.option_strings) or action.dest
-            if action.type is int and isinstance(value, int) and not 0 <= value < MAX_INT:
-                self.error(f"argument {name}: {value} must be an integer in [0, {MAX_INT})")
+            if action.type is int and isinstance(value, int) and not abs(value) < MAX_INT:
+                self.error(f"argument {name}: {value} is too large; it must be below {MAX_INT}")
+            if action.dest == "seed" and isinstance(value, int) and value < 0:  # numpy seeds are >= 0
+                self.error(f"argument {name}: {value} must be an integer >= 0")
             if action.type is float and isinstance(value, float) and not math.isfinite(value):
                 self.error(f"argument {name}: {value} must be a finite number")
         return namespace, extra
