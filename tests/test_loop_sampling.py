@@ -257,7 +257,9 @@ def test_sample_bench_writes_table_and_plot(judged_runs, capsys, tmp_path):
     code = main(["sample-bench", str(judged_runs / "run"), "--steps", "3", "--loops", "1,3", "--taus", "0.5",
                  "--rules", "change-masked:0.2", "--lean", "--num", "0", "--infill", "2",
                  "--out", str(tmp_path / "infill"), "--json"])
-    records = json.loads(capsys.readouterr().out)["records"]
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    records = json.loads(captured.out)["records"]
     assert code == 0 and [r["label"] for r in records] == [
         "S=1", "S=3", "halt-call tau=0.5 (S in [1, 3])", "halt-call change-masked tau=0.2 (S in [1, 3])"]
     assert all(0.0 <= r["infill_acc"] <= 1.0 and len(r["call_loops"]) == r["calls"] for r in records)

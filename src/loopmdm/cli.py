@@ -329,7 +329,7 @@ def cmd_sample_bench(args) -> None:
     except ValueError:
         taus = []
     require(taus and all(0 < t < math.inf for t in taus), f"--taus {args.taus!r} must be numbers > 0, comma-separated")
-    require(args.num >= 1, f"--num {args.num} must be >= 1")
+    require(args.num >= 1 or (args.num == 0 and args.infill > 0), f"--num {args.num} must be >= 1 (or 0 with --infill: infill only)")
     require(args.infill >= 0, f"--infill {args.infill} must be >= 0")
     run = load_run(args.run, device=args.device)
     judge = None

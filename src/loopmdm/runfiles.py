@@ -311,7 +311,7 @@ def is_tmp_of(name: str, names) -> bool:
 def is_checkpoint_entry(name: str) -> bool:
     """What loopmdm writes in RUN/checkpoints: step-N folders, `latest`, and its temporaries."""
     return bool(name == "latest" or _STEP_DIR.match(name) or _OLD_STEP_DIR.match(name)
-                or _TMP_STEP_DIR.match(name) or is_tmp_of(name, ("latest",)))
+                or _TMP_STEP_DIR.match(name) or is_tmp_of(name, ("latest", "best.safetensors")))
 
 
 def clean_stale(run_dir: Path, run_files) -> list[str]:
@@ -332,7 +332,7 @@ def clean_stale(run_dir: Path, run_files) -> list[str]:
             if old and path.is_dir() and not (ckpt_root / old.group(1)).exists():
                 os.replace(path, ckpt_root / old.group(1))
                 removed.append(f"{path.name} (restored as {old.group(1)})")
-            elif old or _TMP_STEP_DIR.match(path.name) or is_tmp_of(path.name, ("latest",)):
+            elif old or _TMP_STEP_DIR.match(path.name) or is_tmp_of(path.name, ("latest", "best.safetensors")):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                 removed.append(path.name)
     return removed
