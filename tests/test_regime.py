@@ -64,8 +64,14 @@ def test_prepared_test_split_is_disjoint_and_absent_one_is_a_clear_error(tiny_cf
     from tests.conftest import bbc_glob
 
     assert data.meta["n_train_docs"] + data.meta["n_val_docs"] + data.meta["n_test_docs"] == len(glob.glob(bbc_glob()))
-    rows = {s: {bytes(np.asarray(r)) for r in data.blocks(s)} for s in sizes}
-    assert not rows["test"] & rows["train"] and not rows["test"] & rows["val"]
+    # whole documents: no document is in two splits (packed rows may repeat across documents)
+    from loopmdm.data.corpus import SplitCorpus
+
+    corpus = SplitCorpus(cfg.data)
+    ids = {split: {d.doc_id for d in corpus.iter(split)} for split in sizes}
+    assert not ids["test"] & ids["train"] and not ids["test"] & ids["val"] and not ids["val"] & ids["train"]
+    assert {len(ids[split]) for split in ("val", "test")} and all(ids.values())
+    assert data.meta["n_test_docs"] == len(ids["test"]) and data.meta["n_val_docs"] == len(ids["val"])
     plain = prepare_data(tiny_cfg_factory("data.tokenizer=char").data)
     assert plain.meta["n_val_docs"] == data.meta["n_val_docs"]  # same validation documents
     with pytest.raises(LoopMDMError, match="no test split; prepare it with data.test_fraction"):
