@@ -50,7 +50,8 @@ def evaluate_run(suite, spec, scale, log) -> dict:
     device = "cpu" if not torch.cuda.is_available() else "auto"
     run = load_run(spec.out_dir, device=device)
     data = run.prepared_data()
-    if data.has_split("test") and ckpt.read_best_info(spec.out_dir) is not None:
+    best = ckpt.read_best_info(spec.out_dir) if data.has_split("test") else None
+    if best is not None:
         # The regime suites: the weights of the best validation NELBO (early stopping), scored on
         # the test split, which no choice has seen.
         run = load_run(spec.out_dir, device=device, best=True)
@@ -66,8 +67,8 @@ def evaluate_run(suite, spec, scale, log) -> dict:
                                               precision=run.cfg.train.precision)
                             for order in suite.orders}
     cfg = run.cfg
-    if data.has_split("test") and ckpt.read_best_info(spec.out_dir) is not None:
-        result["best"] = ckpt.read_best_info(spec.out_dir)
+    if best is not None:
+        result["best"] = best
         result["epochs"] = train.get("epochs")
         result["test_nelbo"] = evaluate_nelbo(
             run.model, data.blocks("test"), make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps), loops,
