@@ -371,8 +371,9 @@ def validate(cfg: Config) -> None:
     require(0.0 <= da.test_fraction < 1.0 and da.val_fraction + da.test_fraction < 1.0,
             f"data.test_fraction={da.test_fraction} must be in [0, 1) with data.val_fraction + data.test_fraction < 1 "
             f"(data.val_fraction={da.val_fraction})")
-    require(da.test_fraction == 0.0 or da.source not in ("task", "pairs"),
-            f"data.test_fraction={da.test_fraction} is for text sources; data.source={da.source} holds out its own test set")
+    require(da.test_fraction == 0.0 or da.source != "pairs",
+            f"data.test_fraction={da.test_fraction} is for text and task sources; data.source=pairs is scored on "
+            f"its own test pairs")
     require(da.train_tokens >= 0, f"data.train_tokens={da.train_tokens} must be >= 0 (0 = the whole train split)")
     if da.source == "text":
         require(len(da.paths) > 0, "data.source=text needs data.paths=[file or glob, ...]")

@@ -97,6 +97,17 @@ SUITES["shakespeare-char"] = Suite("shakespeare-char", "experiments/shakespeare-
                                     # 8x less unique text (4k characters, 2 steps an epoch): hundreds of epochs
                                     "cpu-4k": Scale(1.2e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 16, ("data.train_tokens=4096",))},
                                    loops=(1, 2, 4, 8, 12, 16))
+# Data-limited Sudoku (the regime issue): 1,000 solved 6 x 6 boards seen for tens of epochs (the
+# looped-Sudoku literature trains tens to hundreds of epochs on a few thousand puzzles,
+# ../shared/LOOPS.md); every arm selected at its best validation NELBO (300 held-out boards) and
+# solved on 300 test puzzles made from a test split of its own seed (never used for a choice).
+# cpu: 1e13 FLOPs is ~870 MDM steps of 64 boards (~56 epochs; LoopMDM ~470 steps, ~30 epochs).
+SUITES["sudoku-scarce"] = Suite("sudoku-scarce", "experiments/sudoku", ("mdm", "loop", "deeper"), "task",
+                                {"cpu": Scale(1e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 300,
+                                              ("data.task_examples=1000", "data.val_fraction=0.3",
+                                               "data.test_fraction=0.5", "train.eval_every=32",
+                                               "train.checkpoint_every=96", "train.warmup_steps=50"))},
+                                orders=("raster", "confidence", "oneshot"))
 # Reasoning after fine-tuning (the reasoning issue): the `lm` suite's pretrained MDM, LoopMDM and deeper
 # MDM, fine-tuned on multi-step arithmetic (reasoning-gym chain_sum, 1-digit operands, 2-4 terms: the
 # difficulty) with the same recipe and FLOPs; exact match per S and per number of terms.
