@@ -336,7 +336,7 @@ def benchmark(setup: Setup, model, loops: list[int], rules: list[tuple[str, list
     if fewest["matches"] and fewest["S"] < setup.s_max:
         # Then any rule "matches" at any loop count: a saving read off here is no evidence.
         result["notes"].append(f"quality is flat in S here ({fewest['label']} matches the reference): "
-                               "the savings below say nothing about halting")
+                               "the savings in this report say nothing about halting")
     timed = _timed_setting(rows, savings_) if timing_repeats > 0 else None
     if timed is not None:
         say(f"  timing per-token halting {timed[0]} tau={timed[1]:g} against dense S = {setup.s_max} "
