@@ -29,6 +29,22 @@ from loopmdm.names import (BLOCK_STYLES, DETOKENIZERS, DEVICES, LR_SCHEDULES, PA
 # is a link to the same folder.
 PRESETS = "configs"
 
+# Prepared data lives in one user cache, whatever the working directory, so `loopmdm train tiny`
+# from another folder finds the data prepared before instead of preparing it again.
+CACHE_ENV = "LOOPMDM_CACHE_DIR"
+# The default data.cache_dir before the user cache: relative to wherever a command ran. Run
+# configs saved with it are read as today's default (config_from_dict).
+LEGACY_CACHE_DIR = "data_cache"
+
+
+def user_cache_dir() -> Path:
+    """$LOOPMDM_CACHE_DIR if set, else $XDG_CACHE_HOME/loopmdm (XDG: only an absolute path
+    counts), else ~/.cache/loopmdm."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "loopmdm"
+
 
 @dataclass
 class ModelConfig:
@@ -107,7 +123,7 @@ class DataConfig:
     # again every epoch: the data-scarce regime of the paper's budgets (tens of epochs).
     # Never changes the prepared bytes; validation and test are untouched.
     train_tokens: int = 0
-    cache_dir: str = "data_cache"
+    cache_dir: str = ""  # where prepared data lives; empty: the user cache (cache_root)
     # source=task: a synthetic task from loopmdm.tasks (TASKS); its own vocabulary and length
     # replace data.tokenizer and data.seq_len. train examples; validation gets val_fraction of that.
     task: str = "sudoku"
@@ -117,6 +133,11 @@ class DataConfig:
     # false: train on the whole sequence (prompt positions may be masked too, a denser signal
     # for learning look-ups); evaluation always gives the prompt and scores the answers.
     task_prompt_given: bool = True
+
+    def cache_root(self) -> Path:
+        """The folder prepared data lives in: data.cache_dir when set, else the user cache.
+        Resolved here, at use, and never stored: a saved config keeps what was asked for."""
+        return Path(self.cache_dir).expanduser() if self.cache_dir else user_cache_dir()
 
 
 @dataclass
@@ -277,6 +298,11 @@ def config_from_dict(data: dict) -> Config:
         # Saved before model.time_input existed: those runs were trained on 1000·t and with
         # dropout on the attention probabilities; keep reading them as they were trained.
         data = {**data, "model": {**model, "time_input": "1000t", "attention_dropout": True}}
+    saved_data = data.get("data") if isinstance(data, dict) else None
+    if isinstance(saved_data, dict) and saved_data.get("cache_dir") == LEGACY_CACHE_DIR:
+        # Saved when ./data_cache was the default, not a choice: data prepared again for this
+        # run goes to today's default, the user cache (RUN/data.json still names the old folder).
+        data = {**data, "data": {**saved_data, "cache_dir": ""}}
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
         cfg = OmegaConf.to_object(merged)
