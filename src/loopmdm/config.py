@@ -390,6 +390,10 @@ def validate(cfg: Config) -> None:
     _choice("data.source", da.source, SOURCES)
     _choice("data.tokenizer", da.tokenizer, TOKENIZERS)
     _choice("data.packing", da.packing, PACKINGS)
+    text_tokenizers = tuple(t for t in TOKENIZERS if t != "task")
+    require(da.tokenizer != "task" or da.source == "task",
+            f"data.tokenizer=task is the vocabulary of a synthetic task (data.source=task); data.source={da.source} "
+            f"needs a text tokenizer: one of {', '.join(text_tokenizers)}")
     if da.source != "task":  # a task's length is its own (resolve)
         require(da.seq_len >= 8, f"data.seq_len={da.seq_len} must be >= 8")
     require(da.bpe_vocab_size >= 260, f"data.bpe_vocab_size={da.bpe_vocab_size} must be >= 260 (bytes + specials)")

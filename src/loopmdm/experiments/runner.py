@@ -216,14 +216,15 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
                       overrides=scale.overrides)
     out_dir = Path(out or f"results/{suite.runs_of or name}-{scale_name}" + ("-dryrun" if dry_run else ""))
     # a view suite (runs_of) shares the runs and eval.json of `runs_of`; its report files are its own
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not report_only:  # a report needs finished runs, which live in out_dir: nothing to create
+        out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     attach = lambda specs: None  # noqa: E731
     if suite.init_of:
         from loopmdm.tasks.pairs import make_pairs, write_pairs
 
         pairs_file = out_dir / "pairs.jsonl"
-        if not pairs_file.is_file():
+        if not pairs_file.is_file() and not report_only:
             write_pairs(make_pairs(suite.pairs, suite.pairs_num if not dry_run else 2000, 0), pairs_file)
         init_root = out_dir.parent / (f"{suite.init_of}-{scale_name}" + ("-dryrun" if dry_run else ""))
         attach = lambda specs: attach_init(suite, specs, init_root, pairs_file)  # noqa: E731

@@ -263,7 +263,7 @@ class Trainer:
                 append_line(self.metrics_path, json.dumps(finite_or_none(record), allow_nan=False))
             except OSError as exc:
                 kept = f"checkpoint step-{self.saved_step:07d} is kept" if self.saved_step is not None else "no checkpoint yet"
-                raise disk_error(exc, f"'{self.metrics_path}'", f"{kept}; free some space, then continue with --resume") from None
+                raise disk_error(exc, f"'{self.metrics_path}'", kept, "continue with --resume") from None
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records written after the checkpoint we resume from (and a partial last line),
