@@ -174,6 +174,17 @@ def attach_init(suite: Suite, specs: list[RunSpec], init_root: Path, pairs_file:
                                "data.source=pairs", f"data.paths=['{pairs_file.resolve()}']")
 
 
+def attach_retrofit(suite: Suite, specs: list[RunSpec], init_root: Path) -> None:
+    """Retrofit suites: every run (either arm) starts from the MDM final run of its seed of
+    `suite.retrofit_of` (sweeps from seed 0), on the same data."""
+    for spec in specs:
+        source = (init_root / "runs" / f"mdm-s{spec.seed}").resolve()
+        require((source / "train_summary.json").is_file(),
+                f"suite '{suite.name}' trains on the MDM runs of suite '{suite.retrofit_of}': '{source}' is missing "
+                f"or unfinished; run `loopmdm experiment {suite.retrofit_of}` at this scale first")
+        spec.init_overrides = (f"train.init_from={source}",)
+
+
 def pick_best_lr(sweep: list[RunSpec]) -> dict:
     """Per arm, the learning rate with the lowest validation NELBO of the sweep (selection_nll)."""
     best: dict = {}
@@ -227,6 +238,9 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
             write_pairs(make_pairs(suite.pairs, suite.pairs_num if not dry_run else 2000, 0), pairs_file)
         init_root = out_dir.parent / (f"{suite.init_of}-{scale_name}" + ("-dryrun" if dry_run else ""))
         attach = lambda specs: attach_init(suite, specs, init_root, pairs_file)  # noqa: E731
+    if suite.retrofit_of:
+        retro_root = out_dir.parent / (f"{suite.retrofit_of}-{scale_name}" + ("-dryrun" if dry_run else ""))
+        attach = lambda specs: attach_retrofit(suite, specs, retro_root)  # noqa: E731
     sweep, _ = plan(suite, scale, out_dir, None)
     attach(sweep)
     if report_only:

@@ -166,7 +166,12 @@ class Trainer:
         require(source.tokenizer.fingerprint() == self.data.tokenizer.fingerprint(),
                 f"train.init_from='{run_dir}' was trained with another tokenizer than this data; prepare the "
                 f"data with data.tokenizer_path={Path(run_dir) / 'tokenizer.json'}")
-        mine, theirs = self.model.state_dict(), source.model.state_dict()
+        from loopmdm.model.denoiser import restack_layers
+
+        mine = self.model.state_dict()
+        # The loop range may differ (an MDM retrofitted into a LoopMDM): the same layers, renamed.
+        theirs = restack_layers(source.model.state_dict(), source.model.cfg, self.cfg.model) \
+            if source.model.cfg.n_layers == self.cfg.model.n_layers else source.model.state_dict()
         mismatch = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
         require(not mismatch and len(mine) == len(theirs),
                 f"train.init_from='{run_dir}' has another model shape (first difference: "
