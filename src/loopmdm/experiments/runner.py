@@ -53,7 +53,28 @@ class RunSpec:
 
 
 def _lr_name(lr: float) -> str:
-    return f"{lr:.0e}".replace("e-0", "e-")
+    """The lr as a folder name: one significant digit where that is exact (1e-3), else the
+    digits it needs (2.5e-4, not 3e-4)."""
+    for digits in range(4):
+        name = f"{lr:.{digits}e}"
+        if float(name) == float(f"{lr:.4g}"):
+            return name.replace("e-0", "e-").replace("e+0", "e")
+    return f"{lr:.3e}".replace("e-0", "e-")
+
+
+def _run_dir(runs: Path, prefix: str, lr: float) -> Path:
+    """`runs/<prefix><lr>`, or the folder an earlier version named with one digit
+    (sweep-mdm-lr3e-4 for lr 2.5e-4) when that run exists and was trained at this lr, so a
+    suite resumes it."""
+    path = runs / f"{prefix}{_lr_name(lr)}"
+    old = runs / f"{prefix}{lr:.0e}".replace("e-0", "e-")
+    if not path.exists() and old != path and (old / "config.yaml").is_file():
+        import yaml
+
+        trained = (yaml.safe_load((old / "config.yaml").read_text()) or {}).get("train", {}).get("lr")
+        if trained is not None and abs(float(trained) - lr) <= 1e-12 + 1e-6 * lr:
+            return old
+    return path
 
 
 def _trained(spec: RunSpec) -> bool:
@@ -118,8 +139,8 @@ def arm_seeds(arm: str, scale: Scale) -> tuple:
 
 def _sweep_spec(suite: Suite, scale: Scale, arm: str, lr: float, out: Path) -> RunSpec:
     budget = scale.budget_flops * scale.sweep_fraction
-    name = f"sweep-{arm}-lr{_lr_name(lr)}"
-    return RunSpec(name, arm, lr, 0, budget, out / "runs" / name, arm_overrides(suite, arm, budget), scale.overrides)
+    path = _run_dir(out / "runs", f"sweep-{arm}-lr", lr)
+    return RunSpec(path.name, arm, lr, 0, budget, path, arm_overrides(suite, arm, budget), scale.overrides)
 
 
 def plan(suite: Suite, scale: Scale, out: Path, best_lr: dict | None) -> tuple[list[RunSpec], list[RunSpec]]:
