@@ -117,6 +117,9 @@ class DataConfig:
     # false: train on the whole sequence (prompt positions may be masked too, a denser signal
     # for learning look-ups); evaluation always gives the prompt and scores the answers.
     task_prompt_given: bool = True
+    # Random validity-preserving symmetries of every training batch (tasks that define them:
+    # sudoku), seeded per step so a resumed run repeats them. Never changes the prepared bytes.
+    task_augment: bool = False
 
 
 @dataclass
@@ -295,12 +298,18 @@ def resolve(cfg: Config) -> None:
     cfg.model.noise_schedule, cfg.model.noise_eps = cfg.diffusion.schedule, cfg.diffusion.eps  # the model's sigma(t)
     da = cfg.data
     if da.source == "task":
+        from loopmdm.names import TASKS
         from loopmdm.tasks import get_task
 
         task = get_task(da.task)
         task.check(da.task_size, da.task_hops)
+        require(not da.task_augment or task.augment is not None,
+                f"data.task_augment=true: task '{da.task}' defines no symmetries; tasks with them: "
+                + ", ".join(name for name in TASKS if get_task(name).augment is not None))
         da.seq_len = task.seq_len(da.task_size, da.task_hops)  # the task fixes the length
         da.tokenizer = "task"
+    else:
+        require(not da.task_augment, f"data.task_augment=true is for data.source=task (got data.source={da.source})")
 
 
 def _choice(key: str, value: str, allowed: tuple) -> None:

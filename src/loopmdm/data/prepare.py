@@ -134,7 +134,7 @@ def unigram_baselines(train_counts: np.ndarray, val_counts: np.ndarray) -> Tuple
 # the key, and a resumed run may change them (training/run.py).
 NOT_IN_KEY = ("cache_dir", "num_proc")
 # Read by the trainer, never by preparation: not in the key either, but fixed for a run.
-TRAINING_ONLY = ("train_tokens",)
+TRAINING_ONLY = ("train_tokens", "task_augment")
 
 
 def cache_key(cfg: DataConfig) -> str:
