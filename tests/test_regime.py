@@ -83,8 +83,57 @@ def test_config_rejects_bad_regime_settings(tiny_cfg_factory):
         tiny_cfg_factory("data.test_fraction=0.9")
     with pytest.raises(LoopMDMError, match="data.train_tokens=-1"):
         tiny_cfg_factory("data.train_tokens=-1")
-    with pytest.raises(LoopMDMError, match="holds out its own test set"):
-        load_config(None, ["data.source=task", "data.test_fraction=0.1"])
+    with pytest.raises(LoopMDMError, match="data.source=pairs is scored on its own test pairs"):
+        load_config(None, ["data.source=pairs", "data.paths=[x.jsonl]", "data.test_fraction=0.1"])
+
+
+def test_task_test_split_is_disjoint_seeded_apart_and_leaves_validation_unchanged(tmp_path):
+    from loopmdm.evaluation.solve import task_test_set
+
+    def prepared(*extra):
+        cfg = load_config(None, ["data.source=task", "data.task=sudoku", "data.task_size=4", "data.task_examples=200",
+                                 "data.val_fraction=0.2", f"data.cache_dir={tmp_path}", *extra]).data
+        return prepare_data(cfg)
+
+    plain, held = prepared(), prepared("data.test_fraction=0.3")
+    assert not plain.has_split("test") and held.has_split("test")
+    assert np.array_equal(plain.blocks("val"), held.blocks("val")) and np.array_equal(plain.blocks("train"), held.blocks("train"))
+    rows = {split: {r.tobytes() for r in np.asarray(held.blocks(split))} for split in ("train", "val", "test")}
+    assert rows["test"] and not rows["test"] & rows["train"] and not rows["test"] & rows["val"]
+    assert 0 < len(held.blocks("test")) <= 60
+    on_test = task_test_set(held, 8, split="test")
+    assert {r.tobytes() for r in on_test["target"].astype(held.blocks("test").dtype)} <= rows["test"]
+    on_val = task_test_set(held, 8)
+    assert {r.tobytes() for r in on_val["target"].astype(held.blocks("val").dtype)} <= rows["val"]
+
+
+def test_regime_report_pairs_task_scores_within_seed(tmp_path):
+    from loopmdm.experiments.regime_report import regime_section
+    from loopmdm.experiments.suites import SUITES
+
+    curve = [{"step": 1, "flops": 1.0, "epoch": 1.0, "val_nll": 2.0}, {"step": 2, "flops": 2.0, "epoch": 2.0, "val_nll": 1.9}]
+    solved = {("mdm", 0): {1: 0.40}, ("mdm", 1): {1: 0.50}, ("loop", 0): {1: 0.30, 8: 0.55}, ("loop", 1): {1: 0.35, 8: 0.70},
+              ("deeper", 0): {1: 0.45}, ("deeper", 1): {1: 0.45}}
+
+    def ev(arm, seed):
+        per_s = solved[(arm, seed)]
+        return {"arm": arm, "seed": seed, "step": 2, "train_time": 60.0, "epochs": 2.0, "val_curve": curve,
+                "best": {"step": 2, "val_nll": 1.9, "epoch": 2.0},
+                "test_nelbo": [{"loops": s, "nll": 1.0, "sequences": 8, "tokens": 64} for s in per_s],
+                "orders": {o: [{"loops": s, "solved": v} for s, v in per_s.items()] for o in ("raster", "confidence", "oneshot")}}
+
+    evaluations = {f"{a}-s{s}": ev(a, s) for a, s in solved}
+    suite = SUITES["sudoku-scarce"]
+    scale = suite.scales["cpu"]
+    lines, out = regime_section(suite, scale, tmp_path, evaluations, ["mdm", "loop", "deeper"])
+    raster = out["task"]["raster"]
+    assert raster["per_seed"]["loop"]["8"] == [0.55, 0.70]
+    d = raster["paired"]["loop S=8 - mdm"]
+    assert d["per_seed"] == pytest.approx([0.15, 0.20]) and d["mean"] == pytest.approx(0.175)
+    assert d["se"] == pytest.approx(np.std([0.15, 0.20], ddof=1) / np.sqrt(2))
+    assert raster["paired"]["loop S=8 - loop S=1"]["mean"] == pytest.approx(0.30)
+    assert raster["paired"]["deeper - mdm"]["per_seed"] == pytest.approx([0.05, -0.05])
+    assert any("raster: boards solved" in line for line in lines)
 
 
 def test_train_tokens_caps_the_data_and_counts_epochs(tiny_cfg_factory):

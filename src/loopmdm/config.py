@@ -133,6 +133,9 @@ class DataConfig:
     # false: train on the whole sequence (prompt positions may be masked too, a denser signal
     # for learning look-ups); evaluation always gives the prompt and scores the answers.
     task_prompt_given: bool = True
+    # Random validity-preserving symmetries of every training batch (tasks that define them:
+    # sudoku), seeded per step so a resumed run repeats them. Never changes the prepared bytes.
+    task_augment: bool = False
 
     def cache_root(self) -> Path:
         """The folder prepared data lives in: data.cache_dir when set, else the user cache.
@@ -321,12 +324,18 @@ def resolve(cfg: Config) -> None:
     cfg.model.noise_schedule, cfg.model.noise_eps = cfg.diffusion.schedule, cfg.diffusion.eps  # the model's sigma(t)
     da = cfg.data
     if da.source == "task":
+        from loopmdm.names import TASKS
         from loopmdm.tasks import get_task
 
         task = get_task(da.task)
         task.check(da.task_size, da.task_hops)
+        require(not da.task_augment or task.augment is not None,
+                f"data.task_augment=true: task '{da.task}' defines no symmetries; tasks with them: "
+                + ", ".join(name for name in TASKS if get_task(name).augment is not None))
         da.seq_len = task.seq_len(da.task_size, da.task_hops)  # the task fixes the length
         da.tokenizer = "task"
+    else:
+        require(not da.task_augment, f"data.task_augment=true is for data.source=task (got data.source={da.source})")
 
 
 def _choice(key: str, value: str, allowed: tuple) -> None:
@@ -401,8 +410,9 @@ def validate(cfg: Config) -> None:
     require(0.0 <= da.test_fraction < 1.0 and da.val_fraction + da.test_fraction < 1.0,
             f"data.test_fraction={da.test_fraction} must be in [0, 1) with data.val_fraction + data.test_fraction < 1 "
             f"(data.val_fraction={da.val_fraction})")
-    require(da.test_fraction == 0.0 or da.source not in ("task", "pairs"),
-            f"data.test_fraction={da.test_fraction} is for text sources; data.source={da.source} holds out its own test set")
+    require(da.test_fraction == 0.0 or da.source != "pairs",
+            f"data.test_fraction={da.test_fraction} is for text and task sources; data.source=pairs is scored on "
+            f"its own test pairs")
     require(da.train_tokens >= 0, f"data.train_tokens={da.train_tokens} must be >= 0 (0 = the whole train split)")
     if da.source == "text":
         require(len(da.paths) > 0, "data.source=text needs data.paths=[file or glob, ...]")

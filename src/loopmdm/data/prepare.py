@@ -137,7 +137,7 @@ def unigram_baselines(train_counts: np.ndarray, val_counts: np.ndarray) -> Tuple
 # the key, and a resumed run may change them (training/run.py).
 NOT_IN_KEY = ("cache_dir", "num_proc")
 # Read by the trainer, never by preparation: not in the key either, but fixed for a run.
-TRAINING_ONLY = ("train_tokens",)
+TRAINING_ONLY = ("train_tokens", "task_augment")
 
 
 def cache_key(cfg: DataConfig) -> str:
@@ -203,13 +203,26 @@ def _build_task(cfg: DataConfig, out_dir: Path, log) -> None:
     val = val[fresh]
     require(len(val) > 0, f"data.task={cfg.task}: every validation example also occurs in train "
                           f"(task_size={cfg.task_size} is too small for disjoint splits)")
+    splits = {"train": train, "val": val}
+    dropped = int((~fresh).sum())
+    if cfg.test_fraction > 0:
+        # A test split that no choice sees (lr, early stopping use val): its own seed, and every
+        # example that also occurs in train or val dropped, so the three splits are disjoint.
+        n_test = max(1, int(round(cfg.test_fraction * cfg.task_examples)))
+        test = task.examples(cfg.task_size, cfg.task_hops, n_test, cfg.split_seed * 2 + 1_000_003)
+        seen |= {row.tobytes() for row in val.astype(np.uint16)}
+        fresh_test = np.array([row.tobytes() not in seen for row in test.astype(np.uint16)], dtype=bool)
+        splits["test"] = test[fresh_test]
+        dropped += int((~fresh_test).sum())
+        require(len(splits["test"]) > 0, f"data.task={cfg.task}: every test example also occurs in train or val "
+                                         f"(task_size={cfg.task_size} is too small for disjoint splits)")
     dtype = np.dtype(np.uint16)
     counts = {}
-    for split, rows in (("train", train), ("val", val)):
+    for split, rows in splits.items():
         rows.astype(dtype).tofile(out_dir / f"{split}.bin")
         counts[split] = np.bincount(rows.reshape(-1), minlength=tokenizer.vocab_size)
-    log(f"task {cfg.task}: {len(train)} train, {len(val)} val examples of length {train.shape[1]} "
-        f"({int((~fresh).sum())} val examples dropped as duplicates of train)")
+    log(f"task {cfg.task}: " + ", ".join(f"{len(rows)} {split}" for split, rows in splits.items())
+        + f" examples of length {train.shape[1]} ({dropped} held-out examples dropped as duplicates)")
     tokenizer.save(out_dir / "tokenizer.json")
     np.save(out_dir / UNIGRAM_FILE, counts["train"])
     entropy, xent = unigram_baselines(counts["train"], counts["val"])
@@ -220,6 +233,8 @@ def _build_task(cfg: DataConfig, out_dir: Path, log) -> None:
         "dtype": dtype.name, "n_train_blocks": len(train), "n_val_blocks": len(val),
         "n_train_docs": len(train), "n_val_docs": len(val), "n_train_tokens": int(train.size),
         "n_val_tokens": int(val.size), "source": f"task: {task.description}",
+        **({"n_test_blocks": len(splits["test"]), "n_test_docs": len(splits["test"]),
+            "n_test_tokens": int(splits["test"].size)} if "test" in splits else {}),
         "task": cfg.task, "task_size": cfg.task_size, "task_hops": cfg.task_hops,
         "answer_start": task.prompt_len(cfg.task_size, cfg.task_hops),
         "prompt_len": task.prompt_len(cfg.task_size, cfg.task_hops) if cfg.task_prompt_given else 0,

@@ -1,8 +1,8 @@
 """Task accuracy against the number of loops (`loopmdm solve`): Sudoku solve rate and cell
 accuracy by difficulty, k-hop accuracy per hop, exact match of prompt/answer pairs.
 
-Test examples come from the run's validation split, which holds no training example
-(data/prepare.py drops duplicates); how each task blanks and scores them is its own
+Test examples come from the run's validation split, or its test split where the task has one
+(data.test_fraction > 0), which hold no training example (data/prepare.py drops duplicates); how each task blanks and scores them is its own
 (`tasks.Scoring`: tasks/sudoku.py, tasks/khop.py, tasks/pairs.py). Everything is seeded,
 so arms and loop counts see the same examples.
 """
@@ -25,14 +25,16 @@ def scoring_of(task: str) -> Scoring:
     return PAIRS if task == "pairs" else get_task(task).scoring
 
 
-def task_test_set(data, num: int, seed: int = 0, answer_len: int = 0) -> dict:
-    """{"x": masked inputs (N, L), "target": clean rows, "difficulty": per-example int or -1, ...}."""
+def task_test_set(data, num: int, seed: int = 0, answer_len: int = 0, split: str = "val") -> dict:
+    """{"x": masked inputs (N, L), "target": clean rows, "difficulty": per-example int or -1, ...},
+    from `split` ("test" where the task was prepared with data.test_fraction > 0: the split no
+    choice has seen)."""
     from loopmdm.names import TASKS
 
     task = "pairs" if data.prompt_sep_id is not None else data.meta.get("task")
     require(task == "pairs" or task in TASKS, f"prepared data '{data.path}' is not a task dataset (meta task={task!r}); "
                                               "`loopmdm solve` needs a run trained with data.source=task or pairs")
-    val = np.asarray(data.blocks("val")).astype(np.int64)
+    val = np.asarray(data.blocks(split)).astype(np.int64)
     picked = eval_rows(len(val), num, 1) if num < len(val) else np.arange(len(val))
     return scoring_of(task).test_set(data, val[picked], picked, seed, answer_len)
 

@@ -62,7 +62,7 @@ def evaluate_run(suite, spec, scale, log) -> dict:
               "params": sum(p.numel() for p in run.model.parameters())}
     log(f"eval  {spec.name} at S = {loops}")
     if suite.kind == "task":
-        test = task_test_set(data, scale.num_test, seed=0)
+        test = task_test_set(data, scale.num_test, seed=0, split="test" if data.has_split("test") else "val")
         result["orders"] = {order: solve_task(run.model, data, test, loops, order, run.device,
                                               precision=run.cfg.train.precision)
                             for order in suite.orders}

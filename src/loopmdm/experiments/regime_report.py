@@ -138,8 +138,8 @@ def regime_section(suite, scale, out_dir: Path, evaluations: dict, arms: list[st
     out: dict = {"seeds": seeds, "runs": {}, "test_nelbo": {}, "paired": {}, "flops_to_match": {}, "attention": {}}
     md = ["## The data-scarce regime: selected on validation, reported on test", "",
           f"Seeds in every cell below: {seeds} (runs of other seeds are left out of every table). "
-          "Each run is evaluated at its best validation checkpoint (early stopping on the validation plays); "
-          "the test plays were never used for a choice. ± is the standard error over seeds; differences "
+          "Each run is evaluated at its best validation checkpoint (early stopping on the validation split); "
+          "the test split (held-out plays, or task examples of their own seed) was never used for a choice. ± is the standard error over seeds; differences "
           "are paired within a seed.", ""]
     # --- which regime each run is in -------------------------------------------------------
     md += ["| run | steps | epochs trained | best at epoch | best val NELBO | final val NELBO | regime | train min |",
@@ -254,7 +254,71 @@ def regime_section(suite, scale, out_dir: Path, evaluations: dict, arms: list[st
             md.append(f"- {arm} (masked-key fraction {frac:.3f}): "
                       + ", ".join(f"{name} {v:.3f}" for name, v in zip(layers, means)))
         md.append("")
+    if suite.kind == "task":
+        md += _task_section(suite, evaluations, arms, seeds, loops, out, scale.num_test)
     _plot_curves(out_dir / "val_curves_regime.png", evaluations, arms)
     md += ["Plots: `val_curves_regime.png` (validation NELBO against FLOPs, epochs and steps, per seed; "
            "star = selected checkpoint), `test_nelbo.png` (test NELBO against inference S).", ""]
     return md, out
+
+
+def _task_score(ev: dict, order: str, key: str, loops: int) -> float | None:
+    rec = next((r for r in ev.get("orders", {}).get(order, []) if r["loops"] == loops), None)
+    return None if rec is None else float(rec[key])
+
+
+def _task_section(suite, evaluations: dict, arms: list[str], seeds: list[int], loops: list[int], out: dict,
+                  num_test: int) -> list[str]:
+    """The task's headline score on the test puzzles (best-validation weights), per seed, and its
+    paired differences: LoopMDM at each S against MDM, deeper and its own S = 1; deeper against MDM."""
+    from loopmdm.experiments.report import suite_scoring
+
+    key, title = suite_scoring(suite).headline
+    md: list[str] = []
+    out["task"] = {}
+    for order in suite.orders:
+        rows, table = [], {}
+        for arm in arms:
+            looped = any(len(_by(evaluations, arm, s).get("orders", {}).get(order, [])) > 1 for s in seeds)
+            for s_loops in (loops if looped else [1]):
+                values = [_task_score(_by(evaluations, arm, seed), order, key, s_loops) for seed in seeds]
+                if seeds and all(v is not None for v in values):
+                    rows.append((arm, s_loops if looped else None, values))
+                    table.setdefault(arm, {})[s_loops] = values
+        if not rows:
+            continue
+        md += [f"**{order}: {title}** on {num_test} examples of the test split (best-validation weights; the "
+               "same examples for every arm, seed and S)", "",
+               "| arm | S | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± s.e. |",
+               "|---|---|" + "---|" * (len(seeds) + 1)]
+        for arm, s_loops, values in rows:
+            m, se = mean_se(values)
+            md.append(f"| {arm} | {s_loops or '–'} | " + " | ".join(f"{v:.3f}" for v in values)
+                      + f" | {fmt_se(m, se, digits=3)} |")
+        diffs = []
+
+        def pair(a_arm, a_s, b_arm, b_s):
+            a, b = table.get(a_arm, {}).get(a_s), table.get(b_arm, {}).get(b_s)
+            if a is not None and b is not None:
+                d = [x - y for x, y in zip(a, b)]
+                name = f"{a_arm}{f' S={a_s}' if len(table[a_arm]) > 1 else ''} - {b_arm}{f' S={b_s}' if len(table[b_arm]) > 1 else ''}"
+                diffs.append((name, d))
+
+        loop_s = sorted(table.get("loop", {}))
+        for s_loops in loop_s:
+            for other in [a for a in arms if a != "loop"]:
+                pair("loop", s_loops, other, 1)
+        for s_loops in loop_s[1:]:
+            pair("loop", s_loops, "loop", loop_s[0])
+        pair("deeper", 1, "mdm", 1)
+        md += ["", f"Paired differences of {title} (positive: the first is better):", "",
+               "| difference | per seed | mean ± s.e. | mean / s.e. |", "|---|---|---|---|"]
+        out["task"][order] = {"key": key, "per_seed": {arm: {str(s): v for s, v in d.items()} for arm, d in table.items()},
+                              "paired": {}}
+        for name, d in diffs:
+            m, se = mean_se(d)
+            out["task"][order]["paired"][name] = {"mean": m, "se": se, "per_seed": d}
+            md.append(f"| {name} | " + ", ".join(f"{v:+.3f}" for v in d) + f" | {fmt_se(m, se, digits=3, signed=True)} | "
+                      + (f"{m / se:+.1f}" if se else "–") + " |")
+        md.append("")
+    return md

@@ -48,6 +48,11 @@ class Suite:
     init_of: str = ""
     pairs: str = ""
     pairs_num: int = 20000
+    # Retrofit suites (ours, beyond the paper): every arm starts from the *MDM* final run of the
+    # same seed of `retrofit_of` (results/<retrofit_of>-<scale>/runs/mdm-s<seed>; sweeps from seed 0)
+    # and trains on for the scale's budget on the same data: `mdm` continues as it was, `loop`
+    # loops the base config's layers (the same weights, now shared across S iterations).
+    retrofit_of: str = ""
 
 
 ALL_ARMS = ("mdm", "loop", "deeper", "uniform", "inject")
@@ -97,6 +102,24 @@ SUITES["shakespeare-char"] = Suite("shakespeare-char", "experiments/shakespeare-
                                     # 8x less unique text (4k characters, 2 steps an epoch): hundreds of epochs
                                     "cpu-4k": Scale(1.2e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 16, ("data.train_tokens=4096",))},
                                    loops=(1, 2, 4, 8, 12, 16))
+# Data-limited Sudoku (the regime issue): 1,000 solved 6 x 6 boards seen for tens of epochs (the
+# looped-Sudoku literature trains tens to hundreds of epochs on a few thousand puzzles,
+# ../shared/LOOPS.md); every arm selected at its best validation NELBO (300 held-out boards) and
+# solved on 300 test puzzles made from a test split of its own seed (never used for a choice).
+# cpu: 1e13 FLOPs is ~870 MDM steps of 64 boards (~56 epochs; LoopMDM ~470 steps, ~30 epochs).
+SUITES["sudoku-scarce"] = Suite("sudoku-scarce", "experiments/sudoku", ("mdm", "loop", "deeper"), "task",
+                                {"cpu": Scale(1e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 300,
+                                              ("data.task_examples=1000", "data.val_fraction=0.3",
+                                               "data.test_fraction=0.5", "train.eval_every=32",
+                                               "train.checkpoint_every=96", "train.warmup_steps=50"))},
+                                orders=("raster", "confidence", "oneshot"))
+# Retrofit (ours, beyond the paper; the regime issue, item 5): the 4k-character suite's MDMs, trained
+# past their best validation NELBO, trained on for 6e12 more FLOPs either as they are (`mdm`) or with
+# layer 1 looped (`loop`, S ~ U{1..8}); the same data, seeds, selection on validation and test split.
+SUITES["retrofit-char"] = Suite("retrofit-char", "experiments/shakespeare-char", ("mdm", "loop"), "lm",
+                                {"cpu-4k": Scale(6e12, 0.5, (2.5e-4, 5e-4, 1e-3), (0, 1, 2), 16,
+                                                 ("data.train_tokens=4096", "train.warmup_steps=20"))},
+                                loops=(1, 2, 4, 8, 12, 16), retrofit_of="shakespeare-char")
 # Reasoning after fine-tuning (the reasoning issue): the `lm` suite's pretrained MDM, LoopMDM and deeper
 # MDM, fine-tuned on multi-step arithmetic (reasoning-gym chain_sum, 1-digit operands, 2-4 terms: the
 # difficulty) with the same recipe and FLOPs; exact match per S and per number of terms.
