@@ -77,6 +77,11 @@ KHOP_GPU = ("data.task_size=16", "data.task_hops=8")
 SUITES = {
     "khop": Suite("khop", "experiments/khop", ALL_ARMS, "task",
                   {"cpu": Scale(2.4e13, 0.25, (3e-4, 1e-3, 3e-3), (0, 1), 500),
+                   # past the MDM's depth (the regime issue): 8 nodes, 4 hops (the most one cycle allows,
+                   # tasks/khop.py): hop 4 needs 4 look-ups, ~5 rounds of attention under one-shot
+                   # decoding, past a 4-layer MDM's one call; 8e12 FLOPs is ~1,600 MDM steps of 64
+                   # examples (unlimited data: each example is fresh).
+                   "cpu-deep": Scale(8e12, 0.5, (3e-4, 1e-3), (0, 1, 2), 500, ("data.task_size=8", "data.task_hops=4")),
                    "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000, GPU_TASK + KHOP_GPU)},
                   orders=("oneshot",)),
     "sudoku": Suite("sudoku", "experiments/sudoku", ALL_ARMS, "task",
@@ -145,6 +150,13 @@ def selection_nll(summary: dict) -> float:
     it kept one, else its final one (runs trained before best-checkpoint selection existed)."""
     best = summary.get("best_val_nll")
     return float(best) if best is not None else float(summary["val_nll"])
+
+
+def suite_scoring(suite: Suite):
+    """How a task suite's answers are scored: its pairs (a fine-tuning suite) or its base config's task."""
+    from loopmdm.evaluation.solve import scoring_of
+
+    return scoring_of("pairs" if suite.pairs else load_config(suite.config).data.task)
 
 
 def get_suite(name: str) -> Suite:
