@@ -42,6 +42,8 @@ test: install
 bench: install
 	$(PY) benchmarks/loop_overhead.py
 
+# Prepared data lives in the user cache (~/.cache/loopmdm or $LOOPMDM_CACHE_DIR), shared with
+# other checkouts: not removed here. data_cache is where older versions put it.
 clean:
 	rm -rf $(VENV) data_cache runs .pytest_cache
 

@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/prepare_throughput.py [--mb 50] [--tokenizer-path tokenizers/gpt2]
     PYTHONPATH=src python benchmarks/prepare_throughput.py --check-pieces \
         --tokenizer-path tokenizers/gpt2 --bert-path tokenizers/bert-base-uncased
+    PYTHONPATH=src python benchmarks/prepare_throughput.py --trained-bpe-lines 0.5,5,50
 
 Builds a ~MB-megabyte corpus by repeating the embedded corpus (Shakespeare + BBC, one
 document per file, each copy a distinct file), then, each in a fresh child process (so
@@ -18,6 +19,11 @@ Reports documents/s, tokens/s, peak RSS (the phase's process plus, for workers, 
 largest worker) and the ratio of each preparation's time to the tokenizer's alone.
 The GPT-2 vocabulary comes from --tokenizer-path (`make tokenizers`); without it a
 byte-level BPE (vocab 8,192) is trained on 5 MB of the corpus first.
+
+`--trained-bpe-lines MB,MB,...` measures instead the project's own BPE (`data.tokenizer=bpe`,
+trained here, vocab 2,048 as in `tiny`): for each size, `prepare_data` with data.num_proc=1 on
+one single-line file of that size (plus a short second document, so that the line can be the
+train split), in a fresh process: training the tokenizer on the line, then encoding it.
 """
 
 from __future__ import annotations
@@ -100,6 +106,40 @@ def check_pieces(paths: dict, texts: list[str], max_chars: int = 300) -> None:
         print(f"pieces check, {name}: {len(texts)} documents, {cuts:,} cuts, {differ} documents with different ids")
 
 
+def single_line_file(folder: Path, texts: list[str], mb: float) -> Path:
+    """One line of about `mb` MB: the embedded corpus, whitespace collapsed, repeated."""
+    one = " ".join(" ".join(t.split()) for t in texts) + " "
+    size = int(mb * 1e6)
+    path = folder / f"line_{mb:g}mb.txt"
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(size // len(one)):
+            f.write(one)
+        f.write(one[: size % len(one)])
+    return path
+
+
+def trained_bpe_lines(sizes_mb: list[float], texts: list[str], work: Path) -> None:
+    """Peak RSS of preparing one long line with the BPE trained on it (module docstring)."""
+    from loopmdm.data.corpus import split_names
+
+    second = work / "second.txt"
+    second.write_text(texts[0], encoding="utf-8")
+    print("| single line | wall s | CPU s | tokens | peak RSS MB |")
+    print("|---|---|---|---|---|")
+    for mb in sizes_mb:
+        line = single_line_file(work, texts, mb)
+        paths = [str(line), str(second)]
+        # The seed that puts the line in train, so that the tokenizer is trained on it.
+        seed = next(s for s in range(100) if split_names(paths, 0.5, 0.0, s)[0] == "train")
+        cfg = DataConfig(source="text", paths=paths, tokenizer="bpe", bpe_vocab_size=2048, seq_len=128,
+                         val_fraction=0.5, split_seed=seed, num_proc=1, cache_dir=str(work / "cache"))
+        r = run_phase(prepare, cfg)
+        print(f"| {line.stat().st_size / 1e6:g} MB | {r['seconds']:.1f} | {r['cpu']:.1f} | {r['tokens']:,} "
+              f"| {r['rss'][0]:,.0f} |", flush=True)
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        line.unlink()
+
+
 def run_phase(target, *args) -> dict:
     """`target` in a fresh spawned process (own peak RSS), its result dict."""
     context = multiprocessing.get_context("spawn")
@@ -119,6 +159,8 @@ def main() -> None:
     parser.add_argument("--bert-path", default="", help="with --check-pieces: a bert-base-uncased vocab folder")
     parser.add_argument("--check-pieces", action="store_true",
                         help="only check that piece-wise encoding gives the whole documents' ids (real GPT-2/BERT)")
+    parser.add_argument("--trained-bpe-lines", default="",
+                        help="only measure the trained BPE on single lines of these sizes, MB (e.g. 0.5,5,50)")
     parser.add_argument("--work", default="", help="scratch folder (default: a temporary one, removed)")
     args = parser.parse_args()
     if args.check_pieces:
@@ -129,6 +171,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         texts = [read_text_file(p) for _, p in _embedded_files()]
+        if args.trained_bpe_lines:
+            print(f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+            trained_bpe_lines([float(mb) for mb in args.trained_bpe_lines.split(",")], texts, work)
+            return
         corpus_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
         copies = max(1, round(args.mb / corpus_mb))
         corpus = work / "corpus"

@@ -1,11 +1,25 @@
 """Shared fixtures: a small real-text corpus and a tiny model config, fast on 2 CPU cores."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
-from loopmdm.config import load_config
+from loopmdm.config import CACHE_ENV, load_config
+
+
+@pytest.fixture(autouse=True, scope="session")
+def user_cache(tmp_path_factory):
+    """The default data cache (data.cache_dir unset) is a fresh folder of this session, never
+    the user's ~/.cache/loopmdm (or a $LOOPMDM_CACHE_DIR of their shell); subprocesses inherit it."""
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("user-cache"))
+    yield Path(os.environ[CACHE_ENV])
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
 
 
 def bbc_glob() -> str:

@@ -116,7 +116,7 @@ def test_every_option_of_every_command_is_classified():
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_bad_values_give_one_line_and_change_nothing(world, tmp_path, monkeypatch, command):
-    monkeypatch.chdir(tmp_path)  # relative outputs (./data_cache, RUN-ft-NAME) would land here
+    monkeypatch.chdir(tmp_path)  # relative outputs (RUN-ft-NAME) would land here
     places = _placeholders(world)
     new = world / "new" / command
     fill = {"run": str(world / "run"), "init": str(world / "run"), ("solve", "run"): str(world / "task-run"),

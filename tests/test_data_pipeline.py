@@ -99,6 +99,29 @@ def test_pieces_encode_to_the_same_ids_as_the_whole_text(kind):
     assert split_text("a" * 450, 200) == ["a" * 200, "a" * 200, "a" * 50]
 
 
+def test_the_projects_bpe_trains_on_pieces_to_the_whole_documents_vocabulary(monkeypatch):
+    """data.tokenizer=bpe is trained on pieces (the trainer pre-tokenizes each input at once:
+    a 50 MB line held ~5 GB); cut where the pre-tokenizer splits anyway, they give the same
+    word counts, so the same merges, as the whole documents, and encode to the same ids."""
+    from loopmdm.data import tokenizer as tokenizer_module
+    from loopmdm.data.tokenizer import build_tokenizer
+
+    texts = bbc_texts()
+    texts.append(" ".join(t.replace("\n", " ") for t in texts))  # one long line
+    cfg = DataConfig(tokenizer="bpe", bpe_vocab_size=600)
+    monkeypatch.setattr(encode, "MAX_PIECE_CHARS", 10**9)  # no cut: each document whole
+    whole = build_tokenizer(cfg, texts)
+    monkeypatch.setattr(encode, "MAX_PIECE_CHARS", 200)
+    seen, real = [], tokenizer_module.iter_pieces
+    monkeypatch.setattr(tokenizer_module, "iter_pieces", lambda text: (seen.append(len(p)) or p for p in real(text)))
+    in_pieces = build_tokenizer(cfg, texts)
+    assert max(seen) <= 200 and len(seen) > 1000  # the trainer saw pieces only, many of them
+    assert in_pieces.tok.to_str() == whole.tok.to_str()
+    for text in texts[-3:]:
+        ids = [i for e in in_pieces.tok.encode_batch(split_text(text, 200), add_special_tokens=False) for i in e.ids]
+        assert ids == whole.encode(text)
+
+
 def test_a_long_single_line_document_is_encoded_in_bounded_pieces(tmp_path, small_pieces, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus")
     seen = []

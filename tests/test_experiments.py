@@ -286,3 +286,18 @@ def test_a_table_with_no_seed_in_every_arm_shows_seeds_only_and_draws_nothing_wr
 
     _plot(tmp_path / "per_seed.png", "NELBO", "nats", st, [1, 2])  # no common seed: each seed drawn
     assert (tmp_path / "per_seed.png").stat().st_size > 1000
+
+
+def test_sweep_folders_name_the_lr_they_train_and_resume_one_digit_names(tmp_path):
+    from loopmdm.experiments.runner import _lr_name, _run_dir
+
+    assert [_lr_name(lr) for lr in (1e-3, 2.5e-4, 5e-4, 9e-5, 3.33e-4)] == ["1e-3", "2.5e-4", "5e-4", "9e-5", "3.33e-4"]
+    runs = tmp_path / "runs"
+    assert _run_dir(runs, "sweep-mdm-lr", 2.5e-4).name == "sweep-mdm-lr2.5e-4"
+    old = runs / "sweep-mdm-lr3e-4"  # what an earlier version named lr 2.5e-4
+    old.mkdir(parents=True)
+    (old / "config.yaml").write_text("train:\n  lr: 0.00025\n")
+    assert _run_dir(runs, "sweep-mdm-lr", 2.5e-4) == old
+    assert _run_dir(runs, "sweep-mdm-lr", 3e-4).name == "sweep-mdm-lr3e-4"  # exact: the new name is the same
+    (old / "config.yaml").write_text("train:\n  lr: 0.0003\n")
+    assert _run_dir(runs, "sweep-mdm-lr", 2.5e-4).name == "sweep-mdm-lr2.5e-4"  # trained at another lr

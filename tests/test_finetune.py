@@ -178,7 +178,7 @@ def test_gsm8k_train_formats_offline(tmp_path, capsys, monkeypatch):
 
 
 def test_finetune_command_reports_accuracy_by_difficulty(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # finetune writes generated pairs under data_cache/
+    monkeypatch.chdir(tmp_path)  # the fine-tuned run goes next to --init; generated pairs to the data cache
     base = tiny_overrides(tmp_path)
     assert main(["train", "tiny", *base, "train.max_steps=3"]) == 0
     source = "rg:chain_sum:min_terms=2,max_terms=3,min_digits=1,max_digits=1"

@@ -179,8 +179,9 @@ def test_sample_bench_bad_taus_and_a_file_as_out_are_one_line(trained, tmp_path,
 def task_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("task")
     overrides = [o for o in tiny_overrides(root) if not o.startswith("data.")]
-    assert main(["train", "tiny", *overrides, "data.source=task", "data.task=khop", "data.task_size=6",
-                 "data.task_hops=2", "data.task_examples=300", f"data.cache_dir={root / 'cache'}",
+    # 4 nodes, 1 hop: sequences of 6 tokens, shorter than the 8 that text data needs at least.
+    assert main(["train", "tiny", *overrides, "data.source=task", "data.task=khop", "data.task_size=4",
+                 "data.task_hops=1", "data.task_examples=300", f"data.cache_dir={root / 'cache'}",
                  "train.max_steps=2", "train.eval_every=0"]) == 0
     return root / "run"
 
@@ -246,3 +247,168 @@ def test_syntax_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.strip().splitlines() == [
         "error: argument --draws: invalid int value: 'abc' (see `loopmdm eval --help`)"]
+
+
+# ----------------------------------------------------------------------------- 4. misleading lines
+
+def test_a_task_run_shorter_than_8_tokens_reopens(task_run, capsys):
+    assert json.loads((task_run / "config.yaml").read_text().split("seq_len: ")[1].split()[0]) == 6
+    code, out, err = run_cli(capsys, "eval", str(task_run), "--loops", "1", "--json")
+    assert code == 0 and json.loads(out)[0]["tokens"] > 0, err
+    code, out, err = run_cli(capsys, "solve", str(task_run), "--loops", "1", "--num", "4", "--json")
+    assert code == 0 and json.loads(out)[0]["n"] == 4, err
+    assert run_cli(capsys, "sample", str(task_run), "--num", "1", "--steps", "4")[0] == 0
+
+
+def test_finetuning_a_task_run_on_pairs_names_the_mismatch(task_run, user_cache, capsys):
+    pairs_dir = user_cache / "pairs"
+    before = sorted(pairs_dir.iterdir()) if pairs_dir.is_dir() else []
+    code, _, err = run_cli(capsys, "finetune", "sudoku:4", "--init", str(task_run), "--num", "20")
+    # Not "data.tokenizer='task' is not allowed; choose one of: ..., task", nor data.seq_len=6.
+    assert_one_line_error(code, err, "data.source=task", "khop", "sudoku:4", "trained on text")
+    assert "not allowed" not in err and "seq_len=6" not in err
+    assert (sorted(pairs_dir.iterdir()) if pairs_dir.is_dir() else []) == before  # refused before any work
+
+
+def test_a_pairs_config_with_the_task_tokenizer_is_one_line(tmp_path):
+    from loopmdm.config import load_config
+    from loopmdm.errors import LoopMDMError
+
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"prompt": "a", "answer": "b"}\n')
+    with pytest.raises(LoopMDMError, match="data.tokenizer=task is the vocabulary of a synthetic task.*bpe, char, "
+                                           "gpt2, bert-base-uncased$"):
+        load_config(None, ["data.source=pairs", f"data.paths=['{pairs}']", "data.tokenizer=task"])
+
+
+def test_latest_as_a_folder_is_named_not_a_full_disk(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    latest = run / "checkpoints" / "latest"
+    kept = latest.read_text().strip()
+    latest.unlink()
+    latest.mkdir()
+    code, _, err = run_cli(capsys, *train_argv(trained, run, "train.max_steps=8", "train.checkpoint_every=2", "--resume"))
+    assert_one_line_error(code, err, f"'{latest}' is a folder", "move it away", f"{kept} is kept", "--resume")
+    assert "free some space" not in err and "no earlier checkpoint" not in err
+    assert "is a folder" in err.split("error:")[0]  # the fallback note says so too, not "not readable text"
+
+
+def test_a_failed_report_only_experiment_leaves_no_out_folder(tmp_path, capsys):
+    out = tmp_path / "exp" / "khop"
+    assert_one_line_error(*run_cli(capsys, "experiment", "khop", "--report-only", "--out", str(out))[::2],
+                          "nothing to report")
+    assert not (tmp_path / "exp").exists()
+
+
+# ----------------------------------------------------------------------------- 5. the data cache
+
+def test_the_default_data_cache_is_the_users_not_the_working_directorys(monkeypatch, tmp_path):
+    from loopmdm.config import CACHE_ENV, DataConfig
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert DataConfig().cache_root() == tmp_path / "mine"
+    assert DataConfig(cache_dir=str(tmp_path / "explicit")).cache_root() == tmp_path / "explicit"  # a setting wins
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert DataConfig().cache_root() == tmp_path / "xdg" / "loopmdm"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/xdg")  # not absolute: ignored, as the XDG spec says
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert DataConfig().cache_root() == tmp_path / "home" / ".cache" / "loopmdm"
+
+
+def test_the_test_suite_never_writes_the_real_user_cache(user_cache, tmp_path_factory):
+    from loopmdm.config import DataConfig
+
+    assert DataConfig().cache_root() == user_cache
+    assert tmp_path_factory.getbasetemp() in user_cache.parents
+
+
+def _without_cache_dir(root):
+    return [o for o in tiny_overrides(root) if not o.startswith("data.cache_dir")]
+
+
+def test_prepare_from_two_folders_shares_one_cache(tmp_path, monkeypatch, capsys, user_cache):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        code, out, err = run_cli(capsys, "prepare", "tiny", *_without_cache_dir(tmp_path), "data.seq_len=24")
+        assert code == 0, err
+        assert not (tmp_path / folder / "data_cache").exists()
+    assert "using cached" in err  # the second folder found the first one's data
+    assert str(user_cache) in out
+
+
+def test_an_older_run_in_data_cache_resumes_and_reopens_from_anywhere(tmp_path, monkeypatch, capsys, user_cache):
+    """A run made when ./data_cache was the default: its config says cache_dir: data_cache, its
+    data.json names the folder there. From another folder it resumes and evaluates on that data."""
+    from loopmdm.config import config_from_dict
+    from loopmdm.runs import recorded_data_path
+
+    (tmp_path / "then").mkdir()
+    monkeypatch.chdir(tmp_path / "then")
+    overrides = _without_cache_dir(tmp_path) + ["data.seq_len=20", "train.eval_every=0"]
+    assert main(["train", "tiny", *overrides, "data.cache_dir=data_cache", "train.max_steps=2"]) == 0
+    run = tmp_path / "run"
+    recorded = recorded_data_path(run)
+    assert recorded.parent == tmp_path / "then" / "data_cache"
+    assert "cache_dir: data_cache" in (run / "config.yaml").read_text()
+    (tmp_path / "now").mkdir()
+    monkeypatch.chdir(tmp_path / "now")
+    before = sorted(user_cache.iterdir())
+    assert main(["train", "tiny", *overrides, "train.max_steps=4", "--resume"]) == 0
+    assert main(["eval", str(run), "--loops", "1"]) == 0
+    assert recorded_data_path(run) == recorded  # the same prepared data, not a copy
+    assert sorted(user_cache.iterdir()) == before and not (tmp_path / "now" / "data_cache").exists()
+    saved = config_from_dict({"data": {"cache_dir": "data_cache"}})
+    assert saved.data.cache_root() == user_cache  # what the old default means today
+    capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- 6. leftovers of preparers
+
+def _pairs_cfg(tmp_path, lines):
+    from loopmdm.config import DataConfig
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    return DataConfig(source="pairs", paths=[str(pairs)], tokenizer="char", seq_len=16, val_fraction=0.3,
+                      cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_failed_pairs_preparation_leaves_no_partial_folder_nor_lock(tmp_path):
+    from loopmdm.data.prepare import prepare_data
+    from loopmdm.errors import LoopMDMError
+
+    good = [json.dumps({"prompt": f"{i}+1", "answer": str(i + 1)}) for i in range(6)]
+    cfg = _pairs_cfg(tmp_path, good[:3] + ["{not json"] + good[3:])
+    with pytest.raises(LoopMDMError, match="pairs.jsonl:4 is not valid JSON"):
+        prepare_data(cfg)
+    cache = tmp_path / "cache"
+    assert not cache.exists() or sorted(p.name for p in cache.iterdir()) == []
+
+
+def test_what_dead_preparers_left_is_removed_and_live_ones_are_kept(tmp_path):
+    """A preparer killed outright (SIGKILL, OOM) runs no cleanup: its `.partial-NAME/` and
+    `.NAME.lock` stay. The next preparer removes them when no live process holds the lock,
+    keeps a partial folder a rerun can resume, and never touches a live preparer's."""
+    import fcntl
+
+    from loopmdm.data.prepare import prepare_data
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead, live, resumable = "pairs-char-aaaaaaaaaaaa", "pairs-char-bbbbbbbbbbbb", "text-bpe-cccccccccccc"
+    for name in (dead, live, resumable):
+        (cache / f".partial-{name}").mkdir()
+        (cache / f".partial-{name}" / "train.bin").write_bytes(b"\0" * 64)
+        (cache / f".{name}.lock").write_bytes(b"")
+    (cache / f".partial-{resumable}" / "progress.json").write_text('{"writers": {}}')
+    holder = open(cache / f".{live}.lock", "a")  # another process's lock, as flock sees it
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        data = prepare_data(_pairs_cfg(tmp_path, [json.dumps({"prompt": f"{i}+1", "answer": str(i + 1)})
+                                                  for i in range(6)]))
+    finally:
+        holder.close()
+    left = sorted(p.name for p in cache.iterdir())
+    assert left == sorted([data.path.name, f".partial-{live}", f".{live}.lock", f".partial-{resumable}"])

@@ -16,7 +16,7 @@ def test_shipped_loopmdm_and_mdm_reproduce_their_recorded_test_nelbo(tmp_path, m
     record = json.loads((SHIPPED / "record.json").read_text())
     for name in ("loop-s0", "mdm-s0"):
         shutil.copytree(SHIPPED / name, tmp_path / name)
-    monkeypatch.chdir(tmp_path)  # the exports prepare their data into ./data_cache
+    monkeypatch.chdir(tmp_path)  # nothing is written beside the copies (their data goes to the data cache)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     main(["eval", "loop-s0", "--split", "test", "--loops", ",".join(str(s) for s in record["test_loops"]),
           "--batches", str(record["batches"]), "--baseline", "mdm-s0", "--json"])

@@ -261,3 +261,44 @@ def test_khop_scoring_per_hop(tmp_path):
     filled[:5, -1] = (filled[:5, -1] + 1) % 6  # the last hop wrong in half the rows
     result = score(test, filled, data.vocab_size)
     assert result["per_hop"] == [1.0, 1.0, 0.5] and result["all_hops"] == 0.5
+
+
+def test_sudoku_augmentation_keeps_boards_valid_and_is_seeded():
+    rows = sudoku.random_boards(6, 16, seed=0) - 1
+    rows = rows.reshape(16, 36)
+    out = sudoku.augment_rows(rows, 6, np.random.default_rng(5))
+    assert out.shape == rows.shape and out.dtype == rows.dtype
+    assert all(sudoku.is_valid_board(b.reshape(6, 6) + 1, 6) for b in out)
+    assert (out != rows).any(1).all()  # every board moved
+    assert np.array_equal(out, sudoku.augment_rows(rows, 6, np.random.default_rng(5)))
+    assert not np.array_equal(out, sudoku.augment_rows(rows, 6, np.random.default_rng(6)))
+
+
+def test_task_augment_is_refused_where_no_symmetry_is_defined(tmp_path):
+    with pytest.raises(LoopMDMError, match="task 'khop' defines no symmetries; tasks with them: sudoku"):
+        _task_cfg(tmp_path, "data.task=khop", "data.task_size=6", "data.task_hops=3", "data.task_augment=true")
+    with pytest.raises(LoopMDMError, match="data.task_augment=true is for data.source=task"):
+        load_config(None, ["data.task_augment=true"])
+
+
+def test_augmented_training_sees_valid_boards_and_resumes_exactly(tmp_path):
+    from loopmdm.training.trainer import Trainer
+
+    cfg = _task_cfg(tmp_path, "data.task=sudoku", "data.task_size=6", "data.task_augment=true",
+                    "model.n_layers=2", "model.d_model=16", "model.n_heads=2", "model.cond_dim=8",
+                    "model.loop_start=null", "model.loop_end=null", "train.batch_size=8",
+                    f"train.out_dir={tmp_path / 'run'}")
+    data = prepare_data(cfg.data)
+    cfg.model.vocab_size = data.vocab_size
+    trainer = Trainer(cfg, data, tmp_path / "run")
+    seen = []
+    trainer.augment = (lambda f: lambda rows, n, rng: seen.append(f(rows, n, rng)) or seen[-1])(trainer.augment)
+    trainer.train_step()
+    batch = seen[0]
+    assert all(sudoku.is_valid_board(b.reshape(6, 6) + 1, 6) for b in batch)
+    train_rows = {r.tobytes() for r in np.asarray(data.blocks("train")).astype(batch.dtype)}
+    assert sum(r.tobytes() in train_rows for r in batch) < len(batch)  # not the stored rows
+    again = Trainer(cfg, data, tmp_path / "run2")
+    again.augment = (lambda f: lambda rows, n, rng: seen.append(f(rows, n, rng)) or seen[-1])(again.augment)
+    again.train_step()
+    assert np.array_equal(seen[1], batch)  # same seed and step: the same symmetries

@@ -7,6 +7,7 @@ behind it for torch & co., the source tree not on the path) from an unrelated fo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -78,7 +79,10 @@ def test_the_wheel_works_from_any_directory(installed, tmp_path):
              "train.progress=false", f"train.out_dir={run}", "eval.batch_size=2", "eval.num_batches=1"]
     train = _loopmdm(installed, tmp_path, "train", "tiny", *small)
     assert train.returncode == 0, train.stderr[-2000:]
-    assert (tmp_path / "data_cache").is_dir()  # data.cache_dir is relative to the working directory
+    # The data cache is the user's ($LOOPMDM_CACHE_DIR here: tests/conftest.py), not ./data_cache.
+    assert not (tmp_path / "data_cache").exists()
+    prepared = json.loads((run / "data.json").read_text())["prepared_path"]
+    assert Path(prepared).parent == Path(env["LOOPMDM_CACHE_DIR"]), prepared
     ev = _loopmdm(installed, tmp_path, "eval", str(run), "--loops", "1,2", "--json")
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert '"loops": 2' in ev.stdout

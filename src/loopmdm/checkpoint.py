@@ -62,6 +62,8 @@ def read_latest(run_dir: str | Path) -> tuple[Path | None, str | None]:
         name = latest.read_bytes().decode("utf-8").strip()
     except FileNotFoundError:
         return None, f"'{latest}' is missing"
+    except IsADirectoryError:
+        return None, f"'{latest}' is a folder, not the file naming the newest checkpoint"
     except (OSError, UnicodeDecodeError):
         return None, f"'{latest}' is not readable text"
     if not _STEP_NAME.match(name):
@@ -80,7 +82,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state
     name = f"step-{step:07d}"
     tmp = ckpt_root / f"{TMP_MARK}{name}-{os.getpid()}"
     final, old = ckpt_root / name, None
-    previous, _ = read_latest(run_dir)
+    # What a failure keeps: the checkpoint `latest` names, else (latest unreadable) the newest
+    # older folder, which --resume falls back to (runs.open_checkpoint).
+    previous = read_latest(run_dir)[0] or next((p for p in step_folders(run_dir) if step_of(p) < step), None)
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,8 +116,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state
             os.replace(old, final)
         kept = (f"the last good checkpoint {previous.name} is kept" if previous is not None
                 else "no earlier checkpoint exists")
-        raise disk_error(exc, f"checkpoint {name} in '{ckpt_root}'",
-                         f"{kept}; free some space, then continue with --resume") from None
+        raise disk_error(exc, f"checkpoint {name} in '{ckpt_root}'", kept, "continue with --resume") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -184,7 +187,7 @@ def save_best(run_dir: str | Path, state: dict, info: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, safetensors_bytes(_contiguous(state), metadata={BEST_KEY: json.dumps(info)}))
     except OSError as exc:
-        raise disk_error(exc, f"'{path}'", "free some space, then continue with --resume") from None
+        raise disk_error(exc, f"'{path}'", then="continue with --resume") from None
 
 
 def read_best_info(run_dir: str | Path) -> dict | None:

@@ -80,7 +80,7 @@ def cmd_finetune(args) -> None:
     import hashlib
     from pathlib import Path
 
-    from loopmdm.config import load_config
+    from loopmdm.config import LEGACY_CACHE_DIR, load_config
     from loopmdm.runs import is_export, read_run_config
     from loopmdm.tasks.pairs import make_pairs, write_pairs
     from loopmdm.training.distributed import dist_context
@@ -91,23 +91,39 @@ def cmd_finetune(args) -> None:
     # An export's tokenizer.json carries the added mask token, so it cannot be the data's tokenizer.
     require(not is_export(init), f"--init '{init}' is a `loopmdm export` folder; fine-tune from the run "
                                  f"directory it was exported from (or train with train.init_from={init})")
-    read_run_config(init)  # a clear error if --init is not a run directory
+    saved = read_run_config(init).get("data") or {}  # a clear error if --init is not a run directory
     source = Path(args.source)
+    _require_text_init(init, saved, args.source)
+    # A run saved when ./data_cache was the default gets today's default (the user cache).
+    legacy = ["data.cache_dir=''"] if saved.get("cache_dir") == LEGACY_CACHE_DIR else []
     if source.is_file():
         pairs_file = source
-    else:
+    else:  # generated pairs are kept in the data cache this fine-tuning prepares into
+        cache = load_config(str(init / "config.yaml"), legacy + list(args.overrides)).data.cache_root()
         key = hashlib.sha256(f"{args.source}|{args.num}|{args.seed}".encode()).hexdigest()[:10]
-        pairs_file = Path("data_cache") / "pairs" / f"{args.source.replace(':', '_').replace('/', '_')}-{key}.jsonl"
+        pairs_file = cache / "pairs" / f"{args.source.replace(':', '_').replace('/', '_')}-{key}.jsonl"
         if not pairs_file.is_file():
             write_pairs(make_pairs(args.source, args.num, args.seed), pairs_file)
     name = source.stem if source.is_file() else args.source.split(":")[1] if ":" in args.source else args.source
-    defaults = ["data.source=pairs", f"data.paths=['{pairs_file}']", f"data.tokenizer_path={init / 'tokenizer.json'}",
-                f"train.init_from={init}", f"train.out_dir={init}-ft-{name}", "train.warmup_steps=0"]
+    defaults = legacy + ["data.source=pairs", f"data.paths=['{pairs_file}']", f"data.tokenizer_path={init / 'tokenizer.json'}",
+                         f"train.init_from={init}", f"train.out_dir={init}-ft-{name}", "train.warmup_steps=0"]
     cfg = load_config(str(init / "config.yaml"), defaults + list(args.overrides))
     with dist_context(cfg.train.device, cfg.train.parallel) as dist:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite, dist=dist)
         if dist.is_main:
             print(json.dumps(summary, indent=2))
+
+
+def _require_text_init(init, saved_data: dict, pairs: str) -> None:
+    """Pairs are text, encoded with the --init run's tokenizer: a run trained on a synthetic
+    task has only that task's symbols (and its length), so it cannot be fine-tuned on them."""
+    if saved_data.get("source") != "task":
+        return
+    raise LoopMDMError(f"--init '{init}' was trained on data.source=task ({saved_data.get('task')}, "
+                       f"task_size={saved_data.get('task_size')}: its own vocabulary of that task's symbols and "
+                       f"sequences of {saved_data.get('seq_len')} tokens), which cannot encode the prompt/answer "
+                       f"text of '{pairs}'; fine-tune a run trained on text, or train on the task itself with "
+                       f"`loopmdm train` and data.source=task")
 
 
 def cmd_eval(args) -> None:
@@ -209,10 +225,12 @@ def cmd_zeroshot(args) -> None:
                 f"--out '{args.out}' must name a file prefix (OUT.json and OUT.md are written), not a folder")
         for suffix in (".json", ".md"):
             check_new_file(str(Path(args.out).with_suffix(suffix)), "--out", overwrite=args.overwrite)
+    from loopmdm.config import user_cache_dir
     from loopmdm.userfiles import check_out_dir
 
-    check_out_dir(args.cache_dir, "--cache-dir")
-    sets = parse_sets(args.sets, Path(args.cache_dir))  # bad names fail before the model loads
+    cache_dir = args.cache_dir if args.cache_dir is not None else str(user_cache_dir() / "zeroshot")
+    check_out_dir(cache_dir, "--cache-dir")
+    sets = parse_sets(args.sets, Path(cache_dir))  # bad names fail before the model loads
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     require_text_run(run, "zeroshot")
     loops = _loops_list(args.loops) if args.loops is not None else list(run.cfg.eval.loops)
@@ -220,7 +238,7 @@ def cmd_zeroshot(args) -> None:
         print("note: this model has no loop; every loop count gives the same result, evaluating S=1 only",
               file=sys.stderr)
         loops = [1]
-    report = zs.evaluate_zeroshot(run, sets, loops, cache_dir=args.cache_dir, max_docs=args.max_docs,
+    report = zs.evaluate_zeroshot(run, sets, loops, cache_dir=cache_dir, max_docs=args.max_docs,
                                   packing=args.packing, batch_size=args.batch_size, num_batches=args.batches,
                                   draws=args.draws, seed=args.seed, precision=args.precision or run.cfg.train.precision,
                                   progress=True, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -711,7 +729,8 @@ def _zeroshot_args(p) -> None:
     p.add_argument("--packing", choices=["wrap", "pad"], help="default: each set's (MDLM wraps them all)")
     p.add_argument("--draws", type=int, default=1, help="Monte-Carlo draws of (t, mask) per sequence (default 1)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the draws (default 1234)")
-    p.add_argument("--cache-dir", default="data_cache/zeroshot", help="where npm-fetched sets are kept (default data_cache/zeroshot)")
+    p.add_argument("--cache-dir", help="where npm-fetched sets are kept (default: zeroshot/ in the user cache, "
+                                       "$LOOPMDM_CACHE_DIR or ~/.cache/loopmdm)")
     p.add_argument("--out", help="also write OUT.json and OUT.md (the table); new files, or pass --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.json and OUT.md if they exist")
     json_argument(p, "print the report as one JSON object")

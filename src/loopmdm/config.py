@@ -29,6 +29,22 @@ from loopmdm.names import (BLOCK_STYLES, DETOKENIZERS, DEVICES, LR_SCHEDULES, PA
 # is a link to the same folder.
 PRESETS = "configs"
 
+# Prepared data lives in one user cache, whatever the working directory, so `loopmdm train tiny`
+# from another folder finds the data prepared before instead of preparing it again.
+CACHE_ENV = "LOOPMDM_CACHE_DIR"
+# The default data.cache_dir before the user cache: relative to wherever a command ran. Run
+# configs saved with it are read as today's default (config_from_dict).
+LEGACY_CACHE_DIR = "data_cache"
+
+
+def user_cache_dir() -> Path:
+    """$LOOPMDM_CACHE_DIR if set, else $XDG_CACHE_HOME/loopmdm (XDG: only an absolute path
+    counts), else ~/.cache/loopmdm."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "loopmdm"
+
 
 @dataclass
 class ModelConfig:
@@ -107,7 +123,7 @@ class DataConfig:
     # again every epoch: the data-scarce regime of the paper's budgets (tens of epochs).
     # Never changes the prepared bytes; validation and test are untouched.
     train_tokens: int = 0
-    cache_dir: str = "data_cache"
+    cache_dir: str = ""  # where prepared data lives; empty: the user cache (cache_root)
     # source=task: a synthetic task from loopmdm.tasks (TASKS); its own vocabulary and length
     # replace data.tokenizer and data.seq_len. train examples; validation gets val_fraction of that.
     task: str = "sudoku"
@@ -117,6 +133,14 @@ class DataConfig:
     # false: train on the whole sequence (prompt positions may be masked too, a denser signal
     # for learning look-ups); evaluation always gives the prompt and scores the answers.
     task_prompt_given: bool = True
+    # Random validity-preserving symmetries of every training batch (tasks that define them:
+    # sudoku), seeded per step so a resumed run repeats them. Never changes the prepared bytes.
+    task_augment: bool = False
+
+    def cache_root(self) -> Path:
+        """The folder prepared data lives in: data.cache_dir when set, else the user cache.
+        Resolved here, at use, and never stored: a saved config keeps what was asked for."""
+        return Path(self.cache_dir).expanduser() if self.cache_dir else user_cache_dir()
 
 
 @dataclass
@@ -277,6 +301,11 @@ def config_from_dict(data: dict) -> Config:
         # Saved before model.time_input existed: those runs were trained on 1000·t and with
         # dropout on the attention probabilities; keep reading them as they were trained.
         data = {**data, "model": {**model, "time_input": "1000t", "attention_dropout": True}}
+    saved_data = data.get("data") if isinstance(data, dict) else None
+    if isinstance(saved_data, dict) and saved_data.get("cache_dir") == LEGACY_CACHE_DIR:
+        # Saved when ./data_cache was the default, not a choice: data prepared again for this
+        # run goes to today's default, the user cache (RUN/data.json still names the old folder).
+        data = {**data, "data": {**saved_data, "cache_dir": ""}}
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
         cfg = OmegaConf.to_object(merged)
@@ -295,12 +324,18 @@ def resolve(cfg: Config) -> None:
     cfg.model.noise_schedule, cfg.model.noise_eps = cfg.diffusion.schedule, cfg.diffusion.eps  # the model's sigma(t)
     da = cfg.data
     if da.source == "task":
+        from loopmdm.names import TASKS
         from loopmdm.tasks import get_task
 
         task = get_task(da.task)
         task.check(da.task_size, da.task_hops)
+        require(not da.task_augment or task.augment is not None,
+                f"data.task_augment=true: task '{da.task}' defines no symmetries; tasks with them: "
+                + ", ".join(name for name in TASKS if get_task(name).augment is not None))
         da.seq_len = task.seq_len(da.task_size, da.task_hops)  # the task fixes the length
         da.tokenizer = "task"
+    else:
+        require(not da.task_augment, f"data.task_augment=true is for data.source=task (got data.source={da.source})")
 
 
 def _choice(key: str, value: str, allowed: tuple) -> None:
@@ -364,6 +399,10 @@ def validate(cfg: Config) -> None:
     _choice("data.source", da.source, SOURCES)
     _choice("data.tokenizer", da.tokenizer, TOKENIZERS)
     _choice("data.packing", da.packing, PACKINGS)
+    text_tokenizers = tuple(t for t in TOKENIZERS if t != "task")
+    require(da.tokenizer != "task" or da.source == "task",
+            f"data.tokenizer=task is the vocabulary of a synthetic task (data.source=task); data.source={da.source} "
+            f"needs a text tokenizer: one of {', '.join(text_tokenizers)}")
     if da.source != "task":  # a task's length is its own (resolve)
         require(da.seq_len >= 8, f"data.seq_len={da.seq_len} must be >= 8")
     require(da.bpe_vocab_size >= 260, f"data.bpe_vocab_size={da.bpe_vocab_size} must be >= 260 (bytes + specials)")

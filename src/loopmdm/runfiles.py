@@ -175,14 +175,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def disk_error(exc: OSError, what: str, then: str = "") -> LoopMDMError:
-    """One line for an OSError met while writing `what`."""
+def disk_error(exc: OSError, what: str, kept: str = "", then: str = "run the command again") -> LoopMDMError:
+    """One line for an OSError met while writing `what`: the cause and its remedy (only a full
+    disk asks for space; a folder where a file belongs is named as such), what was `kept`,
+    and what to do `then`."""
+    kept = f"{kept}; " if kept else ""
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-        head = f"disk full while writing {what} (OSError {errno.errorcode.get(exc.errno, exc.errno)})"
-        then = then or "free some space and run the command again"
-    else:
-        head = f"cannot write {what}: {exc.strerror or exc}"
-    return LoopMDMError(f"{head}; {then}" if then else head)
+        return LoopMDMError(f"disk full while writing {what} (OSError {errno.errorcode.get(exc.errno, exc.errno)}); "
+                            f"{kept}free some space and {then}")
+    folder = next((p for p in (exc.filename2, exc.filename) if p is not None and os.path.isdir(p)), None)
+    if folder is not None and exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+        return LoopMDMError(f"cannot write {what}: '{folder}' is a folder, where loopmdm writes a file "
+                            f"(OSError {errno.errorcode[exc.errno]}); {kept}move it away and {then}")
+    from loopmdm.boundary import os_error_line
+
+    return LoopMDMError(f"cannot write {what}: {os_error_line(exc)}; {kept}{then}")
 
 
 # --------------------------------------------------------------------------- the run lock

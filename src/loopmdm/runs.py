@@ -110,12 +110,9 @@ class LoadedRun:
     def prepared_data(self) -> PreparedData:
         """The run's own prepared data (re-prepared deterministically if the cache or
         RUN/data.json was deleted)."""
-        info_path = self.run_dir / "data.json"
-        try:
-            path = Path(json.loads(info_path.read_text(encoding="utf-8"))["prepared_path"])
-        except (OSError, ValueError, KeyError, TypeError):
-            note(f"'{info_path}' is missing or damaged; preparing the run's data from its config")
-            path = None
+        path = recorded_data_path(self.run_dir)
+        if path is None:
+            note(f"'{self.run_dir / 'data.json'}' is missing or damaged; preparing the run's data from its config")
         if path is not None and (path / "meta.json").is_file():
             data = load_prepared(path)
         else:
@@ -160,16 +157,25 @@ class LoadedRun:
     def unigram_xent(self, blocks: np.ndarray) -> float:
         """Cross-entropy of `blocks` (pads excluded) under the add-one unigram of the run's own
         train split: the floor to beat. NaN when the run's prepared data is gone."""
+        prepared = recorded_data_path(self.run_dir)
         try:
-            prepared = Path(json.loads((self.run_dir / "data.json").read_text(encoding="utf-8"))["prepared_path"])
             counts = np.load(prepared / UNIGRAM_FILE)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, TypeError):  # TypeError: no record
             return float("nan")
         tokens = np.asarray(blocks).reshape(-1).astype(np.int64)
         tokens = tokens[tokens != self.tokenizer.pad_id]
         if len(counts) != self.tokenizer.vocab_size or not len(tokens):
             return float("nan")
         return float(-add_one_log_probs(counts)[tokens].mean())
+
+
+def recorded_data_path(run_dir: str | Path) -> Path | None:
+    """The prepared folder RUN/data.json names (absolute, wherever the cache was), or None
+    when the record is missing or damaged."""
+    try:
+        return Path(json.loads((Path(run_dir) / "data.json").read_text(encoding="utf-8"))["prepared_path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_tokenizer_match(run: LoadedRun, data: PreparedData) -> None:

@@ -66,19 +66,22 @@ def _cut_before(text: str, lo: int, hi: int) -> int:
 def split_text(text: str, max_chars: int = 0) -> List[str]:
     """`text` as consecutive pieces of at most `max_chars` (default MAX_PIECE_CHARS)
     characters, cut at pre-token boundaries (module docstring); ''.join(pieces) == text."""
+    return list(iter_pieces(text, max_chars))
+
+
+def iter_pieces(text: str, max_chars: int = 0) -> Iterator[str]:
+    """`split_text`, one piece at a time: a consumer that drops each piece holds one piece's
+    copy of the text, not the document's (training the BPE on a 50 MB line)."""
     max_chars = max_chars or MAX_PIECE_CHARS
-    if len(text) <= max_chars:
-        return [text]
-    pieces, start = [], 0
+    start = 0
     while len(text) - start > max_chars:
         end = start + max_chars
         cut = _cut_before(text, start + max_chars // 2, end)
         if cut < 0:
             cut = end  # no boundary in the window: a hard cut (ids may differ at this seam)
-        pieces.append(text[start:cut])
+        yield text[start:cut]
         start = cut
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:] if start else text
 
 
 # --- encoding, in this process or in workers -------------------------------------------

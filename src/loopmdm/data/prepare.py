@@ -1,12 +1,14 @@
 """The write side of prepared data: tokenize and pack a corpus (or generate a task) once into
 fixed-length blocks on disk. Reading a prepared folder is `data/prepared.py`.
 
-A prepared folder `<cache_dir>/<source>-<tokenizer>-<key>/` holds
+A prepared folder `<cache>/<source>-<tokenizer>-<key>/` holds
 `tokenizer.json`, `train.bin`, `val.bin` (raw uint16/uint32, shape (n_blocks, seq_len))
 and `meta.json`. `key` hashes every data-affecting config field, so a changed config gets
 a new folder and an unchanged one is a cache hit. `meta.json` is written last, inside
-`<cache_dir>/.partial-<name>/`, which is renamed into place, so a crash never leaves a
-folder that looks complete; the partial folder's checkpoints let a rerun resume.
+`<cache>/.partial-<name>/`, which is renamed into place, so a crash never leaves a
+folder that looks complete; the partial folder's checkpoints let a rerun resume. `<cache>` is
+data.cache_dir, or by default the user cache (`DataConfig.cache_root`: $LOOPMDM_CACHE_DIR,
+$XDG_CACHE_HOME/loopmdm or ~/.cache/loopmdm), the same from any working directory.
 Tokenizing (pieces, worker processes) is `data/encode.py`.
 """
 
@@ -16,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -26,7 +29,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from loopmdm.config import DataConfig
+from loopmdm.config import CACHE_ENV, DataConfig
 from loopmdm.data.corpus import SplitCorpus, expand_paths, iter_doc_ids
 from loopmdm.data.encode import ITEM_CHARS, ITEM_PIECES, default_num_proc, encode_items, split_text
 from loopmdm.data.prepared import SPLITS, UNIGRAM_FILE, PreparedData, add_one_log_probs, load_prepared
@@ -134,7 +137,7 @@ def unigram_baselines(train_counts: np.ndarray, val_counts: np.ndarray) -> Tuple
 # the key, and a resumed run may change them (training/run.py).
 NOT_IN_KEY = ("cache_dir", "num_proc")
 # Read by the trainer, never by preparation: not in the key either, but fixed for a run.
-TRAINING_ONLY = ("train_tokens",)
+TRAINING_ONLY = ("train_tokens", "task_augment")
 
 
 def cache_key(cfg: DataConfig) -> str:
@@ -164,7 +167,14 @@ def _files_digest(path: Path) -> str:
 
 
 def prepared_path(cfg: DataConfig) -> Path:
-    return Path(cfg.cache_dir) / f"{cfg.source}-{cfg.tokenizer}-{cache_key(cfg)}"
+    return cfg.cache_root() / f"{cfg.source}-{cfg.tokenizer}-{cache_key(cfg)}"
+
+
+def _cache_label(cfg: DataConfig) -> str:
+    """The cache folder as an error names it: the setting, or where the default lives."""
+    if cfg.cache_dir:
+        return f"data.cache_dir='{cfg.cache_dir}'"
+    return f"the data cache '{cfg.cache_root()}' (data.cache_dir or ${CACHE_ENV} moves it)"
 
 
 def describe_source(cfg: DataConfig) -> str:
@@ -464,35 +474,98 @@ def _build(cfg: DataConfig, out_dir: Path, log, progress: bool = False) -> None:
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
+def _lock(lock_path: Path, wait: bool = True):
+    """An exclusive flock on `lock_path` (created if missing): the open file, or None when
+    `wait` is false and a live process holds it. flock dies with its holder, so a lock file
+    that can be taken at once is a dead preparer's."""
+    import fcntl
+
+    while True:
+        f = open(lock_path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return None
+        try:  # the holder before us may have removed the file: then lock the new one
+            if os.fstat(f.fileno()).st_ino == os.stat(lock_path).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
+
+
+def _unlock(lock_path: Path, f) -> None:
+    lock_path.unlink(missing_ok=True)  # no lock file is left behind; a waiter re-checks the inode
+    f.close()
+
+
 @contextlib.contextmanager
 def _exclusive(lock_path: Path):
     """One preparer per prepared folder (two runs sharing a cache): the second waits, then
     finds the folder complete."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401
     except ImportError:  # not POSIX: no lock
         yield
         return
-    while True:
-        f = open(lock_path, "a")
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:  # the holder before us may have removed the file: then lock the new one
-            if os.fstat(f.fileno()).st_ino == os.stat(lock_path).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        f.close()
+    f = _lock(lock_path)
     try:
         yield
     finally:
-        lock_path.unlink(missing_ok=True)  # no lock file is left behind; a waiter re-checks the inode
-        f.close()
+        _unlock(lock_path, f)
 
 
-def prepare_data(cfg: DataConfig, progress: bool = False) -> PreparedData:
+# What a preparer leaves in the cache while it works: `.partial-NAME/` and `.NAME.lock`.
+_PARTIAL = re.compile(r"^\.partial-(.+-[0-9a-f]{12})$")
+_LOCK = re.compile(r"^\.(.+-[0-9a-f]{12})\.lock$")
+
+
+def clean_dead_preparers(cache_dir: Path, log=lambda message: None) -> list[str]:
+    """Remove what preparers that died left in `cache_dir` (a kill runs no `finally`): the
+    partial folders with nothing to resume (task and pairs data never resume; text data
+    only from its progress.json) and the lock files, when no live process holds the lock.
+    A resumable partial folder stays for the next preparation of its data. Returns the names
+    removed."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # not POSIX: no way to tell a dead preparer from a live one
+        return []
+    try:
+        entries = os.listdir(cache_dir)
+    except OSError:
+        return []
+    names = sorted({m.group(1) for m in (_PARTIAL.match(e) or _LOCK.match(e) for e in entries) if m})
+    removed = []
+    for name in names:
+        lock_path = cache_dir / f".{name}.lock"
+        try:
+            f = _lock(lock_path, wait=False)
+        except OSError:  # a cache we cannot write in: preparing says so in one line
+            continue
+        if f is None:  # a live preparer
+            continue
+        try:
+            work = cache_dir / f".partial-{name}"
+            if work.is_dir() and (_read_progress(work) is None or _complete(cache_dir / name)):
+                shutil.rmtree(work, ignore_errors=True)
+                removed.append(work.name)
+        finally:
+            had_lock = f".{name}.lock" in entries
+            _unlock(lock_path, f)
+            if had_lock:
+                removed.append(lock_path.name)
+    if removed:
+        log(f"removed {len(removed)} leftover(s) of preparations that died: {', '.join(removed[:4])}")
+    return removed
+
+
+def prepare_data(cfg: DataConfig, progress: bool = False, known: Optional[Path] = None) -> PreparedData:
     """The prepared folder for `cfg`: reused when complete, otherwise built in
-    `<cache_dir>/.partial-<name>/` (resumed from there after an interruption) and renamed
-    into place when complete."""
+    `<cache>/.partial-<name>/` (resumed from there after an interruption) and renamed
+    into place when complete. `known` is a folder a run recorded (RUN/data.json): used
+    instead when it is this config's data (same name, so same key) and complete, wherever
+    the cache was when it was made (an older run's ./data_cache)."""
     start = time.time()
 
     def log(message: str) -> None:
@@ -500,19 +573,21 @@ def prepare_data(cfg: DataConfig, progress: bool = False) -> PreparedData:
             print(f"[data {time.time() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     out = prepared_path(cfg)
-    if (out / "meta.json").is_file():
-        try:
-            data = load_prepared(out)
-            log(f"using cached {out}")
-            return data
-        except LoopMDMError as exc:
-            log(f"rebuilding damaged cache: {exc}")
-    cache_dir = Path(cfg.cache_dir)
+    for candidate in ([Path(known)] if known is not None and Path(known).name == out.name else []) + [out]:
+        if (candidate / "meta.json").is_file():
+            try:
+                data = load_prepared(candidate)
+                log(f"using cached {candidate}")
+                return data
+            except LoopMDMError as exc:
+                log(f"not using damaged {candidate}: {exc}")
+    cache_dir = cfg.cache_root()
     created = [d for d in [cache_dir, *cache_dir.parents] if not d.exists()]  # innermost first
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise LoopMDMError(f"cannot create data.cache_dir='{cfg.cache_dir}': {exc.strerror or exc}") from None
+        raise LoopMDMError(f"cannot create {_cache_label(cfg)}: {exc.strerror or exc}") from None
+    clean_dead_preparers(cache_dir, log)
     try:
         return _prepare_locked(cfg, out, cache_dir, log, progress)
     except BaseException:
@@ -541,7 +616,7 @@ def _prepare_locked(cfg: DataConfig, out: Path, cache_dir: Path, log, progress: 
             if isinstance(exc, OSError):  # a full disk: one line; resumable progress stays
                 from loopmdm.runfiles import disk_error
 
-                raise disk_error(exc, f"prepared data in data.cache_dir='{cfg.cache_dir}'") from None
+                raise disk_error(exc, f"prepared data in {_cache_label(cfg)}") from None
             raise
     log(f"wrote {out}")
     return load_prepared(out)

@@ -14,6 +14,7 @@ from typing import Dict, Iterable, List, Optional
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from loopmdm.config import DataConfig
+from loopmdm.data.encode import iter_pieces
 from loopmdm.errors import LoopMDMError, require
 
 EOS_GPT = "<|endoftext|>"
@@ -109,7 +110,10 @@ def _train_bpe(cfg: DataConfig, train_texts: Iterable[str]) -> Tokenizer:
         special_tokens=[EOS_GPT, PAD_GPT],
         show_progress=False,
     )
-    tok.train_from_iterator(train_texts, trainer=trainer)
+    # Documents go in as pieces cut where the pre-tokenizer splits anyway (data/encode.py), so
+    # the word counts, hence the merges, are the whole documents'; the trainer pre-tokenizes
+    # each input at once, and a 50 MB line in one piece held ~5 GB.
+    tok.train_from_iterator((piece for text in train_texts for piece in iter_pieces(text)), trainer=trainer)
     return tok
 
 
@@ -240,4 +244,7 @@ def build_tokenizer(cfg: DataConfig, train_texts: Iterable[str]) -> TextTokenize
         return TextTokenizer(_gpt2(cfg), "gpt2")
     if cfg.tokenizer == "bert-base-uncased":
         return TextTokenizer(_bert(cfg), "bert-base-uncased")
-    raise LoopMDMError(f"data.tokenizer='{cfg.tokenizer}' is not allowed; choose one of: {', '.join(SPECIALS)}")
+    # `task` is a synthetic task's own vocabulary, made by the task (prepare.py), never from text.
+    text_tokenizers = [name for name in SPECIALS if name != "task"]
+    raise LoopMDMError(f"data.tokenizer='{cfg.tokenizer}' cannot encode text (data.source={cfg.source}); "
+                       f"choose one of: {', '.join(text_tokenizers)}")

@@ -271,7 +271,7 @@ def _task_section(suite, evaluations: dict, arms: list[str], seeds: list[int], l
                   num_test: int) -> list[str]:
     """The task's headline score on the test puzzles (best-validation weights), per seed, and its
     paired differences: LoopMDM at each S against MDM, deeper and its own S = 1; deeper against MDM."""
-    from loopmdm.experiments.report import suite_scoring
+    from loopmdm.experiments.suites import suite_scoring
 
     key, title = suite_scoring(suite).headline
     md: list[str] = []

@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 
 from loopmdm.config import load_config
-from loopmdm.experiments.suites import arm_overrides, layer_passes, selection_nll
+from loopmdm.experiments.suites import arm_overrides, layer_passes, selection_nll, suite_scoring
 from loopmdm.experiments.tables import SeedTable, render_seed_table, seed_table, seed_table_json
 from loopmdm.runfiles import write_text_atomic
 
@@ -116,13 +116,6 @@ def _difficulty_table(order: str, evaluations: dict, arms: list, summary: dict, 
     for name, cells in table.items():
         lines.append(f"| {name} | " + " | ".join("" if cells.get(d) is None else f"{cells[d]:.2f}" for d in columns) + " |")
     return lines + [""]
-
-
-def suite_scoring(suite):
-    """How a task suite's answers are scored: its pairs (a fine-tuning suite) or its base config's task."""
-    from loopmdm.evaluation.solve import scoring_of
-
-    return scoring_of("pairs" if suite.pairs else load_config(suite.config).data.task)
 
 
 def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluations,

@@ -53,7 +53,28 @@ class RunSpec:
 
 
 def _lr_name(lr: float) -> str:
-    return f"{lr:.0e}".replace("e-0", "e-")
+    """The lr as a folder name: one significant digit where that is exact (1e-3), else the
+    digits it needs (2.5e-4, not 3e-4)."""
+    for digits in range(4):
+        name = f"{lr:.{digits}e}"
+        if float(name) == float(f"{lr:.4g}"):
+            return name.replace("e-0", "e-").replace("e+0", "e")
+    return f"{lr:.3e}".replace("e-0", "e-")
+
+
+def _run_dir(runs: Path, prefix: str, lr: float) -> Path:
+    """`runs/<prefix><lr>`, or the folder an earlier version named with one digit
+    (sweep-mdm-lr3e-4 for lr 2.5e-4) when that run exists and was trained at this lr, so a
+    suite resumes it."""
+    path = runs / f"{prefix}{_lr_name(lr)}"
+    old = runs / f"{prefix}{lr:.0e}".replace("e-0", "e-")
+    if not path.exists() and old != path and (old / "config.yaml").is_file():
+        import yaml
+
+        trained = (yaml.safe_load((old / "config.yaml").read_text()) or {}).get("train", {}).get("lr")
+        if trained is not None and abs(float(trained) - lr) <= 1e-12 + 1e-6 * lr:
+            return old
+    return path
 
 
 def _trained(spec: RunSpec) -> bool:
@@ -118,8 +139,8 @@ def arm_seeds(arm: str, scale: Scale) -> tuple:
 
 def _sweep_spec(suite: Suite, scale: Scale, arm: str, lr: float, out: Path) -> RunSpec:
     budget = scale.budget_flops * scale.sweep_fraction
-    name = f"sweep-{arm}-lr{_lr_name(lr)}"
-    return RunSpec(name, arm, lr, 0, budget, out / "runs" / name, arm_overrides(suite, arm, budget), scale.overrides)
+    path = _run_dir(out / "runs", f"sweep-{arm}-lr", lr)
+    return RunSpec(path.name, arm, lr, 0, budget, path, arm_overrides(suite, arm, budget), scale.overrides)
 
 
 def plan(suite: Suite, scale: Scale, out: Path, best_lr: dict | None) -> tuple[list[RunSpec], list[RunSpec]]:
@@ -174,6 +195,17 @@ def attach_init(suite: Suite, specs: list[RunSpec], init_root: Path, pairs_file:
                                "data.source=pairs", f"data.paths=['{pairs_file.resolve()}']")
 
 
+def attach_retrofit(suite: Suite, specs: list[RunSpec], init_root: Path) -> None:
+    """Retrofit suites: every run (either arm) starts from the MDM final run of its seed of
+    `suite.retrofit_of` (sweeps from seed 0), on the same data."""
+    for spec in specs:
+        source = (init_root / "runs" / f"mdm-s{spec.seed}").resolve()
+        require((source / "train_summary.json").is_file(),
+                f"suite '{suite.name}' trains on the MDM runs of suite '{suite.retrofit_of}': '{source}' is missing "
+                f"or unfinished; run `loopmdm experiment {suite.retrofit_of}` at this scale first")
+        spec.init_overrides = (f"train.init_from={source}",)
+
+
 def pick_best_lr(sweep: list[RunSpec]) -> dict:
     """Per arm, the learning rate with the lowest validation NELBO of the sweep (selection_nll)."""
     best: dict = {}
@@ -216,17 +248,21 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
                       overrides=scale.overrides)
     out_dir = Path(out or f"results/{suite.runs_of or name}-{scale_name}" + ("-dryrun" if dry_run else ""))
     # a view suite (runs_of) shares the runs and eval.json of `runs_of`; its report files are its own
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not report_only:  # a report needs finished runs, which live in out_dir: nothing to create
+        out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     attach = lambda specs: None  # noqa: E731
     if suite.init_of:
         from loopmdm.tasks.pairs import make_pairs, write_pairs
 
         pairs_file = out_dir / "pairs.jsonl"
-        if not pairs_file.is_file():
+        if not pairs_file.is_file() and not report_only:
             write_pairs(make_pairs(suite.pairs, suite.pairs_num if not dry_run else 2000, 0), pairs_file)
         init_root = out_dir.parent / (f"{suite.init_of}-{scale_name}" + ("-dryrun" if dry_run else ""))
         attach = lambda specs: attach_init(suite, specs, init_root, pairs_file)  # noqa: E731
+    if suite.retrofit_of:
+        retro_root = out_dir.parent / (f"{suite.retrofit_of}-{scale_name}" + ("-dryrun" if dry_run else ""))
+        attach = lambda specs: attach_retrofit(suite, specs, retro_root)  # noqa: E731
     sweep, _ = plan(suite, scale, out_dir, None)
     attach(sweep)
     if report_only:

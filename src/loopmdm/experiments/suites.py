@@ -48,6 +48,11 @@ class Suite:
     init_of: str = ""
     pairs: str = ""
     pairs_num: int = 20000
+    # Retrofit suites (ours, beyond the paper): every arm starts from the *MDM* final run of the
+    # same seed of `retrofit_of` (results/<retrofit_of>-<scale>/runs/mdm-s<seed>; sweeps from seed 0)
+    # and trains on for the scale's budget on the same data: `mdm` continues as it was, `loop`
+    # loops the base config's layers (the same weights, now shared across S iterations).
+    retrofit_of: str = ""
 
 
 ALL_ARMS = ("mdm", "loop", "deeper", "uniform", "inject")
@@ -72,6 +77,11 @@ KHOP_GPU = ("data.task_size=16", "data.task_hops=8")
 SUITES = {
     "khop": Suite("khop", "experiments/khop", ALL_ARMS, "task",
                   {"cpu": Scale(2.4e13, 0.25, (3e-4, 1e-3, 3e-3), (0, 1), 500),
+                   # past the MDM's depth (the regime issue): 8 nodes, 4 hops (the most one cycle allows,
+                   # tasks/khop.py): hop 4 needs 4 look-ups, ~5 rounds of attention under one-shot
+                   # decoding, past a 4-layer MDM's one call; 8e12 FLOPs is ~1,600 MDM steps of 64
+                   # examples (unlimited data: each example is fresh).
+                   "cpu-deep": Scale(8e12, 0.5, (3e-4, 1e-3), (0, 1, 2), 500, ("data.task_size=8", "data.task_hops=4")),
                    "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000, GPU_TASK + KHOP_GPU)},
                   orders=("oneshot",)),
     "sudoku": Suite("sudoku", "experiments/sudoku", ALL_ARMS, "task",
@@ -108,6 +118,13 @@ SUITES["sudoku-scarce"] = Suite("sudoku-scarce", "experiments/sudoku", ("mdm", "
                                                "data.test_fraction=0.5", "train.eval_every=32",
                                                "train.checkpoint_every=96", "train.warmup_steps=50"))},
                                 orders=("raster", "confidence", "oneshot"))
+# Retrofit (ours, beyond the paper; the regime issue, item 5): the 4k-character suite's MDMs, trained
+# past their best validation NELBO, trained on for 6e12 more FLOPs either as they are (`mdm`) or with
+# layer 1 looped (`loop`, S ~ U{1..8}); the same data, seeds, selection on validation and test split.
+SUITES["retrofit-char"] = Suite("retrofit-char", "experiments/shakespeare-char", ("mdm", "loop"), "lm",
+                                {"cpu-4k": Scale(6e12, 0.5, (2.5e-4, 5e-4, 1e-3), (0, 1, 2), 16,
+                                                 ("data.train_tokens=4096", "train.warmup_steps=20"))},
+                                loops=(1, 2, 4, 8, 12, 16), retrofit_of="shakespeare-char")
 # Reasoning after fine-tuning (the reasoning issue): the `lm` suite's pretrained MDM, LoopMDM and deeper
 # MDM, fine-tuned on multi-step arithmetic (reasoning-gym chain_sum, 1-digit operands, 2-4 terms: the
 # difficulty) with the same recipe and FLOPs; exact match per S and per number of terms.
@@ -133,6 +150,13 @@ def selection_nll(summary: dict) -> float:
     it kept one, else its final one (runs trained before best-checkpoint selection existed)."""
     best = summary.get("best_val_nll")
     return float(best) if best is not None else float(summary["val_nll"])
+
+
+def suite_scoring(suite: Suite):
+    """How a task suite's answers are scored: its pairs (a fine-tuning suite) or its base config's task."""
+    from loopmdm.evaluation.solve import scoring_of
+
+    return scoring_of("pairs" if suite.pairs else load_config(suite.config).data.task)
 
 
 def get_suite(name: str) -> Suite:

@@ -196,3 +196,30 @@ class LoopedDenoiser(nn.Module):
                 hidden.append(h)
         logits = self.run_coda(h, c, key_mask)
         return (logits, hidden) if return_hidden else logits
+
+
+PARTS = ("prelude", "loop_block", "coda")
+
+
+def restack_layers(state: dict, source: ModelConfig, target: ModelConfig) -> dict:
+    """A state dict of `source`'s layout renamed to `target`'s: layer i of the stack is the same
+    weights whichever part (prelude, loop block, coda) holds it, so a trained MDM can become a
+    LoopMDM whose loop block is its layers [loop_start, loop_end) (retrofit, ours)."""
+
+    def bounds(cfg: ModelConfig) -> tuple[int, int]:
+        return (cfg.loop_start, cfg.loop_end) if cfg.is_looped else (cfg.n_layers, cfg.n_layers)
+
+    (s0, s1), (t0, t1) = bounds(source), bounds(target)
+    offset = {"prelude": 0, "loop_block": s0, "coda": s1}
+    out = {}
+    for key, value in state.items():
+        part, _, rest = key.partition(".")
+        if part not in PARTS:
+            out[key] = value
+            continue
+        index, _, name = rest.partition(".")
+        layer = offset[part] + int(index)
+        new_part, new_index = (("prelude", layer) if layer < t0 else
+                               ("loop_block", layer - t0) if layer < t1 else ("coda", layer - t1))
+        out[f"{new_part}.{new_index}.{name}"] = value
+    return out

@@ -61,6 +61,9 @@ class Task:
     examples: Callable[[int, int, int, int], np.ndarray]  # (size, hops, count, seed) -> (count, seq_len) ids
     check: Callable[[int, int], None]
     scoring: Scoring
+    # (rows (B, L) ids, size, rng) -> rows: random symmetries that keep an example valid, applied
+    # to training batches with data.task_augment (None: the task has none).
+    augment: Callable | None = None
 
 
 def get_task(name: str) -> Task:

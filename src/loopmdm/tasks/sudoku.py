@@ -146,6 +146,14 @@ def random_boards(n: int, count: int, seed: int, n_base: int = 64) -> np.ndarray
     return shuffle_boards(picks, rng).reshape(count, n * n)
 
 
+def augment_rows(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Training rows (B, n*n) of ids 0..n-1, each under its own random symmetry (band, stack,
+    line and digit permutations, transpose): a valid board stays valid, so a few thousand
+    boards stand for many more (the looped-Sudoku literature's augmentation, ../shared/LOOPS.md)."""
+    boards = np.asarray(rows).reshape(-1, n, n) + 1
+    return (shuffle_boards(boards, rng) - 1).reshape(len(boards), n * n).astype(np.asarray(rows).dtype)
+
+
 def is_valid_board(board: np.ndarray, n: int) -> bool:
     flat = np.asarray(board).reshape(-1)
     want = set(range(1, n + 1))
@@ -261,4 +269,5 @@ TASK = Task(
                                ByDifficulty("solved", "boards solved by difficulty",
                                             "rounds of naked/hidden singles; n = puzzles")),
         answer_symbols=lambda meta: int(meta["task_size"])),
+    augment=lambda rows, size, rng: augment_rows(rows, size, rng),
 )

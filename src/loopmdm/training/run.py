@@ -24,7 +24,7 @@ from loopmdm.errors import LoopMDMError, require
 from loopmdm.runfiles import (LOCK_FILE, MARKER_FILE, RunLock, clean_stale, disk_error, fault_point, in_use_error,
                                is_checkpoint_entry, is_our_lock, is_tmp_of, lock_holder, note, read_marker,
                                write_if_changed, write_marker)
-from loopmdm.runs import read_run_config
+from loopmdm.runs import read_run_config, recorded_data_path
 from loopmdm import checkpoint as ckpt
 from loopmdm.training.distributed import DistContext
 from loopmdm.training.trainer import Trainer
@@ -182,7 +182,9 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, replace: bool, new_r
     # Every rank calls it: the first takes the cache folder's file lock and prepares, the others
     # block on that lock (no timeout) and then read the result -- a collective barrier here
     # would kill the job after LOOPMDM_DIST_TIMEOUT while a paper-size corpus is tokenized.
-    data = prepare_data(cfg.data, progress=dist.is_main)
+    # A resumed run first looks where it recorded its data (an older run's ./data_cache).
+    known = recorded_data_path(run_dir) if resume else None
+    data = prepare_data(cfg.data, progress=dist.is_main, known=known)
     attach_vocab(cfg, data)
     if resume:
         raw = json.loads(json.dumps(read_run_config(run_dir, say=note if dist.is_main else (lambda _m: None))))

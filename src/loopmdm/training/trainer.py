@@ -21,6 +21,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -131,6 +132,11 @@ class Trainer:
         # Unique training tokens (pads included: they are rows of the split): one epoch.
         self.epoch_tokens = len(train_blocks) * data.seq_len
         self.loader = BlockLoader(train_blocks, micro, tc.seed, self.dist.rank, world)
+        self.augment = None
+        if cfg.data.source == "task" and cfg.data.task_augment:
+            from loopmdm.tasks import get_task
+
+            self.augment = get_task(cfg.data.task).augment
         self.best_val: float | None = None  # lowest validation NELBO so far (its weights: ckpt.BEST_FILE)
         self.generator = torch.Generator(device=self.device)  # reseeded every step (train_step)
         self.use_pad_mask = data.meta.get("packing") == "pad"
@@ -166,7 +172,12 @@ class Trainer:
         require(source.tokenizer.fingerprint() == self.data.tokenizer.fingerprint(),
                 f"train.init_from='{run_dir}' was trained with another tokenizer than this data; prepare the "
                 f"data with data.tokenizer_path={Path(run_dir) / 'tokenizer.json'}")
-        mine, theirs = self.model.state_dict(), source.model.state_dict()
+        from loopmdm.model.denoiser import restack_layers
+
+        mine = self.model.state_dict()
+        # The loop range may differ (an MDM retrofitted into a LoopMDM): the same layers, renamed.
+        theirs = restack_layers(source.model.state_dict(), source.model.cfg, self.cfg.model) \
+            if source.model.cfg.n_layers == self.cfg.model.n_layers else source.model.state_dict()
         mismatch = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
         require(not mismatch and len(mine) == len(theirs),
                 f"train.init_from='{run_dir}' has another model shape (first difference: "
@@ -263,7 +274,7 @@ class Trainer:
                 append_line(self.metrics_path, json.dumps(finite_or_none(record), allow_nan=False))
             except OSError as exc:
                 kept = f"checkpoint step-{self.saved_step:07d} is kept" if self.saved_step is not None else "no checkpoint yet"
-                raise disk_error(exc, f"'{self.metrics_path}'", f"{kept}; free some space, then continue with --resume") from None
+                raise disk_error(exc, f"'{self.metrics_path}'", kept, "continue with --resume") from None
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records written after the checkpoint we resume from (and a partial last line),
@@ -312,7 +323,10 @@ class Trainer:
             slice_seed = ((tc.seed * 1_000_003 + micro * world + rank) * 1_000_003 + self.step) % (2**63)
             self.generator.manual_seed(slice_seed)
             torch.manual_seed(slice_seed)
-            x0 = self.loader.next_batch().to(self.device, non_blocking=True)
+            x0 = self.loader.next_batch()
+            if self.augment is not None:  # seeded by the step's slice: a resumed run repeats it
+                x0 = torch.from_numpy(self.augment(x0.numpy(), cfg.data.task_size, np.random.default_rng(slice_seed)))
+            x0 = x0.to(self.device, non_blocking=True)
             valid = (x0 != self.data.pad_id) if self.use_pad_mask else None
             sync = micro == self.accum_steps - 1
             with (nullcontext() if sync else self.dist.no_sync(self.train_model)):
