@@ -1,6 +1,7 @@
 """Retrofit (ours): a trained MDM becomes a LoopMDM whose loop block is its own layers."""
 
 
+import pytest
 import torch
 
 from loopmdm.config import ModelConfig
@@ -48,3 +49,25 @@ def test_init_from_an_mdm_run_retrofits_its_layers_into_the_loop(tiny_cfg_factor
     x, t = torch.randint(0, source.model.vocab_size, (2, 16)), torch.full((2,), 0.5)
     with torch.no_grad():  # one step at lr 1e-12 moves nothing measurable: S = 1 is the MDM
         assert torch.allclose(loop.model(x, 1, t), source.model(x, 1, t), atol=1e-4)
+
+
+def test_init_weights_best_starts_from_the_best_validation_weights(tiny_cfg_factory, tmp_path):
+    from loopmdm.config import load_config
+    from loopmdm.errors import LoopMDMError
+
+    mdm_dir = tmp_path / "mdm"
+    train(tiny_cfg_factory("model.loop_start=null", "model.loop_end=null", "train.max_steps=4", "train.eval_every=2",
+                           "train.lr=3e-2", f"train.out_dir={mdm_dir}"))
+    best, latest = load_run(mdm_dir, device="cpu", best=True), load_run(mdm_dir, device="cpu")
+    x, t = torch.randint(0, best.model.vocab_size, (2, 16)), torch.full((2,), 0.5)
+    loop_dir = tmp_path / "loop"
+    train(tiny_cfg_factory("model.loop_start=1", "model.loop_end=2", f"train.init_from={mdm_dir}",
+                           "train.init_weights=best", "train.max_steps=1", "train.lr=1e-12", "train.warmup_steps=0",
+                           f"train.out_dir={loop_dir}"))
+    loop = load_run(loop_dir, device="cpu")
+    with torch.no_grad():
+        assert torch.allclose(loop.model(x, 1, t), best.model(x, 1, t), atol=1e-4)
+        if best.step != latest.step:  # the fixture's best is not its last: the two must differ
+            assert not torch.allclose(loop.model(x, 1, t), latest.model(x, 1, t), atol=1e-4)
+    with pytest.raises(LoopMDMError, match="train.init_weights='first'"):
+        load_config(None, ["train.init_weights=first"])

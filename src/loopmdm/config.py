@@ -149,6 +149,7 @@ class TrainConfig:
     # A run directory whose weights (EMA) start this run instead of a random init: fine-tuning
     # (`data.source=pairs`). Its model config and tokenizer must match this run's.
     init_from: str = ""
+    init_weights: str = "latest"  # with init_from: its newest weights, or "best" (its best validation NELBO)
     seed: int = 0
     batch_size: int = 32  # sequences per optimizer step, summed over ranks and micro-steps
     micro_batch_size: int = 0  # 0 = batch_size / world_size (no accumulation)
@@ -441,6 +442,7 @@ def validate(cfg: Config) -> None:
     require(0.0 <= t.ema < 1.0, f"train.ema={t.ema} must be in [0, 1)")
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.init_weights", t.init_weights, ("latest", "best"))
     _choice("train.device", t.device, DEVICES)
     _choice("train.parallel", t.parallel, PARALLELISMS)
     if t.micro_batch_size:

@@ -203,7 +203,8 @@ def attach_retrofit(suite: Suite, specs: list[RunSpec], init_root: Path) -> None
         require((source / "train_summary.json").is_file(),
                 f"suite '{suite.name}' trains on the MDM runs of suite '{suite.retrofit_of}': '{source}' is missing "
                 f"or unfinished; run `loopmdm experiment {suite.retrofit_of}` at this scale first")
-        spec.init_overrides = (f"train.init_from={source}",)
+        # its best-validation weights: the MDM the suite reported, not the overfit end of its budget
+        spec.init_overrides = (f"train.init_from={source}", "train.init_weights=best")
 
 
 def pick_best_lr(sweep: list[RunSpec]) -> dict:

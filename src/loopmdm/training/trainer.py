@@ -168,7 +168,7 @@ class Trainer:
         loop range and S_max may differ (they hold no weights)."""
         from loopmdm.runs import load_run
 
-        source = load_run(run_dir, device="cpu")
+        source = load_run(run_dir, device="cpu", best=self.cfg.train.init_weights == "best")
         require(source.tokenizer.fingerprint() == self.data.tokenizer.fingerprint(),
                 f"train.init_from='{run_dir}' was trained with another tokenizer than this data; prepare the "
                 f"data with data.tokenizer_path={Path(run_dir) / 'tokenizer.json'}")
