@@ -166,7 +166,7 @@ def regime_section(suite, scale, out_dir: Path, evaluations: dict, arms: list[st
     table = {}
     first = _by(evaluations, arms[0], seeds[0])["test_nelbo"][0] if seeds else {}
     md += [f"**Test NELBO** (nats per token; best-validation weights; {first.get('sequences', 0):,} test rows, "
-           f"{first.get('tokens', 0):,} tokens, spread over the held-out documents; the same draws at every S)", "",
+           f"{first.get('tokens', 0):,} tokens, spread over the test split; the same draws at every S)", "",
            "| arm | S | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± s.e. |",
            "|---|---|" + "---|" * (len(seeds) + 1)]
     for arm, s_loops, values in rows:
