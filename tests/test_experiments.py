@@ -4,6 +4,7 @@ whole (tiny) suite run end to end, then resumed without retraining."""
 import json
 
 import pytest
+import torch
 
 from loopmdm.config import load_config
 from loopmdm.errors import LoopMDMError
@@ -301,3 +302,51 @@ def test_sweep_folders_name_the_lr_they_train_and_resume_one_digit_names(tmp_pat
     assert _run_dir(runs, "sweep-mdm-lr", 3e-4).name == "sweep-mdm-lr3e-4"  # exact: the new name is the same
     (old / "config.yaml").write_text("train:\n  lr: 0.0003\n")
     assert _run_dir(runs, "sweep-mdm-lr", 2.5e-4).name == "sweep-mdm-lr2.5e-4"  # trained at another lr
+
+
+def test_extending_a_run_equals_training_it_longer(tmp_path, monkeypatch):
+    """--extend-from: the same suite at 2x the budget, continued from the 1x runs, gives the
+    same train/val records as training at 2x from scratch (FLOPs-limited runs: constant lr)."""
+    config = tmp_path / "khop.yaml"
+    config.write_text(f"""name: tiny-khop
+model: {{n_layers: 3, d_model: 32, n_heads: 2, cond_dim: 16, loop_start: 1, loop_end: 2, max_train_loops: 3}}
+data: {{source: task, task: khop, task_size: 5, task_hops: 2, task_examples: 600, cache_dir: {tmp_path / 'cache'}}}
+train: {{batch_size: 16, max_steps: 0, max_flops: 1.0e9, warmup_steps: 2, ema: 0.9, log_every: 2, eval_every: 4,
+        eval_batches: 1, checkpoint_every: 4, progress: false, device: cpu, precision: fp32}}
+eval: {{batch_size: 16}}
+""")
+    suite = Suite("tiny", str(config), ("loop",), "task",
+                  {"short": Scale(1e9, 0.5, (1e-3,), (0,), 8), "long": Scale(2e9, 0.5, (1e-3,), (0,), 8)},
+                  orders=("oneshot",), loops=(1, 2))
+    monkeypatch.setitem(suites_mod.SUITES, "tiny", suite)
+    run_suite("tiny", "short", out=str(tmp_path / "short"), jobs=2, log=lambda m: None)
+    logs = []
+    run_suite("tiny", "long", out=str(tmp_path / "extended"), jobs=2, extend_from=str(tmp_path / "short"),
+              log=logs.append)
+    assert sum(m.startswith("extend ") for m in logs) == 2  # the sweep run and the final run
+    run_suite("tiny", "long", out=str(tmp_path / "fresh"), jobs=2, log=lambda m: None)
+    from tests.test_training import train_records
+
+    from loopmdm import checkpoint as ckpt
+
+    for name in ("sweep-loop-lr1e-3", "loop-s0"):
+        short = train_records(tmp_path / "short" / "runs" / name)
+        extended = train_records(tmp_path / "extended" / "runs" / name)
+        fresh = train_records(tmp_path / "fresh" / "runs" / name)
+        # the old budget's last step is logged and validated once more, so the next train record
+        # averages its loss over a shorter window; every other record is the same
+        end = short[-1]["step"]
+        by_key = lambda records: {(r["kind"], r["step"]): r for r in records}  # noqa: E731
+        ext, new = by_key(extended), by_key(fresh)
+        window = lambda r: {k: v for k, v in r.items() if k not in ("loss", "loops_mean")}  # noqa: E731
+        after = min(step for kind, step in new if kind == "train" and step > end)
+        assert all(ext[key] == record if key != ("train", after) else window(ext[key]) == window(record)
+                   for key, record in new.items())
+        assert {step for _, step in set(ext) - set(new)} <= {end}
+        assert len(fresh) > len(short) and fresh[-1] == extended[-1]
+        a = ckpt.load_weights(ckpt.checkpoint_path(tmp_path / "extended" / "runs" / name), use_ema=False)
+        b = ckpt.load_weights(ckpt.checkpoint_path(tmp_path / "fresh" / "runs" / name), use_ema=False)
+        assert all(torch.equal(a[k], b[k]) for k in a)  # the same weights, bit for bit
+    # a source run trained past this plan's budget is refused in one line, nothing copied
+    with pytest.raises(LoopMDMError, match="only FLOPs-limited runs at most"):
+        run_suite("tiny", "short", out=str(tmp_path / "back"), extend_from=str(tmp_path / "fresh"), log=lambda m: None)

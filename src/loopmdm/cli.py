@@ -485,7 +485,8 @@ def cmd_experiment(args) -> None:
         run_suite(name, args.scale, out=args.out if len(names) == 1 else None, jobs=args.jobs,
                   dry_run=args.dry_run, arms=args.arms.split(",") if args.arms is not None else None,
                   loops=_loops_list(args.loops) if args.loops is not None else None, report_only=args.report_only,
-                  seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds") if args.seeds is not None else None, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
+                  seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds") if args.seeds is not None else None,
+                  extend_from=args.extend_from, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
 
 
 def _require_lm_eval() -> None:
@@ -838,6 +839,9 @@ def _experiment_args(p) -> None:
                                    "a later run with the default adds the rest")
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the report of the runs already finished")
+    p.add_argument("--extend-from", metavar="DIR",
+                   help="the same suite's folder at a smaller budget (e.g. results/shakespeare-char-cpu-4k): its "
+                        "finished runs are copied and trained on to this scale's budget instead of from scratch")
 
 
 def _export_args(p) -> None:

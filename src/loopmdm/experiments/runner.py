@@ -207,6 +207,36 @@ def attach_retrofit(suite: Suite, specs: list[RunSpec], init_root: Path) -> None
         spec.init_overrides = (f"train.init_from={source}", "train.init_weights=best")
 
 
+def adopt_shorter_runs(specs: list[RunSpec], source: Path, log) -> None:
+    """--extend-from: a run of this plan not started yet, whose namesake under `source/runs`
+    (the same suite at a smaller budget) finished with the same lr and seed, is copied here
+    and resumed to this plan's budget, so a larger budget reuses the FLOPs already spent.
+    Exact, not an approximation: suite runs are FLOPs-limited (train.max_steps=0), so their
+    lr after warm-up is constant and nothing before the old budget depends on the budget; a
+    resume replays the same data order and draws (test_extending_a_run_equals_training_it_longer)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    for spec in specs:
+        if spec.out_dir.exists():
+            continue
+        prefix = spec.out_dir.name[: -len(_lr_name(spec.lr))] if spec.name.startswith("sweep-") else None
+        old = _run_dir(source / "runs", prefix, spec.lr) if prefix else source / "runs" / spec.out_dir.name
+        if not (old / "train_summary.json").is_file() or not ckpt.has_checkpoint(old):
+            continue
+        train = OmegaConf.load(old / "config.yaml").train
+        if abs(float(train.lr) - spec.lr) > 1e-12 + 1e-6 * spec.lr or int(train.seed) != spec.seed:
+            continue  # the sweep picked another lr at this budget: the final run trains afresh
+        require(int(train.max_steps) == 0 and float(train.max_flops) <= spec.budget,
+                f"--extend-from: run '{old}' trained to {float(train.max_flops):.3g} FLOPs (max_steps "
+                f"{int(train.max_steps)}); only FLOPs-limited runs at most this plan's {spec.budget:.3g} can be extended")
+        shutil.copytree(old, spec.out_dir)
+        for done in ("train_summary.json", "eval.json"):  # trained on and evaluated again at the new budget
+            (spec.out_dir / done).unlink(missing_ok=True)
+        log(f"extend {spec.name} from {old} ({float(train.max_flops):.2e} -> {spec.budget:.2e} FLOPs)")
+
+
 def pick_best_lr(sweep: list[RunSpec]) -> dict:
     """Per arm, the learning rate with the lowest validation NELBO of the sweep (selection_nll)."""
     best: dict = {}
@@ -219,12 +249,15 @@ def pick_best_lr(sweep: list[RunSpec]) -> dict:
 
 def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: int = 2,
               dry_run: bool = False, arms: list[str] | None = None, loops: list[int] | None = None,
-              report_only: bool = False, seeds: list[int] | None = None, log=print) -> dict:
+              report_only: bool = False, seeds: list[int] | None = None, extend_from: str | None = None,
+              log=print) -> dict:
     """Run (or resume) a suite end to end and return its summary. `arms` replaces the suite's
     arm list (e.g. to add the knob arms of experiments/suites.py: loop-lr, loop-late, ...);
     `loops` replaces the inference loop counts evaluated (a run evaluated earlier keeps its
     eval.json, so its table cells stay those it was evaluated at). `report_only` trains and
-    evaluates nothing: it reports the runs already on disk (e.g. while a suite is still running)."""
+    evaluates nothing: it reports the runs already on disk (e.g. while a suite is still running).
+    `extend_from` is the folder of the same suite at a smaller budget: its finished runs are
+    continued to this scale's budget instead of trained from scratch (adopt_shorter_runs)."""
     import dataclasses
 
     from loopmdm.experiments.evaluate import evaluate_run
@@ -264,6 +297,13 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     if suite.retrofit_of:
         retro_root = out_dir.parent / (f"{suite.retrofit_of}-{scale_name}" + ("-dryrun" if dry_run else ""))
         attach = lambda specs: attach_retrofit(suite, specs, retro_root)  # noqa: E731
+    if extend_from is not None:
+        source = Path(extend_from)
+        require((source / "runs").is_dir(), f"--extend-from '{extend_from}' holds no runs/ folder of a suite")
+        require(source.resolve() != out_dir.resolve(), f"--extend-from '{extend_from}' is the output folder itself")
+        if not report_only:
+            attach_only = attach
+            attach = lambda specs: (attach_only(specs), adopt_shorter_runs(specs, source, log))  # noqa: E731
     sweep, _ = plan(suite, scale, out_dir, None)
     attach(sweep)
     if report_only:

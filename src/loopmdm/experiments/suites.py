@@ -105,7 +105,12 @@ SUITES = {
 SUITES["shakespeare-char"] = Suite("shakespeare-char", "experiments/shakespeare-char", ("mdm", "loop", "deeper"),
                                    "lm", {"cpu": Scale(1.2e13, 0.5, (1e-3, 2e-3, 4e-3), (0, 1, 2), 16),
                                     # 8x less unique text (4k characters, 2 steps an epoch): hundreds of epochs
-                                    "cpu-4k": Scale(1.2e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 16, ("data.train_tokens=4096",))},
+                                    "cpu-4k": Scale(1.2e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 16, ("data.train_tokens=4096",)),
+                                    # 3x the 4k budget, so LoopMDM (still improving at ~280 epochs in cpu-4k)
+                                    # reaches its own best too: ~1,700 LoopMDM steps, ~830 epochs. Run it with
+                                    # --extend-from results/shakespeare-char-cpu-4k to train cpu-4k's runs on.
+                                    "cpu-4k-long": Scale(3.6e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 16,
+                                                         ("data.train_tokens=4096",))},
                                    loops=(1, 2, 4, 8, 12, 16))
 # Data-limited Sudoku (the regime issue): 1,000 solved 6 x 6 boards seen for tens of epochs (the
 # looped-Sudoku literature trains tens to hundreds of epochs on a few thousand puzzles,
