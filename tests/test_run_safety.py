@@ -195,6 +195,23 @@ def test_resume_may_change_settings_that_do_not_change_the_data(trained, tmp_pat
     assert ckpt.step_of(ckpt.checkpoint_path(run)) == 7
 
 
+def test_resume_of_a_text_run_ignores_task_settings_it_never_read(trained, tmp_path, capsys):
+    """A run saved when data.task_hops defaulted to 4 resumes now that it defaults to 3: task
+    settings are not read by a text source (nor in its data key); a changed text setting still refuses."""
+    import yaml
+
+    run = copy_run(trained, tmp_path)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["source"] != "task"
+    saved["data"]["task_hops"] = saved["data"]["task_hops"] + 1
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    code, _, err = run_cli(capsys, *train_argv(trained, run, "train.max_steps=7", "--resume"))
+    assert code == 0, err
+    assert ckpt.step_of(ckpt.checkpoint_path(run)) == 7
+    code, _, err = run_cli(capsys, *train_argv(trained, run, "train.max_steps=8", "data.seq_len=16", "--resume"))
+    assert code == 2 and "--resume with a different setting (data.seq_len" in err
+
+
 def test_a_failed_resume_writes_nothing(trained, tmp_path, capsys):
     run = copy_run(trained, tmp_path)
     config = (run / "config.yaml").read_bytes()

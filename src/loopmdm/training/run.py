@@ -194,6 +194,10 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, replace: bool, new_r
                 if key not in (raw.get(section) or {}):  # an option added after this run was saved
                     setattr(getattr(cfg, section), key, value)
             same = NOT_IN_KEY if section == "data" else ()  # where and how fast it is prepared: free to change
+            if section == "data" and "task" not in (saved["data"]["source"], cfg.data.source):
+                # task settings are unread by other sources and outside their key (data/prepare.py), so
+                # a changed default of one (data.task_hops) must not block resuming a text run
+                same = same + tuple(k for k in saved["data"] if k.startswith("task"))
             diff = _first_difference({k: v for k, v in saved[section].items() if k not in same},
                                      {k: v for k, v in cfg.to_dict()[section].items() if k not in same}, f"{section}.")
             require(diff is None, f"--resume with a different setting ({diff}); only train.* may change")
