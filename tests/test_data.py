@@ -82,6 +82,24 @@ def test_text_source_reads_files_normalised(tmp_path: Path):
     assert docs[1].text == "café latin-1"
 
 
+def test_a_text_corpus_splits_the_same_wherever_it_lives_and_however_its_paths_are_written(tmp_path, monkeypatch):
+    from loopmdm.data.corpus import SplitCorpus
+
+    for place in ("here", "there/deeper"):
+        for i in range(12):
+            (tmp_path / place / "sub").mkdir(parents=True, exist_ok=True)
+            (tmp_path / place / "sub" / f"doc{i}.txt").write_text(f"document {i}\n")
+    monkeypatch.chdir(tmp_path)
+
+    def val_ids(paths):  # the split preparation streams (data/prepare.py)
+        split = SplitCorpus(DataConfig(source="text", paths=paths, val_fraction=0.3))._split_of
+        return sorted(doc_id for doc_id, which in split.items() if which == "val")
+
+    here = val_ids([str(tmp_path / "here" / "sub" / "*.txt")])
+    assert here and here == val_ids(["here/sub/*.txt"]) == val_ids([str(tmp_path / "there/deeper/sub/*.txt")])
+    assert all(i.startswith("doc") for i in here)  # relative to the folder holding the files
+
+
 def test_embedded_corpus_has_shakespeare_and_bbc():
     docs = list(iter_documents(DataConfig(source="embedded")))
     ids = [d.doc_id for d in docs]

@@ -117,8 +117,14 @@ def expand_paths(patterns: Iterable[str]) -> List[Path]:
 
 
 def _text_files(cfg: DataConfig) -> List[Tuple[str, Path]]:
+    """(id, path) of every file. The id -- which decides a file's split -- is its path relative
+    to the folder holding all the files, so the same corpus gets the same split wherever it is
+    and however its paths are written (absolute, relative, through a link)."""
     require(len(cfg.paths) > 0, "data.source=text needs data.paths=[file or glob, ...]")
-    return [(str(path), path) for path in expand_paths(cfg.paths)]
+    files = expand_paths(cfg.paths)
+    real = [Path(os.path.realpath(path)) for path in files]
+    root = Path(os.path.commonpath([str(r.parent) for r in real]))
+    return [(r.relative_to(root).as_posix(), path) for r, path in zip(real, files)]
 
 
 # --- Hugging Face datasets -------------------------------------------------------------

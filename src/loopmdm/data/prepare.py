@@ -147,6 +147,8 @@ def cache_key(cfg: DataConfig) -> str:
     if cfg.source != "task":  # task fields do not affect other sources
         fields = {k: v for k, v in fields.items() if not k.startswith("task")}
     fields["format_version"] = FORMAT_VERSION
+    if cfg.source == "text":  # documents split by their path relative to the corpus folder (not as written)
+        fields["doc_ids"] = "relative"
     if cfg.source in ("text", "hf", "pairs") and cfg.paths:
         # Local files: their size and mtime join the key, so editing a file re-prepares.
         fields["files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in expand_paths(cfg.paths)]
