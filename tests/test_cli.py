@@ -163,3 +163,13 @@ def test_eval_on_new_text_with_the_runs_tokenizer(trained_run, tmp_path, capsys)
     code, out, _ = run_cli(capsys, "eval", str(trained_run / "run"), "--data", prepared, "--loops", "1,3", "--json")
     assert code == 0 and [r["loops"] for r in json.loads(out)] == [1, 3]
     assert all(r["data"] == prepared for r in json.loads(out))
+
+
+def test_an_empty_override_of_a_text_setting_is_the_empty_string(tmp_path):
+    """`data.cache_dir=` (nothing after '=') is '' (the default: the user cache), not null;
+    an empty override of a setting that allows null still means null."""
+    from loopmdm.config import load_config
+
+    assert load_config("tiny", ["data.cache_dir="]).data.cache_dir == ""
+    assert load_config("tiny", [f"data.cache_dir={tmp_path}", "data.cache_dir="]).data.cache_dir == ""
+    assert load_config("tiny", ["model.loop_start=", "model.loop_end="]).model.loop_start is None

@@ -274,6 +274,9 @@ def load_config(name_or_path: str | None = None, overrides: List[str] | None = N
     for item in overrides or []:
         require("=" in item, f"override '{item}' is not of the form key=value (e.g. train.max_steps=100)")
     for item in overrides or []:
+        key, _, value = item.partition("=")
+        if value == "" and isinstance(OmegaConf.select(schema, key, default=None), str):
+            item = f"{key}=''"  # `data.cache_dir=` means the empty string (its default), not null
         try:
             layers.append(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
