@@ -30,12 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loopmdm import checkpoint as ckpt
 from loopmdm.errors import LoopMDMError, require
 from loopmdm.evaluation import halting_bench as hb
 from loopmdm.evaluation.halting_report import markdown, plot_loops_vs_masked, plot_quality
 from loopmdm.evaluation.solve import scoring_of, task_test_set
-from loopmdm.runs import load_run
 from loopmdm.sampling.halting import GRANULARITIES
 from loopmdm.sampling.infill import ORDERS
 from loopmdm.userfiles import check_out_dir, write_file
@@ -67,17 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def open_run(path: str, device: str, notes: list[str]):
-    """The run's best-validation weights when it has them (the data-scarce suites select on
-    validation), else its newest checkpoint, saying so."""
-    if ckpt.read_best_info(path) is not None:
-        run = load_run(path, device=device, best=True)
-        return run, f"best-validation weights, step {run.step}"
-    run = load_run(path, device=device)
-    notes.append(f"{path} has no best-validation weights; used its newest checkpoint (step {run.step})")
-    return run, f"newest checkpoint, step {run.step}"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(max(args.threads, 1))
@@ -88,7 +75,7 @@ def main(argv=None) -> int:
     notes: list[str] = []
     started = time.perf_counter()
 
-    run, weights = open_run(args.run, args.device, notes)
+    run, weights = hb.open_run(args.run, args.device, notes)
     model = run.model
     require(model.is_looped, f"'{args.run}' is not a looped run (no model.loop_start/loop_end); pass it as --mdm")
     data = run.prepared_data()
@@ -102,7 +89,7 @@ def main(argv=None) -> int:
                      batch_size=args.batch_size, device=run.device)
     mdm_model, mdm_weights = None, None
     if args.mdm:
-        mdm, mdm_weights = open_run(args.mdm, args.device, notes)
+        mdm, mdm_weights = hb.open_run(args.mdm, args.device, notes)
         require(mdm.cfg.model.vocab_size == model.cfg.vocab_size and mdm.cfg.data.seq_len == run.cfg.data.seq_len,
                 f"--mdm '{args.mdm}' has vocabulary {mdm.cfg.model.vocab_size} and length {mdm.cfg.data.seq_len}, "
                 f"the run {model.cfg.vocab_size} and {run.cfg.data.seq_len}: not the same task")

@@ -30,12 +30,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from loopmdm import checkpoint as ckpt
 from loopmdm.errors import require
 from loopmdm.evaluation import halting_stats as hs
 from loopmdm.sampling.halting import HALT_RULES, Halting
 from loopmdm.sampling.infill import fill_blanks
 from loopmdm.evaluation.solve import score, scoring_of
+from loopmdm.runs import load_run
 from loopmdm.sampling.loop_runner import CallRecord, LoopRunner
+
+
+def open_run(path: str, device: str, notes: list[str]):
+    """The run's best-validation weights when it has them (the data-scarce suites select on
+    validation), else its newest checkpoint, saying so in `notes`."""
+    if ckpt.read_best_info(path) is not None:
+        run = load_run(path, device=device, best=True)
+        return run, f"best-validation weights, step {run.step}"
+    run = load_run(path, device=device)
+    notes.append(f"{path} has no best-validation weights; used its newest checkpoint (step {run.step})")
+    return run, f"newest checkpoint, step {run.step}"
 
 
 # --------------------------------------------------------------------------- the oracle

@@ -4,7 +4,9 @@ as fixed S_max, and how many loops does it save at that quality?
 * **Noise band**: every row decodes the same puzzles, so a row is compared with fixed S_max
   puzzle by puzzle: d_i = solved_i(row) - solved_i(S_max), paired s.e. = sd(d) / sqrt(n)
   (sample sd, ddof = 1). A setting **matches** S_max when its solve rate is at least S_max's
-  minus one paired s.e.
+  minus one paired s.e. Other scores are `Measure`s (a text row's infill accuracy, its judge
+  NLL, where lower is better); with several, a setting matches when it matches on every one.
+  ("Puzzle" below is any example the rows share: a Sudoku board, a text row.)
 * **Saving** of a group (fixed S, each rule, the oracle): S_max / (the lowest mean loops among
   its matching settings). For fixed S that is the smallest matching S: an adaptive rule only
   helps if it beats that. A group with no matching setting saves nothing (None).
@@ -17,10 +19,28 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
 MATCH_EPS = 1e-12  # float slack in "rate >= reference - s.e."
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A quality score a row carries: its aggregate (`row[name]`) and its value per example
+    (`row[per_example]`, the same examples in every row, for the paired s.e.)."""
+
+    name: str
+    per_example: str
+    higher_is_better: bool = True
+
+    @property
+    def sign(self) -> float:
+        return 1.0 if self.higher_is_better else -1.0
+
+
+SOLVED = Measure("solved", "per_puzzle_solved")
 
 
 def paired_se(a, b) -> float:
@@ -35,14 +55,21 @@ def matches(rate: float, ref_rate: float, se: float) -> bool:
     return rate >= ref_rate - se - MATCH_EPS
 
 
-def compare_to(rows: list[dict], ref: dict) -> None:
-    """Adds to each row (in place) its difference from `ref` in solve rate, the paired s.e. and
-    whether it matches."""
+def compare_to(rows: list[dict], ref: dict, measures: tuple[Measure, ...] = (SOLVED,)) -> None:
+    """Adds to each row (in place) its difference from `ref` in the first measure (solve rate),
+    the paired s.e. and whether it matches; `vs_ref[name]` = {diff, se, matches} for each measure,
+    and `matches` = all of them match."""
     for row in rows:
-        se = paired_se(row["per_puzzle_solved"], ref["per_puzzle_solved"])
-        row["diff_vs_ref"] = row["solved"] - ref["solved"]
-        row["se_vs_ref"] = se
-        row["matches"] = matches(row["solved"], ref["solved"], se)
+        ok = True
+        for i, m in enumerate(measures):
+            se = paired_se(row[m.per_example], ref[m.per_example])
+            diff = row[m.name] - ref[m.name]
+            match = matches(m.sign * row[m.name], m.sign * ref[m.name], se)
+            if i == 0:
+                row["diff_vs_ref"], row["se_vs_ref"] = diff, se
+            row.setdefault("vs_ref", {})[m.name] = {"diff": diff, "se": se, "matches": match}
+            ok = ok and match
+        row["matches"] = ok
 
 
 def group_of(row: dict) -> str | None:
@@ -64,22 +91,25 @@ def savings(rows: list[dict], s_max: int) -> dict:
 
 
 def bootstrap_savings(rows: list[dict], ref: dict, s_max: int, resamples: int = 1000, seed: int = 0,
-                      band: tuple[float, float] = (5.0, 95.0)) -> dict:
+                      band: tuple[float, float] = (5.0, 95.0), measures: tuple[Measure, ...] = (SOLVED,)) -> dict:
     """{group: {"band": [lo, hi] of the saving, "vs_fixed": [lo, hi] of saving / fixed saving,
-    "p_match": share of resamples where some setting matches}} from a paired bootstrap."""
-    n = len(ref["per_puzzle_solved"])
+    "p_match": share of resamples where some setting matches}} from a paired bootstrap. A
+    resample's aggregate is the mean of the per-example values (for a solve rate or a mean
+    accuracy the same as the full data's; for a mean NLL per row a per-row mean)."""
+    n = len(ref[measures[0].per_example])
     idx = np.random.default_rng(seed).integers(0, n, (resamples, n))
-    ref_solved = np.asarray(ref["per_puzzle_solved"], dtype=float)
-    ref_rate = ref_solved[idx].mean(1)
     best: dict[str, np.ndarray] = {}
     for row in rows:
         group = group_of(row)
         if group is None:
             continue
-        solved = np.asarray(row["per_puzzle_solved"], dtype=float)
-        d = (solved - ref_solved)[idx]
-        se = d.std(1, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(resamples)
-        ok = solved[idx].mean(1) >= ref_rate - se - MATCH_EPS
+        ok = np.ones(resamples, dtype=bool)
+        for m in measures:
+            mine = m.sign * np.asarray(row[m.per_example], dtype=float)
+            theirs = m.sign * np.asarray(ref[m.per_example], dtype=float)
+            d = (mine - theirs)[idx]
+            se = d.std(1, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(resamples)
+            ok &= mine[idx].mean(1) >= theirs[idx].mean(1) - se - MATCH_EPS
         calls = np.asarray(row["per_puzzle_calls"], dtype=float)[idx].sum(1)
         loops = np.asarray(row["per_puzzle_loop_sum"], dtype=float)[idx].sum(1) / np.maximum(calls, 1.0)
         cand = np.where(ok, loops, np.inf)
