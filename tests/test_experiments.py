@@ -270,6 +270,28 @@ def test_report_cells_and_paired_differences_equal_the_hand_computed_ones(tmp_pa
     assert "- loop-s0: 4.00×" in md
 
 
+def test_a_data_scarce_report_reads_flops_to_match_at_the_best_not_the_overfit_final(tmp_path):
+    """Past its best the MDM's final NELBO is high, so 'first reaches MDM's final NELBO' would
+    credit the loop with a large factor (49x on the 4k-long suite). A suite that selects on
+    validation reports FLOPs-to-match at the best only (regime_report.py), both ways."""
+    from dataclasses import replace
+
+    suite = replace(get_suite("shakespeare-char"), arms=("mdm", "loop"), loops=(1, 2))
+    mdm_curve = [{"step": 1, "flops": 1.0, "epoch": 1.0, "val_nll": 2.0}, {"step": 2, "flops": 2.0, "epoch": 2.0, "val_nll": 3.0}]
+    loop_curve = [{"step": 1, "flops": 1.0, "epoch": 1.0, "val_nll": 2.5}, {"step": 2, "flops": 2.0, "epoch": 2.0, "val_nll": 2.4}]
+    evaluations = {}
+    for k in range(3):
+        for arm, curve, best in (("mdm", mdm_curve, 2.0), ("loop", loop_curve, 2.4)):
+            ev = _ev(arm, k, {1: 2.0}, curve=curve, flops=2.0)
+            ev.update(epochs=2.0, best={"step": 1 if arm == "mdm" else 2, "val_nll": best, "epoch": 1.0},
+                      test_nelbo=[{"loops": s, "nll": best, "sequences": 8, "tokens": 64} for s in (1, 2)])
+            evaluations[f"{arm}-s{k}"] = ev
+    summary, md = _report(tmp_path, suite, evaluations)
+    assert "flops_to_match" not in summary and "MDM's final NELBO" not in md
+    ratios = summary["regime"]["flops_to_match"]
+    assert ratios["mdm -> loop"] == [None] * 3  # the loop never reaches the MDM's best 2.0
+
+
 def test_a_table_with_no_seed_in_every_arm_shows_seeds_only_and_draws_nothing_wrong(tmp_path):
     """MDM ran seed 0 only, LoopMDM seed 1 only: no seed is common, so no mean is reported
     (a mean of different seeds per arm would be the same mix across rows); per-seed values and
