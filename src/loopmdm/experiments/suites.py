@@ -128,7 +128,13 @@ SUITES["sudoku-scarce"] = Suite("sudoku-scarce", "experiments/sudoku", ("mdm", "
                                  "cpu-long": Scale(3e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 300,
                                                    ("data.task_examples=1000", "data.val_fraction=0.3",
                                                     "data.test_fraction=0.5", "train.eval_every=32",
-                                                    "train.checkpoint_every=96", "train.warmup_steps=50"))},
+                                                    "train.checkpoint_every=96", "train.warmup_steps=50")),
+                                 # both arms still improving at 3e13 (MDM ~167 epochs, LoopMDM ~89): twice
+                                 # that, with --extend-from results/sudoku-scarce-cpu-long --arms mdm,loop.
+                                 "cpu-longer": Scale(6e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 300,
+                                                     ("data.task_examples=1000", "data.val_fraction=0.3",
+                                                      "data.test_fraction=0.5", "train.eval_every=32",
+                                                      "train.checkpoint_every=96", "train.warmup_steps=50"))},
                                 orders=("raster", "confidence", "oneshot"))
 # Retrofit (ours, beyond the paper; the regime issue, item 5): the 4k-character suite's MDMs, from
 # their best-validation weights (~epoch 230, after which they overfit), trained on for 6e12 more FLOPs
