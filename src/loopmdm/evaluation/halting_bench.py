@@ -215,15 +215,16 @@ def min_loops_for(rule: str) -> int:
     return 2 if HALT_RULES[rule].needs_logits else 1
 
 
-def fixed_row(setup: Setup, model, loops: int) -> dict:
-    return measure(setup, LoopRunner(model), loops, kind="fixed", label=f"S = {loops}", S=loops)
+# `measure_fn` lets the text benchmark (halting_text.py) build the same rows with its own measure.
+def fixed_row(setup: Setup, model, loops: int, measure_fn=None) -> dict:
+    return (measure_fn or measure)(setup, LoopRunner(model), loops, kind="fixed", label=f"S = {loops}", S=loops)
 
 
-def rule_row(setup: Setup, model, rule: str, tau: float, granularity: str = "sequence") -> dict:
+def rule_row(setup: Setup, model, rule: str, tau: float, granularity: str = "sequence", measure_fn=None) -> dict:
     halting = Halting(tau, min_loops_for(rule), granularity, rule, cap=setup.s_max)
-    return measure(setup, LoopRunner(model, halting=halting), setup.s_max, kind="rule",
-                   label=f"{rule} tau={tau:g}", rule=rule, tau=tau, granularity=granularity,
-                   min_loops=halting.min_loops)
+    return (measure_fn or measure)(setup, LoopRunner(model, halting=halting), setup.s_max, kind="rule",
+                                   label=f"{rule} tau={tau:g}", rule=rule, tau=tau, granularity=granularity,
+                                   min_loops=halting.min_loops)
 
 
 def oracle_row(setup: Setup, model) -> dict:
@@ -231,8 +232,8 @@ def oracle_row(setup: Setup, model) -> dict:
     return measure(setup, oracle, setup.s_max, kind="oracle", label="oracle")
 
 
-def mdm_row(setup: Setup, mdm_model) -> dict:
-    return measure(setup, LoopRunner(mdm_model), 1, kind="mdm", label="MDM")
+def mdm_row(setup: Setup, mdm_model, measure_fn=None) -> dict:
+    return (measure_fn or measure)(setup, LoopRunner(mdm_model), 1, kind="mdm", label="MDM")
 
 
 def token_timing(setup: Setup, model, rule: str, tau: float, repeats: int = 3) -> dict:
@@ -288,7 +289,7 @@ def parse_rule_taus(text: str) -> list[tuple[str, list[float]]]:
     return out
 
 
-def _plotted_settings(rows: list[dict], savings_: dict) -> list[str]:
+def plotted_settings(rows: list[dict], savings_: dict) -> list[str]:
     """One setting per rule for the loops-against-t plot: its best matching one, else its
     middle threshold."""
     out = []
@@ -301,9 +302,9 @@ def _plotted_settings(rows: list[dict], savings_: dict) -> list[str]:
     return out
 
 
-def _timed_setting(rows: list[dict], savings_: dict) -> tuple[str, float] | None:
+def timed_setting(rows: list[dict], savings_: dict, measure: hs.Measure = hs.SOLVED) -> tuple[str, float] | None:
     """The rule with the largest saving at its best matching threshold; if no rule matches, the
-    rule setting with the highest quality (fewest loops among ties)."""
+    rule setting best on `measure` (fewest loops among ties)."""
     rules = [(sv["saving"], g) for g, sv in savings_.items() if g not in ("fixed", "oracle") and sv["saving"]]
     if rules:
         label = savings_[max(rules)[1]]["label"]
@@ -312,7 +313,7 @@ def _timed_setting(rows: list[dict], savings_: dict) -> tuple[str, float] | None
         cands = [r for r in rows if r["kind"] == "rule"]
         if not cands:
             return None
-        row = max(cands, key=lambda r: (r["solved"], -r["mean_loops"]))
+        row = max(cands, key=lambda r: (measure.sign * r[measure.name], -r["mean_loops"]))
     return row["rule"], row["tau"]
 
 
@@ -344,13 +345,13 @@ def benchmark(setup: Setup, model, loops: list[int], rules: list[tuple[str, list
     savings_ = hs.savings(rows, setup.s_max)
     result = {"rows": rows, "reference": ref["label"], "savings": savings_,
               "saving_bands": hs.bootstrap_savings(rows, ref, setup.s_max, resamples=resamples),
-              "plotted_settings": _plotted_settings(rows, savings_), "notes": []}
+              "plotted_settings": plotted_settings(rows, savings_), "notes": []}
     fewest = min((r for r in rows if r["kind"] == "fixed"), key=lambda r: r["S"])
     if fewest["matches"] and fewest["S"] < setup.s_max:
         # Then any rule "matches" at any loop count: a saving read off here is no evidence.
         result["notes"].append(f"quality is flat in S here ({fewest['label']} matches the reference): "
                                "the savings in this report say nothing about halting")
-    timed = _timed_setting(rows, savings_) if timing_repeats > 0 else None
+    timed = timed_setting(rows, savings_) if timing_repeats > 0 else None
     if timed is not None:
         say(f"  timing per-token halting {timed[0]} tau={timed[1]:g} against dense S = {setup.s_max} "
             f"(median of {timing_repeats})")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -35,7 +36,9 @@ import torch.nn.functional as F
 from loopmdm.data.prepared import UNIGRAM_FILE
 from loopmdm.errors import require
 from loopmdm.evaluation import halting_stats as hs
-from loopmdm.evaluation.halting_bench import min_loops_for
+from loopmdm.evaluation import halting_bench as hb
+from loopmdm.evaluation.halting_bench import min_loops_for, plotted_settings
+from loopmdm.evaluation.halting_bench import timed_setting as _timed_setting
 from loopmdm.evaluation.judge import unigram_entropy
 from loopmdm.evaluation.sample_bench import reference_rows  # noqa: F401 (re-exported for the script)
 from loopmdm.sampling.halting import Halting
@@ -292,23 +295,13 @@ def unigram_tokens(setup: TextSetup, unigram: np.ndarray, seed: int) -> np.ndarr
 
 # --------------------------------------------------------------------------- the rows
 
-def fixed_row(setup: TextSetup, model, loops: int) -> dict:
-    return measure(setup, LoopRunner(model), loops, kind="fixed", label=f"S = {loops}", S=loops)
-
-
-def rule_row(setup: TextSetup, model, rule: str, tau: float, granularity: str = "sequence") -> dict:
-    halting = Halting(tau, min_loops_for(rule), granularity, rule, cap=setup.s_max)
-    return measure(setup, LoopRunner(model, halting=halting), setup.s_max, kind="rule",
-                   label=f"{rule} tau={tau:g}", rule=rule, tau=tau, granularity=granularity,
-                   min_loops=halting.min_loops)
+fixed_row = partial(hb.fixed_row, measure_fn=measure)  # the Sudoku benchmark's rows, measured on text
+rule_row = partial(hb.rule_row, measure_fn=measure)
+mdm_row = partial(hb.mdm_row, measure_fn=measure)
 
 
 def oracle_row(setup: TextSetup, model) -> dict:
     return measure(setup, CommitOracle(model, setup.s_max), setup.s_max, kind="oracle", label="oracle")
-
-
-def mdm_row(setup: TextSetup, mdm_model) -> dict:
-    return measure(setup, LoopRunner(mdm_model), 1, kind="mdm", label="MDM")
 
 
 def token_timing(setup: TextSetup, model, rule: str, tau: float, repeats: int = 3) -> dict:
@@ -342,19 +335,6 @@ def token_timing(setup: TextSetup, model, rule: str, tau: float, repeats: int = 
 
 
 # --------------------------------------------------------------------------- one measure, every row
-
-def _plotted_settings(rows: list[dict], savings_: dict) -> list[str]:
-    """One setting per rule for the loops-against-t plot: its best matching one, else its
-    middle threshold."""
-    out = []
-    for rule in dict.fromkeys(r["rule"] for r in rows if r["kind"] == "rule"):
-        label = savings_.get(rule, {}).get("label")
-        if label is None:
-            mine = [r["label"] for r in rows if r.get("rule") == rule]
-            label = mine[len(mine) // 2]
-        out.append(label)
-    return out
-
 
 def run_measure(setup: TextSetup, model, loops: list[int], rules: list[tuple[str, list[float]]],
                 granularity: str = "sequence", mdm_model=None, unigram: np.ndarray | None = None,
@@ -391,7 +371,7 @@ def run_measure(setup: TextSetup, model, loops: list[int], rules: list[tuple[str
     result = {"kind": setup.kind, "rows": rows, "reference": ref["label"], "measures": [m.name for m in setup.measures],
               "savings": savings_,
               "saving_bands": hs.bootstrap_savings(rows, ref, setup.s_max, resamples=resamples, measures=setup.measures),
-              "plotted_settings": _plotted_settings(rows, savings_), "notes": []}
+              "plotted_settings": plotted_settings(rows, savings_), "notes": []}
     fewest = min((r for r in rows if r["kind"] == "fixed"), key=lambda r: r["S"])
     if fewest["matches"] and fewest["S"] < setup.s_max:
         result["notes"].append(f"{setup.kind}: {fewest['label']} already matches {ref['label']} (quality flat in S "
@@ -400,16 +380,6 @@ def run_measure(setup: TextSetup, model, loops: list[int], rules: list[tuple[str
 
 
 def timed_setting(result: dict, measure: hs.Measure = ACC) -> tuple[str, float] | None:
-    """The rule with the largest saving at its best matching threshold; if no rule matches, the
-    rule setting best on `measure` (the result's first; fewest loops among ties)."""
-    rows, savings_ = result["rows"], result["savings"]
-    rules = [(sv["saving"], g) for g, sv in savings_.items() if g not in ("fixed", "oracle") and sv["saving"]]
-    if rules:
-        label = savings_[max(rules)[1]]["label"]
-        row = next(r for r in rows if r["label"] == label)
-    else:
-        cands = [r for r in rows if r["kind"] == "rule"]
-        if not cands:
-            return None
-        row = max(cands, key=lambda r: (measure.sign * r[measure.name], -r["mean_loops"]))
-    return row["rule"], row["tau"]
+    """halting_bench.timed_setting on one measure's rows (`measure`: the tie-break without a
+    matching rule; the result's first score by default)."""
+    return _timed_setting(result["rows"], result["savings"], measure)
