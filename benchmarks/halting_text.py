@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="halting granularity of the rule rows (sequence: each row halts on its own)")
     p.add_argument("--timing-rows", type=int, default=32, help="infill rows of the per-token timing (0: skip)")
     p.add_argument("--timing-repeats", type=int, default=3, help="per-token timing: runs of each arm")
+    p.add_argument("--timing-rules", default="", help="'RULE:TAU;...' to time per token besides the rule with the "
+                                                     "largest infill saving (e.g. a rule that reads no prediction)")
     p.add_argument("--judge-test-rows", type=int, default=0,
                    help="test rows for the judge's test NLL, spread over the split (0: all of them)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the saving's band")
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
     require(args.infill > 0 or args.samples > 0, "--infill and --samples are both 0: nothing to measure")
     require(args.steps >= 1, f"--steps {args.steps} must be >= 1")
     rules = hb.parse_rule_taus(args.rules)
+    extra_timed = [(r, t) for r, taus in (hb.parse_rule_taus(args.timing_rules) if args.timing_rules else [])
+                   for t in taus]
     notes: list[str] = []
     started = time.perf_counter()
 
@@ -139,12 +143,14 @@ def main(argv=None) -> int:
         setup = ht.infill_setup(test, args.infill, model.mask_id, temperature=0.0, **common)
         result["infill"] = ht.run_measure(setup, model, loops, rules, args.granularity, mdm_model, unigram,
                                           oracle=True, resamples=args.resamples)
-        timed = ht.timed_setting(result["infill"]) if args.timing_rows > 0 and args.timing_repeats > 0 else None
-        if timed is not None:
-            print(f"  timing per-token halting {timed[0]} tau={timed[1]:g} against dense S = {s_max} "
-                  f"({min(args.timing_rows, args.infill)} rows, median of {args.timing_repeats})")
-            result["token_timing"] = ht.token_timing(setup.subset(args.timing_rows), model, *timed,
-                                                     repeats=args.timing_repeats)
+        if args.timing_rows > 0 and args.timing_repeats > 0:
+            timed = [ht.timed_setting(result["infill"])] + extra_timed
+            result["token_timing"] = []
+            for rule, tau in dict.fromkeys(t for t in timed if t is not None):
+                print(f"  timing per-token halting {rule} tau={tau:g} against dense S = {s_max} "
+                      f"({min(args.timing_rows, args.infill)} rows, median of {args.timing_repeats})")
+                result["token_timing"].append(ht.token_timing(setup.subset(args.timing_rows), model, rule, tau,
+                                                              repeats=args.timing_repeats))
         result["examples"] = example_texts(result, run.tokenizer, model.mask_id)
     if args.samples:
         setup = ht.samples_setup(test, args.samples, model.mask_id, temperature=1.0, **common)
@@ -158,6 +164,7 @@ def main(argv=None) -> int:
                   "samples": args.samples, "steps": args.steps, "seed": args.seed, "s_max": s_max, "loops": loops,
                   "rules": [[r, t] for r, t in rules], "granularity": args.granularity,
                   "timing_rows": args.timing_rows, "timing_repeats": args.timing_repeats,
+                  "timing_rules": [list(t) for t in extra_timed],
                   "judge_test_rows": args.judge_test_rows, "resamples": args.resamples,
                   "batch_size": args.batch_size, "device": str(run.device), "threads": torch.get_num_threads(),
                   "split": "test"},

@@ -214,7 +214,7 @@ def test_script_writes_its_files_with_the_same_rows_everywhere(text_runs, tmp_pa
     assert halting_text.main([str(text_runs / "loop"), "--mdm", str(text_runs / "mdm"), "--judge",
                               str(text_runs / "judge"), "--infill", "5", "--samples", "3", "--steps", "4",
                               "--loops", "1,2", "--rules", "change-scaled:0.05;kl:1e-3", "--resamples", "50",
-                              "--timing-rows", "3", "--timing-repeats", "1", "--judge-test-rows", "8",
+                              "--timing-rows", "3", "--timing-repeats", "1", "--timing-rules", "change-scaled:0.05", "--judge-test-rows", "8",
                               "--batch-size", "4", "--out", str(out)]) == 0
     for name in ("halting_text.json", "halting_text.md", "quality_vs_loops.png", "loops_vs_masked.png",
                  "loops_hist.png", "calls.npz"):
@@ -241,6 +241,8 @@ def test_script_writes_its_files_with_the_same_rows_everywhere(text_runs, tmp_pa
     assert infill["oracle"]["per_row_acc"] == infill["S = 3"]["per_row_acc"]
     assert infill["kl tau=0.001"]["min_loops"] == 2 and infill["MDM"]["mean_loops"] == 1.0
     assert set(result["infill"]["savings"]) == {"fixed", "change-scaled", "kl", "oracle"}
-    assert result["token_timing"]["time_ratio"] > 0 and result["token_timing"]["n"] == 3
+    timed = {(t["rule"], t["tau"]): t for t in result["token_timing"]}
+    assert ("change-scaled", 0.05) in timed and len(timed) == len(result["token_timing"])  # asked for, once
+    assert all(t["time_ratio"] > 0 and t["n"] == 3 and t["computed_flops_ratio"] > 0 for t in timed.values())
     md = (out / "halting_text.md").read_text()
     assert "Infill (primary): 5 rows" in md and "Unconditional samples: 3 rows" in md and "Per-token halting" in md

@@ -228,7 +228,7 @@ def judge_token_nll(judge, tokens: np.ndarray, batch_size: int = 64) -> np.ndarr
     device = next(judge.parameters()).device
     out = []
     for lo in range(0, len(tokens), batch_size):
-        x = torch.as_tensor(np.asarray(tokens[lo:lo + batch_size]), dtype=torch.long, device=device)
+        x = torch.as_tensor(np.array(tokens[lo:lo + batch_size], dtype=np.int64), device=device)  # a copy: test blocks are a read-only memmap
         logits = judge(x, num_loops=1).float()
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
         out.append(nll.cpu().numpy())

@@ -90,20 +90,25 @@ def markdown(result: dict) -> str:
         lines += savings_table(section)
         for note in section.get("notes", []):
             lines += ["", f"Note: {note}"]
-    tt = result.get("token_timing")
-    if tt:
-        m = [k for k in ("acc", "judge_nll") if k in tt]
+    timings = result.get("token_timing") or []
+    if isinstance(timings, dict):  # files written before several rules were timed
+        timings = [timings]
+    if timings:
+        m = [k for k in ("acc", "judge_nll") if k in timings[0]]
+        first = timings[0]
         lines += ["", "## Per-token halting: wall time against FLOPs", "",
-                  f"`{tt['rule']}` τ = {tt['tau']:g}, granularity token, against dense fixed S_max on the first "
-                  f"{tt['n']} infill rows and the same draws; median of {tt['repeats']} interleaved runs. Active FLOPs "
-                  "count frozen positions' keys and values as cached, which `loop_step_at` does not yet do; computed "
-                  "FLOPs are what ran.", "",
-                  "| dense S_max s | token s | time ratio | active FLOPs ratio | computed FLOPs ratio | mean loops | "
+                  f"Granularity token, against dense fixed S_max on the first {first['n']} infill rows and the same "
+                  f"draws; median of {first['repeats']} interleaved runs. Active FLOPs count frozen positions' keys "
+                  "and values as cached, which `loop_step_at` does not yet do; computed FLOPs are what ran (a rule "
+                  "that reads the prediction pays the coda and head at every iteration).", "",
+                  "| rule | dense S_max s | token s | time ratio | active FLOPs ratio | computed FLOPs ratio | mean loops | "
                   + " | ".join(f"{TITLES[k]} token (Δ vs dense ± s.e.)" for k in m) + " |",
-                  "|---|---|---|---|---|---|" + "---|" * len(m),
-                  f"| {tt['dense_seconds']:.2f} | {tt['token_seconds']:.2f} | {tt['time_ratio']:.3f} | "
-                  f"{tt['active_flops_ratio']:.3f} | {tt['computed_flops_ratio']:.3f} | {tt['mean_loops']:.2f} | "
-                  + " | ".join(f"{tt[k]:.4f} ({tt[k + '_diff']:+.4f} ± {tt[k + '_se']:.4f})" for k in m) + " |"]
+                  "|---|---|---|---|---|---|---|" + "---|" * len(m)]
+        for tt in timings:
+            lines.append(f"| `{tt['rule']}` τ = {tt['tau']:g} | {tt['dense_seconds']:.2f} | {tt['token_seconds']:.2f} | "
+                         f"{tt['time_ratio']:.3f} | {tt['active_flops_ratio']:.3f} | {tt['computed_flops_ratio']:.3f} | "
+                         f"{tt['mean_loops']:.2f} | "
+                         + " | ".join(f"{tt[k]:.4f} ({tt[k + '_diff']:+.4f} ± {tt[k + '_se']:.4f})" for k in m) + " |")
     examples = result.get("examples")
     if examples:
         lines += ["", "## Examples (infill, first rows; `_` marks the filled span's edges)", ""]
