@@ -2,6 +2,7 @@
 whole (tiny) suite run end to end, then resumed without retraining."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +55,8 @@ def test_flops_to_match_interpolates_the_first_crossing():
     assert flops_to_match(0.5, 6.0, curve) is None
 
 
-def test_tiny_suite_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+def _tiny_khop_config(tmp_path) -> Path:
+    """A suite config small enough to sweep, train and evaluate in seconds."""
     config = tmp_path / "khop.yaml"
     config.write_text(f"""name: tiny-khop
 model: {{n_layers: 3, d_model: 32, n_heads: 2, cond_dim: 16, loop_start: 1, loop_end: 2, max_train_loops: 3}}
@@ -63,6 +65,11 @@ train: {{batch_size: 16, max_steps: 0, max_flops: 1.0e9, warmup_steps: 2, ema: 0
         eval_batches: 1, checkpoint_every: 4, progress: false, device: cpu, precision: fp32}}
 eval: {{batch_size: 16}}
 """)
+    return config
+
+
+def test_tiny_suite_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+    config = _tiny_khop_config(tmp_path)
     suite = Suite("tiny", str(config), ("mdm", "loop"), "task", {"cpu": Scale(3e9, 0.5, (1e-3,), (0,), 8)},
                   orders=("oneshot",), loops=(1, 2))
     monkeypatch.setitem(suites_mod.SUITES, "tiny", suite)
@@ -329,14 +336,7 @@ def test_sweep_folders_name_the_lr_they_train_and_resume_one_digit_names(tmp_pat
 def test_extending_a_run_equals_training_it_longer(tmp_path, monkeypatch):
     """--extend-from: the same suite at 2x the budget, continued from the 1x runs, gives the
     same train/val records as training at 2x from scratch (FLOPs-limited runs: constant lr)."""
-    config = tmp_path / "khop.yaml"
-    config.write_text(f"""name: tiny-khop
-model: {{n_layers: 3, d_model: 32, n_heads: 2, cond_dim: 16, loop_start: 1, loop_end: 2, max_train_loops: 3}}
-data: {{source: task, task: khop, task_size: 5, task_hops: 2, task_examples: 600, cache_dir: {tmp_path / 'cache'}}}
-train: {{batch_size: 16, max_steps: 0, max_flops: 1.0e9, warmup_steps: 2, ema: 0.9, log_every: 2, eval_every: 4,
-        eval_batches: 1, checkpoint_every: 4, progress: false, device: cpu, precision: fp32}}
-eval: {{batch_size: 16}}
-""")
+    config = _tiny_khop_config(tmp_path)
     suite = Suite("tiny", str(config), ("loop",), "task",
                   {"short": Scale(1e9, 0.5, (1e-3,), (0,), 8), "long": Scale(2e9, 0.5, (1e-3,), (0,), 8)},
                   orders=("oneshot",), loops=(1, 2))
