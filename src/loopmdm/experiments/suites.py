@@ -82,6 +82,11 @@ SUITES = {
                    # decoding, past a 4-layer MDM's one call; 8e12 FLOPs is ~1,600 MDM steps of 64
                    # examples (unlimited data: each example is fresh).
                    "cpu-deep": Scale(8e12, 0.5, (3e-4, 1e-3), (0, 1, 2), 500, ("data.task_size=8", "data.task_hops=4")),
+                   # cpu-deep at 4x the budget (~7,700 MDM steps, ~1.2 epochs of the 400k examples): every
+                   # cpu-deep curve was still falling. The sweep is at cpu-deep's final budget over every lr
+                   # cpu-deep tried; run it with --extend-from results/khop-cpu-deep --arms mdm,loop.
+                   "cpu-deep-long": Scale(3.2e13, 0.25, (2.7e-5, 9e-5, 3e-4, 1e-3), (0, 1, 2), 500,
+                                          ("data.task_size=8", "data.task_hops=4")),
                    "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000, GPU_TASK + KHOP_GPU)},
                   orders=("oneshot",)),
     "sudoku": Suite("sudoku", "experiments/sudoku", ALL_ARMS, "task",
