@@ -34,7 +34,6 @@ from loopmdm.errors import LoopMDMError, require
 from loopmdm.evaluation import halting_bench as hb
 from loopmdm.evaluation.halting_report import markdown, plot_loops_vs_masked, plot_quality
 from loopmdm.evaluation.solve import scoring_of, task_test_set
-from loopmdm.sampling.halting import GRANULARITIES
 from loopmdm.sampling.infill import ORDERS
 from loopmdm.userfiles import check_out_dir, write_file
 
@@ -50,18 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num", type=int, default=300, help="test puzzles (the same for every row)")
     p.add_argument("--seed", type=int, default=0, help="seed of the puzzles' blanks")
     p.add_argument("--order", default="raster", choices=ORDERS, help="decoding order (sampling/infill.py)")
-    p.add_argument("--s-max", type=int, default=0, help="the reference S and every rule's cap (default: the run's "
-                                                        "model.max_train_loops)")
-    p.add_argument("--loops", default="1,2,3,4,6,8,12,16", help="fixed S values (S_max is added)")
-    p.add_argument("--rules", default=DEFAULT_RULES, help="'RULE:TAU,TAU;RULE:TAU' (sampling/halting.py HALT_RULES)")
-    p.add_argument("--granularity", default="sequence", choices=GRANULARITIES,
-                   help="halting granularity of the rule rows (sequence: each puzzle halts on its own)")
     p.add_argument("--timing-repeats", type=int, default=3, help="per-token halting timing: runs of each arm "
                                                                  "(0: skip)")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the saving's band")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: shared machine)")
+    hb.add_halting_options(p, DEFAULT_RULES, "puzzle")
     return p.parse_args(argv)
 
 
@@ -69,15 +60,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(max(args.threads, 1))
     out = check_out_dir(args.out, "--out")
-    loops = [int(s) for s in args.loops.split(",") if s.strip()]
-    require(loops and all(s >= 1 for s in loops), f"--loops '{args.loops}' must list integers >= 1")
+    loops = hb.parse_loops(args.loops)
     rules = hb.parse_rule_taus(args.rules)
     notes: list[str] = []
     started = time.perf_counter()
 
-    run, weights = hb.open_run(args.run, args.device, notes)
+    run, weights, mdm_model, mdm_weights = hb.open_loop_and_mdm(args.run, args.mdm, args.device, notes)
     model = run.model
-    require(model.is_looped, f"'{args.run}' is not a looped run (no model.loop_start/loop_end); pass it as --mdm")
     data = run.prepared_data()
     split = "test" if data.has_split("test") else "val"
     if split == "val":
@@ -87,15 +76,6 @@ def main(argv=None) -> int:
     setup = hb.Setup(test=test, mask_id=data.vocab_size, order=args.order, s_max=s_max,
                      num_symbols=scoring_of(test["task"]).answer_symbols(data.meta),
                      batch_size=args.batch_size, device=run.device)
-    mdm_model, mdm_weights = None, None
-    if args.mdm:
-        mdm, mdm_weights = hb.open_run(args.mdm, args.device, notes)
-        require(mdm.cfg.model.vocab_size == model.cfg.vocab_size and mdm.cfg.data.seq_len == run.cfg.data.seq_len,
-                f"--mdm '{args.mdm}' has vocabulary {mdm.cfg.model.vocab_size} and length {mdm.cfg.data.seq_len}, "
-                f"the run {model.cfg.vocab_size} and {run.cfg.data.seq_len}: not the same task")
-        if mdm.model.is_looped:
-            notes.append(f"--mdm {args.mdm} is a looped model: its row is that model at S = 1")
-        mdm_model = mdm.model
     print(f"{len(test['x'])} {test['task']} puzzles ({split} split), {args.order} order, S_max = {s_max}")
 
     result = hb.benchmark(setup, model, loops, rules, args.granularity, mdm_model=mdm_model,

@@ -37,7 +37,7 @@ from loopmdm.errors import LoopMDMError, require
 from loopmdm.evaluation import halting_bench as hb
 from loopmdm.evaluation import halting_text as ht
 from loopmdm.evaluation.halting_text_report import markdown, write_plots
-from loopmdm.sampling.halting import GRANULARITIES, HALT_RULES
+from loopmdm.sampling.halting import HALT_RULES
 from loopmdm.userfiles import check_out_dir, write_file
 
 DEFAULT_RULES = ("change:0.05,0.02;change-scaled:0.005,0.01,0.02;change-masked:0.02,0.05,0.1;"
@@ -54,22 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=32, help="unconditional samples (0: skip)")
     p.add_argument("--steps", type=int, default=16, help="denoising steps (every row, both measures)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler's draws (and the unigram row's)")
-    p.add_argument("--s-max", type=int, default=0, help="the reference S and every rule's cap (default: the run's "
-                                                        "model.max_train_loops)")
-    p.add_argument("--loops", default="1,2,3,4,6,8,12,16", help="fixed S values (S_max is added)")
-    p.add_argument("--rules", default=DEFAULT_RULES, help="'RULE:TAU,TAU;RULE:TAU' (sampling/halting.py HALT_RULES)")
-    p.add_argument("--granularity", default="sequence", choices=GRANULARITIES,
-                   help="halting granularity of the rule rows (sequence: each row halts on its own)")
     p.add_argument("--timing-rows", type=int, default=32, help="infill rows of the per-token timing (0: skip)")
     p.add_argument("--timing-repeats", type=int, default=3, help="per-token timing: runs of each arm")
     p.add_argument("--timing-rules", default="", help="'RULE:TAU;...' to time per token besides the rule with the "
                                                      "largest infill saving (e.g. a rule that reads no prediction)")
     p.add_argument("--judge-test-rows", type=int, default=0,
                    help="test rows for the judge's test NLL, spread over the split (0: all of them)")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the saving's band")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: shared machine)")
+    hb.add_halting_options(p, DEFAULT_RULES, "row")
     return p.parse_args(argv)
 
 
@@ -100,8 +92,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(max(args.threads, 1))
     out = check_out_dir(args.out, "--out")
-    loops = [int(s) for s in args.loops.split(",") if s.strip()]
-    require(loops and all(s >= 1 for s in loops), f"--loops '{args.loops}' must list integers >= 1")
+    loops = hb.parse_loops(args.loops)
     require(args.infill > 0 or args.samples > 0, "--infill and --samples are both 0: nothing to measure")
     require(args.steps >= 1, f"--steps {args.steps} must be >= 1")
     rules = hb.parse_rule_taus(args.rules)
@@ -110,9 +101,8 @@ def main(argv=None) -> int:
     notes: list[str] = []
     started = time.perf_counter()
 
-    run, weights = hb.open_run(args.run, args.device, notes)
+    run, weights, mdm_model, mdm_weights = hb.open_loop_and_mdm(args.run, args.mdm, args.device, notes)
     model = run.model
-    require(model.is_looped, f"'{args.run}' is not a looped run (no model.loop_start/loop_end); pass it as --mdm")
     judge_run, judge_weights = hb.open_run(args.judge, args.device, notes)
     require(judge_run.cfg.model.causal, f"--judge {args.judge} is not an autoregressive run (model.causal=true)")
     data = run.prepared_data()
@@ -122,14 +112,6 @@ def main(argv=None) -> int:
         require(other.cfg.model.vocab_size == model.cfg.vocab_size and other.cfg.data.seq_len == run.cfg.data.seq_len
                 and other.tokenizer.fingerprint() == run.tokenizer.fingerprint(),
                 f"{what} '{other.run_dir}' has another tokenizer or length than the run: not the same data")
-    mdm_model, mdm_weights = None, None
-    if args.mdm:
-        mdm, mdm_weights = hb.open_run(args.mdm, args.device, notes)
-        require(mdm.cfg.model.vocab_size == model.cfg.vocab_size and mdm.cfg.data.seq_len == run.cfg.data.seq_len,
-                f"--mdm '{args.mdm}' has another vocabulary or length than the run")
-        if mdm.model.is_looped:
-            notes.append(f"--mdm {args.mdm} is a looped model: its row is that model at S = 1")
-        mdm_model = mdm.model
     s_max = args.s_max or model.cfg.max_train_loops
     common = dict(steps=args.steps, seed=args.seed, s_max=s_max, judge=judge_run.model,
                   schedule=make_schedule(run.cfg.diffusion.schedule, run.cfg.diffusion.eps),

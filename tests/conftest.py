@@ -29,6 +29,15 @@ def bbc_glob() -> str:
     return str(root / "bbcnews" / "data" / "tech" / "0[0-5]*.txt")
 
 
+def benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module (its main() is what the tests call)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_overrides(root: Path) -> list[str]:
     return [
         "data.source=text", f"data.paths=['{bbc_glob()}']", "data.bpe_vocab_size=300", "data.seq_len=32",

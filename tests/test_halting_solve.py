@@ -4,8 +4,6 @@ oracle decodes exactly as fixed S_max while its loop counts adapt, the paired s.
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +17,6 @@ from loopmdm.model.denoiser import LoopedDenoiser
 from loopmdm.sampling.loop_runner import LoopRunner
 from tests.test_halting import V, ContractingStub
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rows(masked_counts, L=16):
@@ -140,11 +137,9 @@ def sudoku_runs(tmp_path_factory):
 
 
 def test_script_writes_its_three_files_with_sane_values(sudoku_runs, tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import halting_solve
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from tests.conftest import benchmark_module
+
+    halting_solve = benchmark_module("halting_solve")
     out = tmp_path / "out"
     assert halting_solve.main([str(sudoku_runs / "loop"), "--mdm", str(sudoku_runs / "mdm"), "--num", "6",
                                "--loops", "1,2", "--rules", "change-scaled:0.05,0.2;kl:1e-3", "--resamples", "50",

@@ -6,8 +6,6 @@ script end to end on tiny runs."""
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +15,10 @@ from loopmdm.diffusion.schedule import make_schedule
 from loopmdm.evaluation import halting_stats as hs
 from loopmdm.evaluation import halting_text as ht
 from loopmdm.evaluation.judge import ar_loss
+from loopmdm.sampling.halting import Halting
 from loopmdm.sampling.loop_runner import LoopRunner
 from tests.test_halting import V, ContractingStub
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _blocks(n=40, L=16, seed=0):
@@ -58,8 +56,8 @@ def test_every_setting_unmasks_the_same_positions_at_the_same_steps(kind, temper
     setup = _setup(kind, temperature=temperature)
     logs = []
     for denoiser, loops in ((LoopRunner(ContractingStub()), 1), (LoopRunner(ContractingStub()), 4),
-                            (LoopRunner(ContractingStub(), halting=ht.Halting(0.05, 1, "sequence", "change-masked",
-                                                                               cap=4)), 4),
+                            (LoopRunner(ContractingStub(), halting=Halting(0.05, 1, "sequence", "change-masked",
+                                                                            cap=4)), 4),
                             (ht.CommitOracle(ContractingStub(), 4), 4)):
         tokens, log, _ = ht.decode(setup, denoiser, loops)
         assert (tokens != V).all() and (tokens[setup.template != V] == setup.template[setup.template != V]).all()
@@ -77,7 +75,7 @@ def test_rule_loops_are_logged_per_row_and_differ_between_rows_built_to_differ()
     rule that halted every call at one count) would give one value."""
     setup = _setup("infill", n=6)
     setup.template[::2, :] = V  # every other row fully masked: crowded
-    halting = ht.Halting(0.05, 1, "sequence", "change-masked", cap=8)
+    halting = Halting(0.05, 1, "sequence", "change-masked", cap=8)
     row = ht.measure(setup, LoopRunner(ContractingStub(), halting=halting), 8, kind="rule", label="r")
     hs.summarise_calls(row)
     loops = np.asarray(row["calls"]["loops"])
@@ -205,11 +203,9 @@ def text_runs(tmp_path_factory):
 
 
 def test_script_writes_its_files_with_the_same_rows_everywhere(text_runs, tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import halting_text
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from tests.conftest import benchmark_module
+
+    halting_text = benchmark_module("halting_text")
     out = tmp_path / "out"
     assert halting_text.main([str(text_runs / "loop"), "--mdm", str(text_runs / "mdm"), "--judge",
                               str(text_runs / "judge"), "--infill", "5", "--samples", "3", "--steps", "4",

@@ -51,6 +51,32 @@ def open_run(path: str, device: str, notes: list[str]):
     return run, f"newest checkpoint, step {run.step}"
 
 
+def open_loop_and_mdm(run_path: str, mdm_path: str, device: str, notes: list[str]):
+    """(run, its weights' label, the MDM's model or None, its weights' label or None): the
+    looped run under test and the optional --mdm run beside it, on the same vocabulary and length."""
+    run, weights = open_run(run_path, device, notes)
+    require(run.model.is_looped, f"'{run_path}' is not a looped run (no model.loop_start/loop_end); pass it as --mdm")
+    if not mdm_path:
+        return run, weights, None, None
+    mdm, mdm_weights = open_run(mdm_path, device, notes)
+    require(mdm.cfg.model.vocab_size == run.cfg.model.vocab_size and mdm.cfg.data.seq_len == run.cfg.data.seq_len,
+            f"--mdm '{mdm_path}' has vocabulary {mdm.cfg.model.vocab_size} and length {mdm.cfg.data.seq_len}, "
+            f"the run {run.cfg.model.vocab_size} and {run.cfg.data.seq_len}: not the same data")
+    if mdm.model.is_looped:
+        notes.append(f"--mdm {mdm_path} is a looped model: its row is that model at S = 1")
+    return run, weights, mdm.model, mdm_weights
+
+
+def parse_loops(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4] (the --loops option)."""
+    try:
+        loops = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        loops = []
+    require(loops and all(s >= 1 for s in loops), f"--loops '{text}' must list integers >= 1")
+    return loops
+
+
 # --------------------------------------------------------------------------- the oracle
 
 def decoded_positions(logits: torch.Tensor, masked: torch.Tensor, order: str) -> torch.Tensor:
@@ -236,33 +262,55 @@ def mdm_row(setup: Setup, mdm_model, measure_fn=None) -> dict:
     return (measure_fn or measure)(setup, LoopRunner(mdm_model), 1, kind="mdm", label="MDM")
 
 
-def token_timing(setup: Setup, model, rule: str, tau: float, repeats: int = 3) -> dict:
-    """Per-token halting (`loop_step_at` skips the frozen positions) against the dense fixed
-    S_max run on the same puzzles: wall time (median of `repeats`, interleaved so drift from
-    other jobs hits both alike), and FLOPs computed vs the active FLOPs the runner counts."""
+def time_token_halting(setup, model, rule: str, tau: float, repeats: int, decode_fn) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Per-token halting (`loop_step_at` skips the frozen positions) against dense fixed S_max on
+    the same rows: wall time (median of `repeats`, interleaved so drift from other jobs hits both
+    alike), and FLOPs computed vs the active FLOPs the runner counts. `decode_fn(setup, runner,
+    loops)` -> (output, call log, seconds) is the benchmark's decoder; returns (the timing row,
+    the token arm's output, the dense arm's output) so the caller scores both its own way."""
     halting = Halting(tau, min_loops_for(rule), "token", rule, cap=setup.s_max)
     times = {"dense": [], "token": []}
     runs = {}
     for _ in range(repeats):
         for name, runner in (("dense", LoopRunner(model)), ("token", LoopRunner(model, halting=halting))):
-            filled, log, seconds = decode(setup, runner, setup.s_max)
+            output, log, seconds = decode_fn(setup, runner, setup.s_max)
             times[name].append(seconds)
-            runs[name] = (filled, runner, log)
+            runs[name] = (output, runner, log)
     dense_flops = sum(r.flops for r in runs["dense"][1].records)
-    token_active = sum(r.active_flops for r in runs["token"][1].records)
-    token_flops = sum(r.flops for r in runs["token"][1].records)
-    filled = runs["token"][0]
     dense_s, token_s = statistics.median(times["dense"]), statistics.median(times["token"])
-    return {"rule": rule, "tau": tau, "granularity": "token", "repeats": repeats,
-            "dense_seconds": dense_s, "token_seconds": token_s, "time_ratio": token_s / dense_s,
-            "active_flops_ratio": token_active / dense_flops, "computed_flops_ratio": token_flops / dense_flops,
-            "solved": score(setup.test, filled, setup.mask_id)[setup.key],
-            "per_puzzle_solved": per_example(setup.test, filled, setup.mask_id, setup.key).tolist(),
-            # token granularity: a row-call's loops are the mean over its positions
-            "mean_loops": float(np.mean(runs["token"][2].loops))}
+    row = {"rule": rule, "tau": tau, "granularity": "token", "repeats": repeats,
+           "dense_seconds": dense_s, "token_seconds": token_s, "time_ratio": token_s / dense_s,
+           "active_flops_ratio": sum(r.active_flops for r in runs["token"][1].records) / dense_flops,
+           "computed_flops_ratio": sum(r.flops for r in runs["token"][1].records) / dense_flops,
+           # token granularity: a row-call's loops are the mean over its positions
+           "mean_loops": float(np.mean(runs["token"][2].loops))}
+    return row, runs["token"][0], runs["dense"][0]
+
+
+def token_timing(setup: Setup, model, rule: str, tau: float, repeats: int = 3) -> dict:
+    """Per-token halting on the setup's puzzles (time_token_halting), with its solve rate."""
+    row, filled, _ = time_token_halting(setup, model, rule, tau, repeats, decode)
+    return {**row, "solved": score(setup.test, filled, setup.mask_id)[setup.key],
+            "per_puzzle_solved": per_example(setup.test, filled, setup.mask_id, setup.key).tolist()}
 
 
 # --------------------------------------------------------------------------- the whole benchmark
+
+def add_halting_options(p, default_rules: str, unit: str) -> None:
+    """The options every halting benchmark shares (benchmarks/halting_solve.py, halting_text.py);
+    `unit` names what halts on its own at sequence granularity (puzzle, row)."""
+    from loopmdm.sampling.halting import GRANULARITIES
+
+    p.add_argument("--s-max", type=int, default=0, help="the reference S and every rule's cap (default: the run's "
+                                                        "model.max_train_loops)")
+    p.add_argument("--loops", default="1,2,3,4,6,8,12,16", help="fixed S values (S_max is added)")
+    p.add_argument("--rules", default=default_rules, help="'RULE:TAU,TAU;RULE:TAU' (sampling/halting.py HALT_RULES)")
+    p.add_argument("--granularity", default="sequence", choices=GRANULARITIES,
+                   help=f"halting granularity of the rule rows (sequence: each {unit} halts on its own)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the saving's band")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: shared machine)")
+
 
 def parse_rule_taus(text: str) -> list[tuple[str, list[float]]]:
     """'change-scaled:0.05,0.1;kl:1e-3' -> [(rule, [tau, ...])]. Rules are separated by ';'

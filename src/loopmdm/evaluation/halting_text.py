@@ -24,7 +24,6 @@ i.i.d. draws from the train split's unigram. The statistics are halting_stats.py
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -37,12 +36,11 @@ from loopmdm.data.prepared import UNIGRAM_FILE
 from loopmdm.errors import require
 from loopmdm.evaluation import halting_stats as hs
 from loopmdm.evaluation import halting_bench as hb
-from loopmdm.evaluation.halting_bench import min_loops_for, plotted_settings
+from loopmdm.evaluation.halting_bench import plotted_settings
 from loopmdm.evaluation.halting_bench import timed_setting as _timed_setting
 from loopmdm.evaluation.judge import unigram_entropy
 from loopmdm.evaluation.sample_bench import reference_rows  # noqa: F401 (re-exported for the script)
-from loopmdm.sampling.halting import Halting
-from loopmdm.sampling.loop_runner import CallRecord, LoopRunner
+from loopmdm.sampling.loop_runner import CallRecord
 from loopmdm.sampling.samplers import sample
 
 ACC = hs.Measure("acc", "per_row_acc")
@@ -305,27 +303,11 @@ def oracle_row(setup: TextSetup, model) -> dict:
 
 
 def token_timing(setup: TextSetup, model, rule: str, tau: float, repeats: int = 3) -> dict:
-    """Per-token halting (`loop_step_at` skips the frozen positions) against dense fixed S_max on
-    the same rows and draws: wall time (median of `repeats`, interleaved so drift from other
-    jobs hits both alike), the FLOPs it computed and the active FLOPs the runner counts, and
-    both arms' scores (paired)."""
-    halting = Halting(tau, min_loops_for(rule), "token", rule, cap=setup.s_max)
-    times = {"dense": [], "token": []}
-    runs = {}
-    for _ in range(repeats):
-        for name, runner in (("dense", LoopRunner(model)), ("token", LoopRunner(model, halting=halting))):
-            tokens, log, seconds = decode(setup, runner, setup.s_max)
-            times[name].append(seconds)
-            runs[name] = (tokens, runner, log)
-    dense_flops = sum(r.flops for r in runs["dense"][1].records)
-    dense_s, token_s = statistics.median(times["dense"]), statistics.median(times["token"])
-    dense, token = (scores(setup, runs[k][0]) for k in ("dense", "token"))
-    out = {"rule": rule, "tau": tau, "granularity": "token", "repeats": repeats, "n": len(setup.template),
-           "dense_seconds": dense_s, "token_seconds": token_s, "time_ratio": token_s / dense_s,
-           "active_flops_ratio": sum(r.active_flops for r in runs["token"][1].records) / dense_flops,
-           "computed_flops_ratio": sum(r.flops for r in runs["token"][1].records) / dense_flops,
-           # token granularity: a row-call's loops are the mean over its positions
-           "mean_loops": float(np.mean(runs["token"][2].loops))}
+    """Per-token halting against dense fixed S_max on the same rows and draws
+    (hb.time_token_halting), with both arms' scores, paired."""
+    out, tokens, dense_tokens = hb.time_token_halting(setup, model, rule, tau, repeats, decode)
+    token, dense = scores(setup, tokens), scores(setup, dense_tokens)
+    out["n"] = len(setup.template)
     for m in setup.measures:
         out[m.name] = token[m.name]
         out[f"{m.name}_dense"] = dense[m.name]
