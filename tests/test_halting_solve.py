@@ -117,6 +117,10 @@ def test_rules_spelling_and_curves():
     bins = hs.by_bins([1.0, 0.95, 0.5, 0.05], [8, 6, 3, 1], bins=2)
     assert [(b["n"], b["mean_loops"]) for b in bins] == [(2, 2.0), (2, 7.0)]
     assert hb.min_loops_for("flips") == 2 and hb.min_loops_for("change-scaled") == 1
+    assert hb.parse_loops("1, 2,8") == [1, 2, 8]
+    for bad in ("", "0,2", "a,b", "1.5"):
+        with pytest.raises(LoopMDMError, match="--loops"):
+            hb.parse_loops(bad)
 
 
 # ----------------------------------------------------------------- (d) the script end to end
