@@ -4,7 +4,10 @@ Suites trained before tasks had test splits (e.g. `khop --scale cpu-deep`) chose
 rate on validation NELBO and report solve rates on validation examples. This prepares the same
 task data with `data.test_fraction` (train and validation are unchanged: data/prepare.py draws
 test examples from their own seed and drops any that occur in train or validation) and solves
-the test examples with each run's final weights -- the weights the suite reported.
+the test examples with each run's final weights -- the weights the suite reported. Writes
+SUITE_DIR/test_split_solve.json (every run, S and hop) and test_split_solve.md: per hop, the mean
+± standard error over the seeds every arm has, and the paired differences within a seed
+(LoopMDM at each S − the MDM; LoopMDM S − S = 1).
 
     PYTHONPATH=src python benchmarks/task_test_split.py results/khop-cpu-deep --fraction 0.00125 --num 500
 """
@@ -14,23 +17,76 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from loopmdm.data.prepare import prepare_data
+from loopmdm.errors import LoopMDMError, require
 from loopmdm.evaluation.solve import solve_task, task_test_set
+from loopmdm.experiments.tables import fmt, mean_se
+from loopmdm.runfiles import write_text_atomic
 from loopmdm.runs import load_run
+
+
+def _scores(record: dict) -> list[float]:
+    """Per-hop accuracy of one solve record (a task without hops: its solve rate)."""
+    return list(record.get("per_hop", [record.get("solved", record.get("acc", 0.0))]))
+
+
+def per_hop_markdown(out: dict) -> str:
+    """Tables of `out["runs"]` ({'<arm>-s<seed>': [solve record per S]}): mean ± standard error
+    over the seeds present for every arm, then paired differences within each of those seeds."""
+    by_arm: dict = {}
+    for name, records in out["runs"].items():
+        arm, seed = name.rsplit("-s", 1)
+        by_arm.setdefault(arm, {})[int(seed)] = {r["loops"]: _scores(r) for r in records}
+    seeds = sorted(set.intersection(*(set(d) for d in by_arm.values())))
+    require(seeds, "no seed is present for every arm: nothing to pair")
+    hops = len(_scores(next(iter(out["runs"].values()))[0]))
+    by_arm = dict(sorted(by_arm.items(), key=lambda item: item[0] != "mdm"))  # the MDM's row first
+    head = "| " + " | ".join(f"hop {h + 1}" for h in range(hops)) + " |"
+    rule = "|---|" + "---|" * hops
+    lines = [f"Test split, {out['order']} order, {out['num']} examples; seeds {seeds} in every cell "
+             "(mean ± standard error over seeds).", "", "| arm, S " + head, rule]
+    cell = lambda values: fmt(*mean_se(values))  # noqa: E731
+    for arm, runs in by_arm.items():
+        for s in sorted(runs[seeds[0]]):
+            lines.append(f"| {arm}, S = {s} | " + " | ".join(cell([runs[k][s][h] for k in seeds]) for h in range(hops)) + " |")
+    mdm = by_arm.get("mdm")
+    for arm, runs in by_arm.items():
+        if arm == "mdm" or len(runs[seeds[0]]) < 2:
+            continue
+        lines += ["", f"Paired within a seed ({arm}): mean ± standard error of the differences", "", "| difference " + head, rule]
+        for s in sorted(runs[seeds[0]]):
+            if mdm is not None:
+                lines.append(f"| {arm} S = {s} − mdm | " + " | ".join(
+                    fmt(*mean_se([runs[k][s][h] - mdm[k][1][h] for k in seeds]), sign=True) for h in range(hops)) + " |")
+        first = min(runs[seeds[0]])
+        for s in sorted(runs[seeds[0]])[1:]:
+            lines.append(f"| {arm} S = {s} − S = {first} | " + " | ".join(
+                fmt(*mean_se([runs[k][s][h] - runs[k][first][h] for k in seeds]), sign=True) for h in range(hops)) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("suite_dir", help="results/<suite>-<scale> holding runs/<arm>-s<seed>")
-    p.add_argument("--fraction", type=float, required=True, help="data.test_fraction (of task_examples)")
+    p.add_argument("--fraction", type=float, default=0.0, help="data.test_fraction (of task_examples); required "
+                                                               "unless --table-only")
     p.add_argument("--num", type=int, default=500, help="test examples")
     p.add_argument("--loops", default="1,2,4,8,12,16")
     p.add_argument("--order", default="oneshot")
+    p.add_argument("--table-only", action="store_true", help="solve nothing: remake test_split_solve.md from the json")
     args = p.parse_args()
+    path = Path(args.suite_dir) / "test_split_solve.json"
+    if args.table_only:
+        require(path.is_file(), f"--table-only: {path} does not exist; run without --table-only first")
+        write_text_atomic(path.with_suffix(".md"), per_hop_markdown(json.loads(path.read_text())))
+        print(f"wrote {path.with_suffix('.md')}")
+        return
+    require(0 < args.fraction < 1, f"--fraction {args.fraction} must be in (0, 1): the test share of task_examples")
     torch.set_num_threads(1)
     loops = [int(s) for s in args.loops.split(",")]
     out = {"fraction": args.fraction, "num": args.num, "order": args.order, "runs": {}}
@@ -39,15 +95,20 @@ def main() -> None:
             continue
         run = load_run(run_dir, device="cpu")
         data = prepare_data(dataclasses.replace(run.cfg.data, test_fraction=args.fraction))
-        assert data.has_split("test")
+        require(data.has_split("test"), f"--fraction {args.fraction} leaves no test examples for {run_dir}")
         test = task_test_set(data, args.num, seed=0, split="test")
         records = solve_task(run.model, data, test, loops if run.model.is_looped else [1], args.order, run.device)
         out["runs"][run_dir.name] = records
         print(run_dir.name, [(r["loops"], [round(h, 3) for h in r.get("per_hop", [r.get("solved", 0.0)])]) for r in records])
-    path = Path(args.suite_dir) / "test_split_solve.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_text_atomic(path, json.dumps(out, indent=1) + "\n")
+    table = per_hop_markdown(out)
+    write_text_atomic(path.with_suffix(".md"), table)
+    print(table + f"wrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LoopMDMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -107,6 +107,25 @@ def test_task_test_split_is_disjoint_seeded_apart_and_leaves_validation_unchange
     assert {r.tobytes() for r in on_val["target"].astype(held.blocks("val").dtype)} <= rows["val"]
 
 
+def test_task_test_split_table_pairs_hops_within_seed_by_hand():
+    from tests.conftest import benchmark_module
+
+    split = benchmark_module("task_test_split")
+    rec = lambda s, hops: {"loops": s, "per_hop": hops}  # noqa: E731
+    out = {"order": "oneshot", "num": 10, "runs": {
+        "mdm-s0": [rec(1, [0.9, 0.2])], "mdm-s1": [rec(1, [0.7, 0.4])],
+        "loop-s0": [rec(1, [0.5, 0.1]), rec(8, [0.6, 0.5])], "loop-s1": [rec(1, [0.3, 0.3]), rec(8, [0.5, 0.3])],
+        "loop-s2": [rec(1, [0.0, 0.0]), rec(8, [1.0, 1.0])]}}  # seed 2 has no MDM: left out of every cell
+    table = split.per_hop_markdown(out)
+    assert "seeds [0, 1]" in table
+    assert "| mdm, S = 1 | 0.800 ± 0.100 | 0.300 ± 0.100 |" in table
+    assert "| loop, S = 8 | 0.550 ± 0.050 | 0.400 ± 0.100 |" in table
+    # S = 8 - MDM per seed: hop 1 (-0.3, -0.2), hop 2 (+0.3, -0.1); S = 8 - S = 1: (+0.1, +0.2), (+0.4, 0.0)
+    assert "| loop S = 8 − mdm | -0.250 ± 0.050 | +0.100 ± 0.200 |" in table
+    assert "| loop S = 8 − S = 1 | +0.150 ± 0.050 | +0.200 ± 0.200 |" in table
+    assert table.index("| mdm, S = 1") < table.index("| loop, S = 1")
+
+
 def test_regime_report_pairs_task_scores_within_seed(tmp_path):
     from loopmdm.experiments.regime_report import regime_section
     from loopmdm.experiments.suites import SUITES
