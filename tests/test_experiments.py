@@ -299,6 +299,25 @@ def test_a_data_scarce_report_reads_flops_to_match_at_the_best_not_the_overfit_f
     assert ratios["mdm -> loop"] == [None] * 3  # the loop never reaches the MDM's best 2.0
 
 
+def test_a_task_report_without_a_test_split_reads_flops_to_match_at_the_best_both_ways(tmp_path):
+    """A task suite (khop cpu-deep-long) has no test split, so no regime section: its report still
+    gives FLOPs-to-match in both directions at each reference's best validation NELBO, per seed,
+    over the seeds every arm has (seed 1 has no MDM run: left out)."""
+    from dataclasses import replace
+
+    suite = replace(get_suite("khop"), arms=("mdm", "loop"), orders=("oneshot",), loops=(1,))
+    mdm_curve = [{"step": 1, "flops": 1.0, "val_nll": 2.0}, {"step": 2, "flops": 2.0, "val_nll": 1.0}]
+    loop_curve = [{"step": 1, "flops": 2.0, "val_nll": 3.0}, {"step": 2, "flops": 4.0, "val_nll": 1.5}]
+    records = {"oneshot": [{"loops": 1, "acc": 0.5, "per_hop": [1.0, 0.0], "nfe": 1}]}
+    evaluations = {"mdm-s0": _ev("mdm", 0, {1: 1.0}, curve=mdm_curve, flops=2.0, orders=records),
+                   "loop-s0": _ev("loop", 0, {1: 1.5}, curve=loop_curve, flops=4.0, orders=records),
+                   "loop-s1": _ev("loop", 1, {1: 1.5}, curve=loop_curve, flops=4.0, orders=records)}
+    summary, md = _report(tmp_path, suite, evaluations)
+    # loop's best 1.5 at 4.0 FLOPs; the MDM first reaches 1.5 at 1.5 (interpolated): 4.0 / 1.5
+    assert summary["flops_to_match"] == {"mdm -> loop": [None], "loop -> mdm": [pytest.approx(4.0 / 1.5)]}
+    assert "| loop → mdm | 2.67× |" in md and "| direction | seed 0 |" in md
+
+
 def test_a_table_with_no_seed_in_every_arm_shows_seeds_only_and_draws_nothing_wrong(tmp_path):
     """MDM ran seed 0 only, LoopMDM seed 1 only: no seed is common, so no mean is reported
     (a mean of different seeds per arm would be the same mix across rows); per-seed values and

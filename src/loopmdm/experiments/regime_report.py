@@ -49,6 +49,26 @@ def flops_ratio(reference: list[dict], other: list[dict]) -> float | None:
     return None if reach is None else best["flops"] / reach
 
 
+def flops_to_match_table(evaluations: dict, arms: list[str], seeds: list[int]) -> tuple[list[str], dict]:
+    """FLOPs-to-match per seed in both directions between every pair of mdm / loop / deeper
+    present, read at each reference's *best* validation NELBO (flops_ratio): markdown lines and
+    {"ref -> other": [ratio or None per seed]}."""
+    md = ["**FLOPs-to-match** on the validation curves (training S_max), per seed. "
+          "`A → B`: FLOPs at which A reaches its best validation NELBO ÷ FLOPs at which B first reaches that "
+          "value (the paper's reading with A = MDM; > 1: B needs fewer FLOPs; 'never': B never gets there "
+          "within the budget).", "", "| direction | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+          "|---|" + "---|" * len(seeds)]
+    out = {}
+    pairs = [("mdm", "loop"), ("loop", "mdm"), ("mdm", "deeper"), ("deeper", "mdm"), ("deeper", "loop"), ("loop", "deeper")]
+    for ref, other in pairs:
+        if ref in arms and other in arms:
+            ratios = [flops_ratio(_by(evaluations, ref, s)["val_curve"], _by(evaluations, other, s)["val_curve"])
+                      for s in seeds]
+            out[f"{ref} -> {other}"] = ratios
+            md.append(f"| {ref} → {other} | " + " | ".join("never" if r is None else f"{r:.2f}×" for r in ratios) + " |")
+    return md + [""], out
+
+
 def regime_of(curve: list[dict]) -> str:
     """Where the run ended relative to its best validation NELBO."""
     best, last = best_point(curve), curve[-1]
@@ -219,19 +239,8 @@ def regime_section(suite, scale, out_dir: Path, evaluations: dict, arms: list[st
     md.append("")
 
     # --- FLOPs-to-match, both directions ------------------------------------------------------
-    md += ["**FLOPs-to-match** on the validation curves (training S_max), per seed. "
-           "`A → B`: FLOPs at which A reaches its best validation NELBO ÷ FLOPs at which B first reaches that "
-           "value (the paper's reading with A = MDM; > 1: B needs fewer FLOPs; 'never': B never gets there "
-           "within the budget).", "", "| direction | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-           "|---|" + "---|" * len(seeds)]
-    pairs = [("mdm", "loop"), ("loop", "mdm"), ("mdm", "deeper"), ("deeper", "mdm"), ("deeper", "loop"), ("loop", "deeper")]
-    for ref, other in pairs:
-        if ref in arms and other in arms:
-            ratios = [flops_ratio(_by(evaluations, ref, s)["val_curve"], _by(evaluations, other, s)["val_curve"])
-                      for s in seeds]
-            out["flops_to_match"][f"{ref} -> {other}"] = ratios
-            md.append(f"| {ref} → {other} | " + " | ".join("never" if r is None else f"{r:.2f}×" for r in ratios) + " |")
-    md.append("")
+    lines, out["flops_to_match"] = flops_to_match_table(evaluations, arms, seeds)
+    md += lines
 
     # --- attention -------------------------------------------------------------------------
     att_rows = []

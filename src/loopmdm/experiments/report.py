@@ -206,6 +206,16 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
         md += ["**FLOPs-to-match** (MDM's total FLOPs ÷ FLOPs at which the arm's validation curve first reaches "
                "MDM's final NELBO, same seed; paper: 3.34× on LM1B):", ""]
         md += [f"- {name}: " + (f"{r:.2f}×" if r else "never reached") for name, r in ratios.items()] + [""]
+    if suite.kind == "task" and not scarce and "mdm" in arms and len(arms) > 1:
+        # a task suite without a test split: FLOPs-to-match at the best, both ways, over the
+        # seeds every arm has (regime_report.py reads it the same way for the data-scarce suites)
+        from loopmdm.experiments.regime_report import flops_to_match_table
+
+        seeds = sorted(set.intersection(*({ev["seed"] for ev in evaluations.values() if ev["arm"] == arm}
+                                          for arm in arms)))
+        if seeds:
+            lines, summary["flops_to_match"] = flops_to_match_table(evaluations, arms, seeds)
+            md += lines
     if scarce:  # a data-scarce suite (experiments/regime_report.py)
         from loopmdm.experiments.regime_report import regime_section
 
