@@ -87,6 +87,11 @@ SUITES = {
                    # cpu-deep tried; run it with --extend-from results/khop-cpu-deep --arms mdm,loop.
                    "cpu-deep-long": Scale(3.2e13, 0.25, (2.7e-5, 9e-5, 3e-4, 1e-3), (0, 1, 2), 500,
                                           ("data.task_size=8", "data.task_hops=4")),
+                   # ~3x cpu-deep-long (~24k MDM steps, ~3.9 epochs): both arms were still falling at
+                   # 3.2e13 and the MDM still learning hop 3. Sweep at 8e12, so cpu-deep-long's sweep runs
+                   # are reused as they are; run it with --extend-from results/khop-cpu-deep-long --arms mdm,loop.
+                   "cpu-deep-longer": Scale(1e14, 0.08, (2.7e-5, 9e-5, 3e-4, 1e-3), (0, 1, 2), 500,
+                                            ("data.task_size=8", "data.task_hops=4")),
                    "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000, GPU_TASK + KHOP_GPU)},
                   orders=("oneshot",)),
     "sudoku": Suite("sudoku", "experiments/sudoku", ALL_ARMS, "task",
