@@ -37,6 +37,20 @@ def test_arms_match_the_loop_arms_expected_per_step_flops():
         arm_overrides(suite, "bogus")
 
 
+def test_every_suite_scale_and_arm_is_a_valid_config():
+    # A scale's overrides reach `loopmdm train` only when a suite runs (minutes in); a typo there
+    # must fail here instead.
+    for suite in suites_mod.SUITES.values():
+        for scale in suite.scales.values():
+            for arm in suite.arms:
+                load_config(suite.config, [*scale.overrides, *arm_overrides(suite, arm, scale.budget_flops)])
+    bpe = get_suite("shakespeare-bpe").scales["cpu-4k"]
+    cfg = load_config("experiments/shakespeare-char", list(bpe.overrides))
+    assert (cfg.data.tokenizer, cfg.data.bpe_vocab_size) == ("bpe", 512)
+    # one batch an epoch, the same number of rows as the character suite's 4k scale takes per step
+    assert cfg.data.train_tokens == cfg.train.batch_size * cfg.data.seq_len
+
+
 def test_khop_gpu_scale_is_a_valid_task_past_the_mdms_depth():
     """The GPU k-hop scale loads (hops <= nodes // 2: no backward shortcut) and asks for more
     hops than the 4-layer MDM has layers (hop k needs k look-ups, about k + 1 attention rounds)."""

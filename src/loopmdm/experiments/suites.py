@@ -122,6 +122,15 @@ SUITES["shakespeare-char"] = Suite("shakespeare-char", "experiments/shakespeare-
                                     "cpu-4k-long": Scale(3.6e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 16,
                                                          ("data.train_tokens=4096",))},
                                    loops=(1, 2, 4, 8, 12, 16))
+# The same regime at a BPE vocabulary (the regime issue, item 1: is the character-level reading an
+# artifact of 86 symbols?): a byte-level BPE of 512 pieces trained on the train plays (~1.9
+# characters a piece), the same model, splits and recipe. 2,048 pieces (16 blocks: one batch an
+# epoch) are ~3.9k characters, the unique text of shakespeare-char's cpu-4k; 1.2e13 FLOPs is ~1,000
+# MDM steps (= epochs), ~530 LoopMDM steps.
+BPE_4K = ("name=shakespeare-bpe", "data.tokenizer=bpe", "data.bpe_vocab_size=512", "data.train_tokens=2048")
+SUITES["shakespeare-bpe"] = Suite("shakespeare-bpe", "experiments/shakespeare-char", ("mdm", "loop", "deeper"), "lm",
+                                  {"cpu-4k": Scale(1.2e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 16, BPE_4K)},
+                                  loops=(1, 2, 4, 8, 12, 16))
 # Data-limited Sudoku (the regime issue): 1,000 solved 6 x 6 boards seen for tens of epochs (the
 # looped-Sudoku literature trains tens to hundreds of epochs on a few thousand puzzles,
 # ../shared/LOOPS.md); every arm selected at its best validation NELBO (300 held-out boards) and
