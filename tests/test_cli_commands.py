@@ -72,3 +72,10 @@ def test_flops_of_a_task_config(capsys):
     code, out, err = _main(capsys, ["flops", "experiments/khop", "--json"])
     assert code == 0, err
     assert '"vocab_size": 44' in out  # khop, 6 nodes: 6 + 36 edge tokens + EOS + pad
+
+
+def test_a_bad_sweep_seed_list_gives_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(capsys, ["experiment", "khop", "--sweep-seeds", "0,x", "--report-only"])
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: --sweep-seeds '0,x' must be comma-separated integers")

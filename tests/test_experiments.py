@@ -162,6 +162,62 @@ def test_an_lr_optimum_at_the_grids_edge_gets_more_sweep_runs_up_to_two_steps_ou
     assert edge_extensions(suite, scale, sweep + extra + extra2, tmp_path) == []  # MAX_EDGE_STEPS reached
 
 
+def test_a_two_seed_sweep_picks_the_lr_with_the_lowest_mean_not_seed_zeros_luck(tmp_path):
+    from dataclasses import replace
+
+    from loopmdm.experiments.runner import edge_extensions, pick_best_lr, plan
+
+    suite = replace(get_suite("sudoku"), arms=("mdm", "loop"))
+    scale = Scale(1e12, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 8, sweep_seeds=(0, 1))
+    sweep, _ = plan(suite, scale, tmp_path, None)
+    names = sorted(s.name for s in sweep if s.arm == "loop")
+    # seed 0 keeps the one-seed sweep's folder names, so a sweep run before seeds existed is reused
+    assert names == ["sweep-loop-lr1e-3", "sweep-loop-lr1e-3-s1", "sweep-loop-lr2e-3", "sweep-loop-lr2e-3-s1",
+                     "sweep-loop-lr5e-4", "sweep-loop-lr5e-4-s1"]
+    assert all(s.seed == (1 if s.name.endswith("-s1") else 0) for s in sweep)
+    # Sudoku's loop at 2e-3: best on seed 0, stuck on seed 1 (results/sudoku-scarce-cpu-longer); mdm's
+    # 1e-3 diverges on seed 1 (NaN): it must lose, not poison the comparison
+    nll = {("loop", 5e-4, 0): 0.78, ("loop", 5e-4, 1): 0.80, ("loop", 1e-3, 0): 0.70, ("loop", 1e-3, 1): 0.72,
+           ("loop", 2e-3, 0): 0.66, ("loop", 2e-3, 1): 1.30,
+           ("mdm", 5e-4, 0): 0.60, ("mdm", 5e-4, 1): 0.62, ("mdm", 1e-3, 0): 0.55, ("mdm", 1e-3, 1): float("nan"),
+           ("mdm", 2e-3, 0): 0.70, ("mdm", 2e-3, 1): 0.71}
+    for spec in sweep:
+        spec.out_dir.mkdir(parents=True)
+        (spec.out_dir / "train_summary.json").write_text(json.dumps({"val_nll": nll[(spec.arm, spec.lr, spec.seed)]}))
+    assert pick_best_lr([s for s in sweep if s.seed == 0]) == {"loop": 2e-3, "mdm": 1e-3}  # seed 0 alone
+    assert pick_best_lr(sweep) == {"loop": 1e-3, "mdm": 5e-4}
+    # an lr run at one seed only (a half-done sweep under --report-only) is not compared with two-seed means
+    assert pick_best_lr([s for s in sweep if not (s.arm == "loop" and s.lr == 1e-3 and s.seed == 1)])["loop"] == 5e-4
+    # mdm's best (5e-4) is at the grid's low edge: the extension runs at both sweep seeds
+    assert sorted((s.arm, s.lr, s.seed) for s in edge_extensions(suite, scale, sweep, tmp_path)) == \
+        [("mdm", 0.00025, 0), ("mdm", 0.00025, 1)]
+
+
+def test_the_report_shows_each_sweep_seed_beside_the_mean(tmp_path):
+    from loopmdm.experiments.report import write_report
+    from loopmdm.experiments.runner import RunSpec
+
+    sweep = []
+    for lr, per_seed in ((1e-3, (1.0, 1.4)), (2e-3, (0.9, 2.0))):
+        for seed, v in enumerate(per_seed):
+            run = tmp_path / f"sweep-mdm-{lr}-{seed}"
+            run.mkdir()
+            (run / "train_summary.json").write_text(json.dumps({"val_nll": v}))
+            sweep.append(RunSpec(run.name, "mdm", lr, seed, 1e9, run))
+    from dataclasses import replace
+
+    suite = replace(get_suite("sudoku"), arms=("mdm",), orders=("raster",), loops=(1,))
+    ev = _ev("mdm", 0, {1: 1.0}, orders={"raster": _solve_records({1: 0.5})})
+    summary = write_report(suite, "cpu", Scale(1e9, 0.5, (1e-3, 2e-3), (0,), 8, sweep_seeds=(0, 1)), tmp_path,
+                           sweep, [], {"mdm-s0": ev}, wall_seconds=None, dry_run=False)
+    assert summary["sweep_seeds"] == [0, 1]
+    assert summary["sweep_val_nll"]["mdm"] == {"0.001": pytest.approx(1.2), "0.002": pytest.approx(1.45)}
+    assert summary["sweep_val_nll_per_seed"]["mdm"]["0.002"] == {"0": 0.9, "1": 2.0}
+    md = (tmp_path / "summary.md").read_text()
+    assert "| mdm | 1.2000 (1.000, 1.400) | 1.4500 (0.900, 2.000) |" in md
+    assert "(seeds 0, 1: the lowest mean picks)" in md
+
+
 def test_a_finished_run_at_another_lr_than_planned_is_refused_not_reused(tmp_path):
     from loopmdm.experiments.runner import RunSpec, train_runs
 

@@ -486,7 +486,9 @@ def cmd_experiment(args) -> None:
                   dry_run=args.dry_run, arms=args.arms.split(",") if args.arms is not None else None,
                   loops=_loops_list(args.loops) if args.loops is not None else None, report_only=args.report_only,
                   seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds") if args.seeds is not None else None,
-                  extend_from=args.extend_from, log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
+                  extend_from=args.extend_from,
+                  sweep_seeds=(_loops_list(args.sweep_seeds, allow_zero=True, option="--sweep-seeds")
+                               if args.sweep_seeds is not None else None), log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
 
 
 def _require_lm_eval() -> None:
@@ -837,6 +839,8 @@ def _experiment_args(p) -> None:
     loops_argument(p, None, "inference loop counts to evaluate instead of the suite's")
     p.add_argument("--seeds", help="final-run seeds, e.g. 0 for a one-seed screen (default: the scale's, 0,1); "
                                    "a later run with the default adds the rest")
+    p.add_argument("--sweep-seeds", help="seeds of every lr-sweep run, e.g. 0,1: each arm's lr is the one with the "
+                                         "lowest mean over them (default: the scale's, 0); seed 0's runs are reused")
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the report of the runs already finished")
     p.add_argument("--extend-from", metavar="DIR",

@@ -7,7 +7,8 @@ import platform
 from pathlib import Path
 
 from loopmdm.config import load_config
-from loopmdm.experiments.suites import arm_overrides, layer_passes, selection_nll, suite_scoring
+from loopmdm.experiments.runner import sweep_nll
+from loopmdm.experiments.suites import arm_overrides, layer_passes, suite_scoring
 from loopmdm.experiments.tables import SeedTable, render_seed_table, seed_table, seed_table_json
 from loopmdm.runfiles import write_text_atomic
 
@@ -130,22 +131,25 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
         arm_info[arm] = {"overrides": overrides, "lr": evs[0]["lr"],  # what the runs trained at
                          "layer_passes_per_step": layer_passes(cfg), "params": evs[0]["params"],
                          "steps": [ev["step"] for ev in evs], "train_minutes": [ev["train_time"] / 60 for ev in evs]}
-    sweep_table = {}
-    for spec in sweep:
-        summary = json.loads((spec.out_dir / "train_summary.json").read_text())
-        sweep_table.setdefault(spec.arm, {})[spec.lr] = selection_nll(summary)
+    per_seed = sweep_nll(sweep)  # {arm: {lr: {seed: NELBO}}}
+    sweep_table = {arm: {lr: sum(d.values()) / len(d) for lr, d in by_lr.items()} for arm, by_lr in per_seed.items()}
+    sweep_seeds = sorted({seed for by_lr in per_seed.values() for d in by_lr.values() for seed in d})
     summary = {"suite": suite.name, "scale": scale_name, "dry_run": dry_run, "config": suite.config,
                "budget_flops": scale.budget_flops, "sweep_fraction": scale.sweep_fraction, "seeds": list(scale.seeds),
                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
                "wall_seconds": wall_seconds, "arms": arm_info,
                "sweep_val_nll": {a: {str(lr): v for lr, v in d.items()} for a, d in sweep_table.items()},
+               "sweep_seeds": sweep_seeds,
+               "sweep_val_nll_per_seed": {a: {str(lr): {str(k): v for k, v in d.items()} for lr, d in by_lr.items()}
+                                          for a, by_lr in per_seed.items()},
                "tables": {}, "seed_tables": {}}
     extended = {spec.lr for spec in sweep if spec.lr not in scale.lrs}
     md = [f"# Suite `{suite.name}` ({scale_name} scale{', DRY RUN: measures nothing' if dry_run else ''})", "",
           f"Base config `{suite.config}`; every final run trains to {scale.budget_flops:.2e} FLOPs; seeds "
           f"{list(scale.seeds)}; learning rate per arm from a sweep over {list(scale.lrs)}"
           + (f" (extended to {sorted({f'{lr:g}' for lr in extended})} at the grid's edge)" if extended else "")
-          + f" at {scale.sweep_fraction:g}× the budget (seed 0). Every table is computed over the same seeds in "
+          + f" at {scale.sweep_fraction:g}× the budget (seed{'s' if len(sweep_seeds) > 1 else ''} "
+          + ", ".join(map(str, sweep_seeds)) + (": the lowest mean picks" if len(sweep_seeds) > 1 else "") + "). Every table is computed over the same seeds in "
           "every cell (named beside it; a seed missing a cell is left out and said so): the mean over those seeds "
           "± half their spread, then each seed's values, then the paired difference S − (S = 1) within each seed, "
           "mean ± standard error over seeds.", "",
@@ -158,10 +162,21 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
     lrs = sorted({lr for d in sweep_table.values() for lr in d})  # the grid plus any edge extensions
     extended = " (an lr outside the grid was tried where the arm's best was at the grid's edge)" \
         if set(lrs) - set(scale.lrs) else ""
-    md += ["", f"Sweep (validation NELBO at the sweep budget, at the run's best validation where it kept one{extended}):", "",
+    several = len(sweep_seeds) > 1
+    seeds_note = f"; the mean over seeds {sweep_seeds}, then each seed's value" if several else ""
+    md += ["", f"Sweep (validation NELBO at the sweep budget, at the run's best validation where it kept one"
+               f"{seeds_note}{extended}):", "",
            "| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-    for arm, d in sweep_table.items():
-        md.append(f"| {arm} | " + " | ".join(f"{d[lr]:.4f}" if lr in d else "" for lr in lrs) + " |")
+
+    def cell(arm, lr):
+        if lr not in sweep_table[arm]:
+            return ""
+        each = per_seed[arm][lr]
+        return f"{sweep_table[arm][lr]:.4f}" + (" (" + ", ".join(f"{each[k]:.3f}" if k in each else "–"
+                                                                 for k in sweep_seeds) + ")" if several else "")
+
+    for arm in sweep_table:
+        md.append(f"| {arm} | " + " | ".join(cell(arm, lr) for lr in lrs) + " |")
     md.append("")
 
     nelbo = seed_table(evaluations, arms, lambda ev: [(r["loops"], r["nll"]) for r in ev["nelbo"]])

@@ -1,7 +1,8 @@
 """`loopmdm experiment SUITE`: sweep -> final arms -> evaluation -> summary, resumable.
 
 Layout under `results/<suite>-<scale>/` (or --out):
-  runs/sweep-<arm>-lr<lr>/      training runs of the learning-rate sweep (smaller budget)
+  runs/sweep-<arm>-lr<lr>/      training runs of the learning-rate sweep (smaller budget, seed 0)
+  runs/sweep-<arm>-lr<lr>-s<k>/ the same at sweep seed k > 0 (Scale.sweep_seeds, --sweep-seeds)
   runs/<arm>-s<seed>/           final runs at each arm's best learning rate
   <run>/train_summary.json      written when a run has reached its budget (then it is skipped)
   <run>/eval.json               its evaluation (then it is skipped)
@@ -137,16 +138,22 @@ def arm_seeds(arm: str, scale: Scale) -> tuple:
     return scale.seeds[:1] if arm in KNOB_ARMS else scale.seeds
 
 
-def _sweep_spec(suite: Suite, scale: Scale, arm: str, lr: float, out: Path) -> RunSpec:
+def _sweep_spec(suite: Suite, scale: Scale, arm: str, lr: float, out: Path, seed: int = 0) -> RunSpec:
     budget = scale.budget_flops * scale.sweep_fraction
     path = _run_dir(out / "runs", f"sweep-{arm}-lr", lr)
-    return RunSpec(path.name, arm, lr, 0, budget, path, arm_overrides(suite, arm, budget), scale.overrides)
+    if seed:  # seed 0 keeps the name sweeps had before they had seeds, so those runs are reused
+        path = path.with_name(f"sweep-{arm}-lr{_lr_name(lr)}-s{seed}")
+    return RunSpec(path.name, arm, lr, seed, budget, path, arm_overrides(suite, arm, budget), scale.overrides)
+
+
+def _sweep_specs(suite: Suite, scale: Scale, arm: str, lr: float, out: Path) -> list[RunSpec]:
+    return [_sweep_spec(suite, scale, arm, lr, out, seed) for seed in scale.sweep_seeds]
 
 
 def plan(suite: Suite, scale: Scale, out: Path, best_lr: dict | None) -> tuple[list[RunSpec], list[RunSpec]]:
     """The sweep runs, and (given each swept arm's best lr) the final runs; an arm whose lr
     source is missing from `best_lr` (an unfinished sweep, under --report-only) has none."""
-    sweep = [_sweep_spec(suite, scale, arm, lr, out) for arm in swept_arms(suite) for lr in scale.lrs]
+    sweep = [spec for arm in swept_arms(suite) for lr in scale.lrs for spec in _sweep_specs(suite, scale, arm, lr, out)]
     final = []
     lr_of = {arm: "loop" if arm in KNOB_ARMS else arm for arm in suite.arms}
     if best_lr is not None:
@@ -179,7 +186,7 @@ def edge_extensions(suite: Suite, scale: Scale, sweep: list[RunSpec], out: Path)
             new = lr / step
         else:
             continue
-        extra.append(_sweep_spec(suite, scale, arm, float(f"{new:.3g}"), out))
+        extra += _sweep_specs(suite, scale, arm, float(f"{new:.3g}"), out)
     return extra
 
 
@@ -221,7 +228,9 @@ def adopt_shorter_runs(specs: list[RunSpec], source: Path, log) -> None:
     for spec in specs:
         if spec.out_dir.exists():
             continue
-        prefix = spec.out_dir.name[: -len(_lr_name(spec.lr))] if spec.name.startswith("sweep-") else None
+        # a seed-0 sweep run may have an earlier version's one-digit name there (_run_dir)
+        seed0_sweep = spec.name.startswith("sweep-") and spec.seed == 0
+        prefix = spec.out_dir.name[: -len(_lr_name(spec.lr))] if seed0_sweep else None
         old = _run_dir(source / "runs", prefix, spec.lr) if prefix else source / "runs" / spec.out_dir.name
         if not (old / "train_summary.json").is_file() or not ckpt.has_checkpoint(old):
             continue
@@ -237,27 +246,42 @@ def adopt_shorter_runs(specs: list[RunSpec], source: Path, log) -> None:
         log(f"extend {spec.name} from {old} ({float(train.max_flops):.2e} -> {spec.budget:.2e} FLOPs)")
 
 
-def pick_best_lr(sweep: list[RunSpec]) -> dict:
-    """Per arm, the learning rate with the lowest validation NELBO of the sweep (selection_nll)."""
-    best: dict = {}
-    for spec in sweep:
+def sweep_nll(sweep: list[RunSpec]) -> dict:
+    """{arm: {lr: {seed: selection NELBO}}} of the finished sweep runs; a diverged run (NaN)
+    counts as +inf, so it can only lose."""
+    import math
+
+    table: dict = {}
+    for spec in filter(_trained, sweep):
         nll = selection_nll(json.loads((spec.out_dir / "train_summary.json").read_text()))
-        if spec.arm not in best or nll < best[spec.arm][1]:
-            best[spec.arm] = (spec.lr, nll)
-    return {arm: lr for arm, (lr, _) in best.items()}
+        table.setdefault(spec.arm, {}).setdefault(spec.lr, {})[spec.seed] = math.inf if math.isnan(nll) else nll
+    return table
+
+
+def pick_best_lr(sweep: list[RunSpec]) -> dict:
+    """Per arm, the learning rate with the lowest validation NELBO of the sweep (selection_nll),
+    averaged over the sweep seeds (Scale.sweep_seeds). Only lrs run at every seed the arm's
+    sweep has are compared, so a mean over two seeds never meets one seed's luck."""
+    best = {}
+    for arm, by_lr in sweep_nll(sweep).items():
+        seeds = set(max(by_lr.values(), key=len))  # (--report-only may meet a sweep half done)
+        complete = {lr: sum(d.values()) / len(d) for lr, d in by_lr.items() if set(d) == seeds}
+        best[arm] = min(complete, key=lambda lr: (complete[lr], lr))
+    return best
 
 
 def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: int = 2,
               dry_run: bool = False, arms: list[str] | None = None, loops: list[int] | None = None,
               report_only: bool = False, seeds: list[int] | None = None, extend_from: str | None = None,
-              log=print) -> dict:
+              sweep_seeds: list[int] | None = None, log=print) -> dict:
     """Run (or resume) a suite end to end and return its summary. `arms` replaces the suite's
     arm list (e.g. to add the knob arms of experiments/suites.py: loop-lr, loop-late, ...);
     `loops` replaces the inference loop counts evaluated (a run evaluated earlier keeps its
     eval.json, so its table cells stay those it was evaluated at). `report_only` trains and
     evaluates nothing: it reports the runs already on disk (e.g. while a suite is still running).
     `extend_from` is the folder of the same suite at a smaller budget: its finished runs are
-    continued to this scale's budget instead of trained from scratch (adopt_shorter_runs)."""
+    continued to this scale's budget instead of trained from scratch (adopt_shorter_runs).
+    `sweep_seeds` replaces the scale's sweep seeds (lrs picked on the mean over them)."""
     import dataclasses
 
     from loopmdm.experiments.evaluate import evaluate_run
@@ -276,10 +300,13 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     if seeds:
         require(all(s >= 0 for s in seeds), f"seeds {seeds} must be integers >= 0")
         scale = dataclasses.replace(scale, seeds=tuple(dict.fromkeys(seeds)))
+    if sweep_seeds:
+        require(all(s >= 0 for s in sweep_seeds), f"sweep seeds {sweep_seeds} must be integers >= 0")
+        scale = dataclasses.replace(scale, sweep_seeds=tuple(dict.fromkeys(sweep_seeds)))
     if dry_run:  # every stage at a token budget: checks the pipeline, measures nothing
         scale = Scale(budget_flops=scale.budget_flops * 1e-3 if scale_name == "cpu" else 2e10,
                       sweep_fraction=0.5, lrs=scale.lrs[:2], seeds=scale.seeds[:1], num_test=16,
-                      overrides=scale.overrides)
+                      overrides=scale.overrides, sweep_seeds=scale.sweep_seeds[:1])
     out_dir = Path(out or f"results/{suite.runs_of or name}-{scale_name}" + ("-dryrun" if dry_run else ""))
     # a view suite (runs_of) shares the runs and eval.json of `runs_of`; its report files are its own
     if not report_only:  # a report needs finished runs, which live in out_dir: nothing to create
