@@ -74,16 +74,18 @@ KNOB_ARMS = {
 }
 
 # k-hop at GPU scale: 16 nodes, 8 hops (hops <= nodes // 2: on one cycle hop N - k is k look-ups
-# backwards, tasks/khop.py), so hop 8 needs 8 look-ups either way, ~9 rounds of attention under
-# one-shot decoding: past the 4 rounds a 4-layer MDM has in one call. 16 + 256 edge tokens + 2.
+# backwards, tasks/khop.py), so hop 8 is 8 look-ups either way: ~9 rounds of attention by chasing
+# the chain under one-shot decoding, ~4 by pointer doubling (tasks/khop.py), which a 4-layer MDM has
+# only just. Sequences of 16 edges + start + 8 answers; 16 + 256 token ids.
 KHOP_GPU = ("data.task_size=16", "data.task_hops=8")
 
 SUITES = {
     "khop": Suite("khop", "experiments/khop", ALL_ARMS, "task",
                   {"cpu": Scale(2.4e13, 0.25, (3e-4, 1e-3, 3e-3), (0, 1), 500),
                    # past the MDM's depth (the regime issue): 8 nodes, 4 hops (the most one cycle allows,
-                   # tasks/khop.py): hop 4 needs 4 look-ups, ~5 rounds of attention under one-shot
-                   # decoding, past a 4-layer MDM's one call; 8e12 FLOPs is ~1,600 MDM steps of 64
+                   # tasks/khop.py): hop 4 is 4 look-ups, ~5 rounds of attention by chasing under one-shot
+                   # decoding, past a 4-layer MDM's one call (~3 by pointer doubling, within it: tasks/khop.py,
+                   # docs/RESULTS.md); 8e12 FLOPs is ~1,600 MDM steps of 64
                    # examples (unlimited data: each example is fresh).
                    "cpu-deep": Scale(8e12, 0.5, (3e-4, 1e-3), (0, 1, 2), 500, ("data.task_size=8", "data.task_hops=4")),
                    # cpu-deep at 4x the budget (~7,700 MDM steps, ~1.2 epochs of the 400k examples): every

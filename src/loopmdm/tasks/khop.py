@@ -6,7 +6,12 @@ token "a>b", then a start node s; the K answer slots hold f(s), f(f(s)), ..., f^
 Why one token per edge: hop j then takes exactly j look-ups, each one attention step (the
 slot holding node c attends to the edge token whose source is c and reads its target), so
 under one-shot decoding (every answer slot from one denoiser call) hop j needs ~j + 1 rounds
-of attention: a fixed-depth stack runs out, a loop can keep going. With (src, dst) as two
+of attention by chasing the chain. That is an upper bound, not a lower one: edge tokens can
+compose with each other (a>b reads b>c and becomes a>>c), doubling the reach every layer, so
+~log2(j) + 1 rounds suffice (pointer doubling; k-hop in O(log k) depth, Sanford, Hsu and
+Telgarsky 2024, arXiv 2402.09268). A stack of L layers is short of hop j for certain only when
+j > 2^(L-1); between log2 and j rounds, which of the two a trained model learns is measured
+(docs/RESULTS.md), not assumed. A loop can keep going either way. With (src, dst) as two
 tokens each look-up first needs an induction-style pairing of neighbours, which a small model
 did not learn in a CPU budget at all (docs/RESULTS.md, k-hop calibration). A single cycle
 makes the K answers distinct (K < N), so no hop can be read off a short cycle.
