@@ -43,7 +43,8 @@ def test_every_suite_scale_and_arm_is_a_valid_config():
     for suite in suites_mod.SUITES.values():
         for scale in suite.scales.values():
             for arm in suite.arms:
-                load_config(suite.config, [*scale.overrides, *arm_overrides(suite, arm, scale.budget_flops)])
+                load_config(suite.config, [*scale.overrides,
+                                           *arm_overrides(suite, arm, scale.budget_flops, scale.overrides)])
     bpe = get_suite("shakespeare-bpe").scales["cpu-4k"]
     cfg = load_config("experiments/shakespeare-char", list(bpe.overrides))
     assert (cfg.data.tokenizer, cfg.data.bpe_vocab_size) == ("bpe", 512)
@@ -53,13 +54,29 @@ def test_every_suite_scale_and_arm_is_a_valid_config():
 
 def test_khop_gpu_scale_is_a_valid_task_past_the_mdms_depth():
     """The GPU k-hop scale loads (hops <= nodes // 2: no backward shortcut) and asks for more
-    hops than the 4-layer MDM has layers (hop k needs k look-ups, about k + 1 attention rounds)."""
+    hops than the 4-layer MDM has layers (hop k needs k look-ups, about k + 1 attention rounds by
+    chasing the chain; ~log2(k) + 1 by pointer doubling, so 8 hops is only just past 4 layers)."""
     suite = get_suite("khop")
     for arm in ("mdm", "loop"):
         cfg = load_config(suite.config, [*suite.scales["gpu"].overrides, *arm_overrides(suite, arm)])
         assert cfg.data.task_hops <= cfg.data.task_size // 2
     mdm = load_config(suite.config, [*suite.scales["gpu"].overrides, *arm_overrides(suite, "mdm")])
     assert (mdm.data.task_size, mdm.data.task_hops) == (16, 8) and mdm.data.task_hops > mdm.model.n_layers
+
+
+def test_a_scale_that_changes_the_model_gets_arms_matched_to_its_own_model():
+    # khop cpu-shallow cuts the stack to 2 layers; the deeper arm must match *that* LoopMDM's expected
+    # per-step passes (2 + 1.5 = 3.5 -> 4 layers), not the base config's 4-layer one (7.5 -> 8)
+    suite = get_suite("khop")
+    scale = suite.scales["cpu-shallow"]
+    arm = {a: load_config(suite.config, [*scale.overrides, *arm_overrides(suite, a, scale.budget_flops, scale.overrides)])
+           for a in ("mdm", "loop", "deeper")}
+    assert (arm["mdm"].model.n_layers, arm["mdm"].model.is_looped) == (2, False)
+    assert (arm["loop"].model.loop_start, arm["loop"].model.loop_end, layer_passes(arm["loop"])) == (0, 1, 3.5)
+    assert arm["deeper"].model.n_layers == 4 and not arm["deeper"].model.is_looped
+    assert arm_overrides(suite, "deeper")[-1] == "model.n_layers=8"  # the base config's own deeper arm
+    # two layers reach hop 2 at most in one call (tasks/khop.py): hops 3 and 4 are past the MDM's depth
+    assert arm["mdm"].data.task_hops > arm["mdm"].model.n_layers
 
 
 def test_flops_to_match_interpolates_the_first_crossing():

@@ -125,8 +125,8 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
     loops = list(suite.loops)
     arm_info = {}
     for arm in arms:
-        overrides = arm_overrides(suite, arm, scale.budget_flops)
-        cfg = load_config(suite.config, overrides)
+        overrides = arm_overrides(suite, arm, scale.budget_flops, scale.overrides)
+        cfg = load_config(suite.config, [*scale.overrides, *overrides])
         evs = [ev for ev in evaluations.values() if ev["arm"] == arm]
         arm_info[arm] = {"overrides": overrides, "lr": evs[0]["lr"],  # what the runs trained at
                          "layer_passes_per_step": layer_passes(cfg), "params": evs[0]["params"],

@@ -143,7 +143,8 @@ def _sweep_spec(suite: Suite, scale: Scale, arm: str, lr: float, out: Path, seed
     path = _run_dir(out / "runs", f"sweep-{arm}-lr", lr)
     if seed:  # seed 0 keeps the name sweeps had before they had seeds, so those runs are reused
         path = path.with_name(f"sweep-{arm}-lr{_lr_name(lr)}-s{seed}")
-    return RunSpec(path.name, arm, lr, seed, budget, path, arm_overrides(suite, arm, budget), scale.overrides)
+    return RunSpec(path.name, arm, lr, seed, budget, path, arm_overrides(suite, arm, budget, scale.overrides),
+                   scale.overrides)
 
 
 def _sweep_specs(suite: Suite, scale: Scale, arm: str, lr: float, out: Path) -> list[RunSpec]:
@@ -159,7 +160,7 @@ def plan(suite: Suite, scale: Scale, out: Path, best_lr: dict | None) -> tuple[l
     if best_lr is not None:
         final = [RunSpec(f"{arm}-s{seed}", arm, best_lr[lr_of[arm]], seed,
                          scale.budget_flops, out / "runs" / f"{arm}-s{seed}",
-                         arm_overrides(suite, arm, scale.budget_flops), scale.overrides)
+                         arm_overrides(suite, arm, scale.budget_flops, scale.overrides), scale.overrides)
                  for arm in suite.arms if lr_of[arm] in best_lr for seed in arm_seeds(arm, scale)]
     return sweep, final
 

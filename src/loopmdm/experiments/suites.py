@@ -78,6 +78,8 @@ KNOB_ARMS = {
 # the chain under one-shot decoding, ~4 by pointer doubling (tasks/khop.py), which a 4-layer MDM has
 # only just. Sequences of 16 edges + start + 8 answers; 16 + 256 token ids.
 KHOP_GPU = ("data.task_size=16", "data.task_hops=8")
+KHOP_SHALLOW = ("data.task_size=8", "data.task_hops=4", "model.n_layers=2", "model.loop_start=0", "model.loop_end=1",
+                "model.max_train_loops=4")
 
 SUITES = {
     "khop": Suite("khop", "experiments/khop", ALL_ARMS, "task",
@@ -98,6 +100,13 @@ SUITES = {
                    # are reused as they are; run it with --extend-from results/khop-cpu-deep-long --arms mdm,loop.
                    "cpu-deep-longer": Scale(1e14, 0.08, (2.7e-5, 9e-5, 3e-4, 1e-3), (0, 1, 2), 500,
                                             ("data.task_size=8", "data.task_hops=4")),
+                   # Depth-bound for certain (ours): a 4-layer MDM learned all 4 hops at cpu-deep-longer, so
+                   # the stack is cut to 2 layers. In one call a 2-layer stack reaches hop 2 at most (layer
+                   # 1 brings the start node to the slot, layer 2 one look-up, of an edge that composed one
+                   # more in layer 1: tasks/khop.py), so hops 3 and 4 are past the MDM's depth whatever it
+                   # learns. LoopMDM loops layer 0 (no prelude; coda = layer 1), S ~ U{1..4}: 3.5 layer
+                   # passes a step, 1.75x the MDM's (the paper's 1.9x); the deeper arm has 4 layers.
+                   "cpu-shallow": Scale(3.2e13, 0.25, (9e-5, 3e-4, 1e-3), (0, 1, 2), 500, KHOP_SHALLOW),
                    "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000, GPU_TASK + KHOP_GPU)},
                   orders=("oneshot",)),
     "sudoku": Suite("sudoku", "experiments/sudoku", ALL_ARMS, "task",
@@ -217,11 +226,13 @@ def layer_passes(cfg: Config, expected: bool = True) -> float:
     return m.n_layers + (mean_s - 1) * m.n_loop_layers
 
 
-def arm_overrides(suite: Suite, arm: str, budget: float | None = None) -> list[str]:
-    """Config overrides that turn the suite's base config into `arm` (trained to `budget` FLOPs)."""
+def arm_overrides(suite: Suite, arm: str, budget: float | None = None, scale_overrides: tuple = ()) -> list[str]:
+    """Config overrides that turn the suite's base config, with a scale's overrides applied
+    (`scale_overrides`: a scale may change the model, e.g. khop cpu-shallow), into `arm`
+    (trained to `budget` FLOPs); they go after the scale's on the command line."""
     allowed = tuple(dict.fromkeys((*suite.arms, "loop", *KNOB_ARMS)))  # `loop` is the base of every knob arm
     require(arm in allowed, f"arm '{arm}' is not allowed in suite '{suite.name}'; choose from: {', '.join(allowed)}")
-    base = load_config(suite.config)
+    base = load_config(suite.config, list(scale_overrides))
     m = base.model
     require(m.is_looped, f"the base config of suite '{suite.name}' must define the loop (model.loop_start/loop_end)")
     target = layer_passes(base)
@@ -233,7 +244,7 @@ def arm_overrides(suite: Suite, arm: str, budget: float | None = None) -> list[s
     if arm == "loop-late":
         from loopmdm.model.flops import train_flops
 
-        mdm = load_config(suite.config, ["model.loop_start=null", "model.loop_end=null"])
+        mdm = load_config(suite.config, [*scale_overrides, "model.loop_start=null", "model.loop_end=null"])
         step_flops = base.train.batch_size * train_flops(mdm.model, base.data.seq_len, 1)
         budget = budget or base.train.max_flops or 0.0
         steps = int(0.35 * budget / step_flops) if budget else 0
