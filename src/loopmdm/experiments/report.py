@@ -7,8 +7,7 @@ import platform
 from pathlib import Path
 
 from loopmdm.config import load_config
-from loopmdm.experiments.runner import sweep_nll
-from loopmdm.experiments.suites import arm_overrides, layer_passes, suite_scoring
+from loopmdm.experiments.suites import arm_overrides, layer_passes, suite_scoring, sweep_nll
 from loopmdm.experiments.tables import SeedTable, render_seed_table, seed_table, seed_table_json
 from loopmdm.runfiles import write_text_atomic
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loopmdm.errors import LoopMDMError, require
-from loopmdm.experiments.suites import KNOB_ARMS, Scale, Suite, arm_overrides, get_suite, selection_nll
+from loopmdm.experiments.suites import KNOB_ARMS, Scale, Suite, arm_overrides, get_suite, sweep_nll
 from loopmdm import checkpoint as ckpt
 from loopmdm.runfiles import write_text_atomic
 
@@ -245,18 +245,6 @@ def adopt_shorter_runs(specs: list[RunSpec], source: Path, log) -> None:
         for done in ("train_summary.json", "eval.json"):  # trained on and evaluated again at the new budget
             (spec.out_dir / done).unlink(missing_ok=True)
         log(f"extend {spec.name} from {old} ({float(train.max_flops):.2e} -> {spec.budget:.2e} FLOPs)")
-
-
-def sweep_nll(sweep: list[RunSpec]) -> dict:
-    """{arm: {lr: {seed: selection NELBO}}} of the finished sweep runs; a diverged run (NaN)
-    counts as +inf, so it can only lose."""
-    import math
-
-    table: dict = {}
-    for spec in filter(_trained, sweep):
-        nll = selection_nll(json.loads((spec.out_dir / "train_summary.json").read_text()))
-        table.setdefault(spec.arm, {}).setdefault(spec.lr, {})[spec.seed] = math.inf if math.isnan(nll) else nll
-    return table
 
 
 def pick_best_lr(sweep: list[RunSpec]) -> dict:

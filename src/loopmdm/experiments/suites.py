@@ -16,6 +16,8 @@ Arms (docs/RESULTS.md):
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 
 from loopmdm.config import Config, load_config
@@ -203,6 +205,18 @@ def selection_nll(summary: dict) -> float:
     it kept one, else its final one (runs trained before best-checkpoint selection existed)."""
     best = summary.get("best_val_nll")
     return float(best) if best is not None else float(summary["val_nll"])
+
+
+def sweep_nll(sweep: list) -> dict:
+    """{arm: {lr: {seed: selection NELBO}}} of the finished runs among `sweep` (runner.RunSpec); a diverged run (NaN)
+    counts as +inf, so it can only lose."""
+    table: dict = {}
+    for spec in sweep:
+        if not (spec.out_dir / "train_summary.json").is_file():  # not finished
+            continue
+        nll = selection_nll(json.loads((spec.out_dir / "train_summary.json").read_text()))
+        table.setdefault(spec.arm, {}).setdefault(spec.lr, {})[spec.seed] = math.inf if math.isnan(nll) else nll
+    return table
 
 
 def suite_scoring(suite: Suite):
