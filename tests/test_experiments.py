@@ -45,11 +45,12 @@ def test_every_suite_scale_and_arm_is_a_valid_config():
             for arm in suite.arms:
                 load_config(suite.config, [*scale.overrides,
                                            *arm_overrides(suite, arm, scale.budget_flops, scale.overrides)])
-    bpe = get_suite("shakespeare-bpe").scales["cpu-4k"]
-    cfg = load_config("experiments/shakespeare-char", list(bpe.overrides))
+    bpe = get_suite("shakespeare-bpe").scales
+    cfg = load_config("experiments/shakespeare-char", list(bpe["cpu-4k"].overrides))
     assert (cfg.data.tokenizer, cfg.data.bpe_vocab_size) == ("bpe", 512)
-    # one batch an epoch, the same number of rows as the character suite's 4k scale takes per step
-    assert cfg.data.train_tokens == cfg.train.batch_size * cfg.data.seq_len
+    assert cfg.data.train_tokens == cfg.train.batch_size * cfg.data.seq_len  # one batch an epoch
+    cfg16 = load_config("experiments/shakespeare-char", list(bpe["cpu-16k"].overrides))
+    assert (cfg16.data.tokenizer, cfg16.data.train_tokens) == ("bpe", 8 * cfg.data.train_tokens)
 
 
 def test_khop_gpu_scale_is_a_valid_task_past_the_mdms_depth():
