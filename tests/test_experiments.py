@@ -76,8 +76,8 @@ def test_a_scale_that_changes_the_model_gets_arms_matched_to_its_own_model():
     assert (arm["loop"].model.loop_start, arm["loop"].model.loop_end, layer_passes(arm["loop"])) == (0, 1, 3.5)
     assert arm["deeper"].model.n_layers == 4 and not arm["deeper"].model.is_looped
     assert arm_overrides(suite, "deeper")[-1] == "model.n_layers=8"  # the base config's own deeper arm
-    # two layers reach hop 2 at most in one call (tasks/khop.py): hops 3 and 4 are past the MDM's depth
-    assert arm["mdm"].data.task_hops > arm["mdm"].model.n_layers
+    # two layers reach hop 3 at most in one call (tasks/khop.py): hop 4 is past the MDM's depth
+    assert arm["mdm"].data.task_hops > arm["mdm"].model.n_layers + 1
 
 
 def test_flops_to_match_interpolates_the_first_crossing():

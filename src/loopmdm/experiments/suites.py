@@ -102,12 +102,13 @@ SUITES = {
                    # are reused as they are; run it with --extend-from results/khop-cpu-deep-long --arms mdm,loop.
                    "cpu-deep-longer": Scale(1e14, 0.08, (2.7e-5, 9e-5, 3e-4, 1e-3), (0, 1, 2), 500,
                                             ("data.task_size=8", "data.task_hops=4")),
-                   # Depth-bound for certain (ours): a 4-layer MDM learned all 4 hops at cpu-deep-longer, so
-                   # the stack is cut to 2 layers. In one call a 2-layer stack reaches hop 2 at most (layer
-                   # 1 brings the start node to the slot, layer 2 one look-up, of an edge that composed one
-                   # more in layer 1: tasks/khop.py), so hops 3 and 4 are past the MDM's depth whatever it
-                   # learns. LoopMDM loops layer 0 (no prelude; coda = layer 1), S ~ U{1..4}: 3.5 layer
-                   # passes a step, 1.75x the MDM's (the paper's 1.9x); the deeper arm has 4 layers.
+                   # Depth-bound (ours): a 4-layer MDM learned all 4 hops at cpu-deep-longer, so the stack is
+                   # cut to 2 layers. In one call 2 layers reach hop 3 at most: in layer 1 an edge token a>b
+                   # can read only its neighbours (z>a, b>c) and the start node, so the edge whose
+                   # predecessor is s holds f^3(s) for the slot to read in layer 2; hop 4 is past the MDM's
+                   # depth whatever it learns (tasks/khop.py). LoopMDM loops layer 0 (no prelude; coda =
+                   # layer 1), S ~ U{1..4}: 3.5 layer passes a step, 1.75x the MDM's (the paper's 1.9x);
+                   # the deeper arm has 4 layers.
                    "cpu-shallow": Scale(3.2e13, 0.25, (9e-5, 3e-4, 1e-3), (0, 1, 2), 500, KHOP_SHALLOW),
                    "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000, GPU_TASK + KHOP_GPU)},
                   orders=("oneshot",)),

@@ -9,9 +9,11 @@ under one-shot decoding (every answer slot from one denoiser call) hop j needs ~
 of attention by chasing the chain. That is an upper bound, not a lower one: edge tokens can
 compose with each other (a>b reads b>c and becomes a>>c), doubling the reach every layer, so
 ~log2(j) + 1 rounds suffice (pointer doubling; k-hop in O(log k) depth, Sanford, Hsu and
-Telgarsky 2024, arXiv 2402.09268). A stack of L layers is short of hop j for certain only when
-j > 2^(L-1); between log2 and j rounds, which of the two a trained model learns is measured
-(docs/RESULTS.md), not assumed. A loop can keep going either way. With (src, dst) as two
+Telgarsky 2024, arXiv 2402.09268), and an edge token can read its predecessor edge as well as
+its successor, so one layer widens what a token knows to a window of 4 nodes. Two layers
+reach hop 3 at most (the edge whose predecessor is s holds f^3(s) for the slot to read): a
+2-layer MDM learned hop 3 and sits at the elimination guess on hop 4 (docs/RESULTS.md,
+khop cpu-shallow); 4 layers learned hop 4. A loop can keep going either way. With (src, dst) as two
 tokens each look-up first needs an induction-style pairing of neighbours, which a small model
 did not learn in a CPU budget at all (docs/RESULTS.md, k-hop calibration). A single cycle
 makes the K answers distinct (K < N), so no hop can be read off a short cycle.
