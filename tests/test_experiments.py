@@ -236,6 +236,27 @@ def test_the_report_shows_each_sweep_seed_beside_the_mean(tmp_path):
     assert "(seeds 0, 1: the lowest mean picks)" in md
 
 
+def test_a_diverged_sweep_run_is_null_in_the_summary_not_a_crash(tmp_path):
+    from dataclasses import replace
+
+    from loopmdm.experiments.report import write_report
+    from loopmdm.experiments.runner import RunSpec
+
+    sweep = []
+    for lr, seed, v in ((1e-3, 0, 1.0), (1e-3, 1, 1.2), (4e-3, 0, 0.8), (4e-3, 1, float("nan"))):
+        run = tmp_path / f"sweep-{lr}-{seed}"
+        run.mkdir()
+        (run / "train_summary.json").write_text(json.dumps({"val_nll": v}))
+        sweep.append(RunSpec(run.name, "mdm", lr, seed, 1e9, run))
+    suite = replace(get_suite("sudoku"), arms=("mdm",), orders=("raster",), loops=(1,))
+    ev = _ev("mdm", 0, {1: 1.0}, orders={"raster": _solve_records({1: 0.5})})
+    summary = write_report(suite, "cpu", Scale(1e9, 0.5, (1e-3, 4e-3), (0,), 8, sweep_seeds=(0, 1)), tmp_path,
+                           sweep, [], {"mdm-s0": ev}, wall_seconds=None, dry_run=False)
+    assert summary["sweep_val_nll"]["mdm"]["0.004"] is None  # strict JSON: no inf, no NaN
+    assert summary["sweep_val_nll_per_seed"]["mdm"]["0.004"] == {"0": 0.8, "1": None}
+    assert json.loads((tmp_path / "summary.json").read_text())["sweep_val_nll"]["mdm"]["0.001"] == pytest.approx(1.1)
+
+
 def test_a_finished_run_at_another_lr_than_planned_is_refused_not_reused(tmp_path):
     from loopmdm.experiments.runner import RunSpec, train_runs
 

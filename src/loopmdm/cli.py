@@ -488,7 +488,8 @@ def cmd_experiment(args) -> None:
                   seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds") if args.seeds is not None else None,
                   extend_from=args.extend_from,
                   sweep_seeds=(_loops_list(args.sweep_seeds, allow_zero=True, option="--sweep-seeds")
-                               if args.sweep_seeds is not None else None), log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
+                               if args.sweep_seeds is not None else None),
+                  log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
 
 
 def _require_lm_eval() -> None:

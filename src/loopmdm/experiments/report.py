@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -118,6 +119,10 @@ def _difficulty_table(order: str, evaluations: dict, arms: list, summary: dict, 
     return lines + [""]
 
 
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluations,
                  wall_seconds: float | None, dry_run: bool) -> dict:
     arms = [a for a in suite.arms if any(ev["arm"] == a for ev in evaluations.values())]
@@ -137,10 +142,11 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
                "budget_flops": scale.budget_flops, "sweep_fraction": scale.sweep_fraction, "seeds": list(scale.seeds),
                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
                "wall_seconds": wall_seconds, "arms": arm_info,
-               "sweep_val_nll": {a: {str(lr): v for lr, v in d.items()} for a, d in sweep_table.items()},
+               # a diverged sweep run (sweep_nll: +inf) is null here: the summary is strict JSON
+               "sweep_val_nll": {a: {str(lr): _finite(v) for lr, v in d.items()} for a, d in sweep_table.items()},
                "sweep_seeds": sweep_seeds,
-               "sweep_val_nll_per_seed": {a: {str(lr): {str(k): v for k, v in d.items()} for lr, d in by_lr.items()}
-                                          for a, by_lr in per_seed.items()},
+               "sweep_val_nll_per_seed": {a: {str(lr): {str(k): _finite(v) for k, v in d.items()}
+                                              for lr, d in by_lr.items()} for a, by_lr in per_seed.items()},
                "tables": {}, "seed_tables": {}}
     extended = {spec.lr for spec in sweep if spec.lr not in scale.lrs}
     md = [f"# Suite `{suite.name}` ({scale_name} scale{', DRY RUN: measures nothing' if dry_run else ''})", "",
