@@ -211,23 +211,28 @@ def test_a_two_seed_sweep_picks_the_lr_with_the_lowest_mean_not_seed_zeros_luck(
         [("mdm", 0.00025, 0), ("mdm", 0.00025, 1)]
 
 
-def test_the_report_shows_each_sweep_seed_beside_the_mean(tmp_path):
+def _report_of_a_two_seed_sweep(tmp_path, runs: tuple) -> dict:
+    """write_report over sweep runs (lr, seed, val NELBO) of one `mdm` arm, sweep seeds 0 and 1."""
+    from dataclasses import replace
+
     from loopmdm.experiments.report import write_report
     from loopmdm.experiments.runner import RunSpec
 
     sweep = []
-    for lr, per_seed in ((1e-3, (1.0, 1.4)), (2e-3, (0.9, 2.0))):
-        for seed, v in enumerate(per_seed):
-            run = tmp_path / f"sweep-mdm-{lr}-{seed}"
-            run.mkdir()
-            (run / "train_summary.json").write_text(json.dumps({"val_nll": v}))
-            sweep.append(RunSpec(run.name, "mdm", lr, seed, 1e9, run))
-    from dataclasses import replace
-
+    for lr, seed, v in runs:
+        run = tmp_path / f"sweep-mdm-{lr}-{seed}"
+        run.mkdir()
+        (run / "train_summary.json").write_text(json.dumps({"val_nll": v}))
+        sweep.append(RunSpec(run.name, "mdm", lr, seed, 1e9, run))
     suite = replace(get_suite("sudoku"), arms=("mdm",), orders=("raster",), loops=(1,))
     ev = _ev("mdm", 0, {1: 1.0}, orders={"raster": _solve_records({1: 0.5})})
-    summary = write_report(suite, "cpu", Scale(1e9, 0.5, (1e-3, 2e-3), (0,), 8, sweep_seeds=(0, 1)), tmp_path,
-                           sweep, [], {"mdm-s0": ev}, wall_seconds=None, dry_run=False)
+    lrs = tuple(sorted({lr for lr, _, _ in runs}))
+    return write_report(suite, "cpu", Scale(1e9, 0.5, lrs, (0,), 8, sweep_seeds=(0, 1)), tmp_path,
+                        sweep, [], {"mdm-s0": ev}, wall_seconds=None, dry_run=False)
+
+
+def test_the_report_shows_each_sweep_seed_beside_the_mean(tmp_path):
+    summary = _report_of_a_two_seed_sweep(tmp_path, ((1e-3, 0, 1.0), (1e-3, 1, 1.4), (2e-3, 0, 0.9), (2e-3, 1, 2.0)))
     assert summary["sweep_seeds"] == [0, 1]
     assert summary["sweep_val_nll"]["mdm"] == {"0.001": pytest.approx(1.2), "0.002": pytest.approx(1.45)}
     assert summary["sweep_val_nll_per_seed"]["mdm"]["0.002"] == {"0": 0.9, "1": 2.0}
@@ -237,21 +242,8 @@ def test_the_report_shows_each_sweep_seed_beside_the_mean(tmp_path):
 
 
 def test_a_diverged_sweep_run_is_null_in_the_summary_not_a_crash(tmp_path):
-    from dataclasses import replace
-
-    from loopmdm.experiments.report import write_report
-    from loopmdm.experiments.runner import RunSpec
-
-    sweep = []
-    for lr, seed, v in ((1e-3, 0, 1.0), (1e-3, 1, 1.2), (4e-3, 0, 0.8), (4e-3, 1, float("nan"))):
-        run = tmp_path / f"sweep-{lr}-{seed}"
-        run.mkdir()
-        (run / "train_summary.json").write_text(json.dumps({"val_nll": v}))
-        sweep.append(RunSpec(run.name, "mdm", lr, seed, 1e9, run))
-    suite = replace(get_suite("sudoku"), arms=("mdm",), orders=("raster",), loops=(1,))
-    ev = _ev("mdm", 0, {1: 1.0}, orders={"raster": _solve_records({1: 0.5})})
-    summary = write_report(suite, "cpu", Scale(1e9, 0.5, (1e-3, 4e-3), (0,), 8, sweep_seeds=(0, 1)), tmp_path,
-                           sweep, [], {"mdm-s0": ev}, wall_seconds=None, dry_run=False)
+    summary = _report_of_a_two_seed_sweep(tmp_path, ((1e-3, 0, 1.0), (1e-3, 1, 1.2), (4e-3, 0, 0.8),
+                                                     (4e-3, 1, float("nan"))))
     assert summary["sweep_val_nll"]["mdm"]["0.004"] is None  # strict JSON: no inf, no NaN
     assert summary["sweep_val_nll_per_seed"]["mdm"]["0.004"] == {"0": 0.8, "1": None}
     assert json.loads((tmp_path / "summary.json").read_text())["sweep_val_nll"]["mdm"]["0.001"] == pytest.approx(1.1)
