@@ -419,6 +419,33 @@ def test_a_task_report_without_a_test_split_reads_flops_to_match_at_the_best_bot
     assert "| loop → mdm | 2.67× |" in md and "| direction | seed 0 |" in md
 
 
+def test_a_task_report_without_a_test_split_gives_mask_attention_for_the_mdm_beside_the_loop(tmp_path):
+    """Issue 16 item 4 on k-hop: a task suite without a test split (no regime section) still
+    reports mask->mask attention per layer, the MDM's beside LoopMDM's per iteration, as the mean
+    over the seeds every arm has (loop seed 1 has no MDM partner: left out of the mean)."""
+    from dataclasses import replace
+
+    suite = replace(get_suite("khop"), arms=("mdm", "loop"), orders=("oneshot",), loops=(1,))
+    curve = [{"step": 1, "flops": 1.0, "val_nll": 2.0}]
+    records = {"oneshot": [{"loops": 1, "acc": 0.5, "per_hop": [1.0, 0.0], "nfe": 1}]}
+
+    def att(layers, values, frac):
+        return {"layers": layers, "mask_to_mask": values, "masked_key_frac": frac, "num_loops": 2}
+
+    evaluations = {"mdm-s0": _ev("mdm", 0, {1: 1.0}, curve=curve, orders=records),
+                   "loop-s0": _ev("loop", 0, {1: 1.5}, curve=curve, orders=records),
+                   "loop-s1": _ev("loop", 1, {1: 1.5}, curve=curve, orders=records)}
+    evaluations["mdm-s0"]["mask_attention"] = att(["prelude.0", "coda.0"], [0.2, 0.4], 0.1)
+    evaluations["loop-s0"]["mask_attention"] = att(["loop.0@k1", "loop.0@k2", "coda.0"], [0.3, 0.5, 0.6], 0.1)
+    evaluations["loop-s1"]["mask_attention"] = att(["loop.0@k1", "loop.0@k2", "coda.0"], [0.9, 0.9, 0.9], 0.1)
+    summary, md = _report(tmp_path, suite, evaluations)
+    assert summary["attention"]["loop"]["mask_to_mask"] == pytest.approx([0.3, 0.5, 0.6])  # seed 0 alone
+    assert summary["attention"]["mdm"]["layers"] == ["prelude.0", "coda.0"]
+    assert "- mdm (masked-key fraction 0.100): prelude.0 0.200, coda.0 0.400" in md
+    assert "- loop (masked-key fraction 0.100): loop.0@k1 0.300, loop.0@k2 0.500, coda.0 0.600" in md
+    assert "mean over seeds [0]" in md
+
+
 def test_a_table_with_no_seed_in_every_arm_shows_seeds_only_and_draws_nothing_wrong(tmp_path):
     """MDM ran seed 0 only, LoopMDM seed 1 only: no seed is common, so no mean is reported
     (a mean of different seeds per arm would be the same mix across rows); per-seed values and

@@ -237,6 +237,33 @@ def test_mask_attention_equals_the_masked_key_fraction_under_uniform_attention(t
     np.testing.assert_allclose(out["mask_to_mask"], out["masked_key_frac"], rtol=1e-5)
 
 
+def test_mask_attention_on_a_task_masks_only_the_answers_as_training_does(tiny_cfg_factory):
+    """k-hop's edge list is given, never masked: under uniform attention the share on masked keys
+    is the fraction of masked *answer* positions, at most answers / sequence length. Masking the
+    prompt too (the old probe) gives about half the sequence."""
+    cfg = tiny_cfg_factory("data.source=task", "data.task=khop", "data.task_size=8", "data.task_hops=4",
+                           "data.task_examples=400", "model.loop_start=null", "model.loop_end=null")
+    data = prepare_data(cfg.data)
+    cfg.model.vocab_size = data.vocab_size
+    torch.manual_seed(0)
+    model = LoopedDenoiser(cfg.model)
+    d = cfg.model.d_model
+    with torch.no_grad():
+        for block in [*model.prelude, *model.loop_block, *model.coda]:
+            block.attn.qkv.weight[: 2 * d].zero_()
+            if block.attn.qkv.bias is not None:
+                block.attn.qkv.bias[: 2 * d].zero_()
+    length = data.blocks("val").shape[1]
+    assert 0 < data.prompt_len < length
+    out = mask_attention_by_layer(model, data.blocks("val"), cfg, "cpu", batch_size=8, num_batches=2,
+                                  prompt_len=data.prompt_len, prompt_sep_id=data.prompt_sep_id)
+    answers = (length - data.prompt_len) / length
+    assert 0 < out["masked_key_frac"] <= answers
+    np.testing.assert_allclose(out["mask_to_mask"], out["masked_key_frac"], rtol=1e-5)
+    everything = mask_attention_by_layer(model, data.blocks("val"), cfg, "cpu", batch_size=8, num_batches=2)
+    assert everything["masked_key_frac"] > answers
+
+
 # --- the regime report: values, not keys -----------------------------------------------------
 
 def test_regime_report_reads_matches_and_pairs_by_hand():

@@ -5,6 +5,8 @@ For each masked query, the share of its attention weight (averaged over heads) t
 masked keys; averaged over the masked queries of a sequence, then over sequences. Layers are
 listed in execution order, so a looped layer appears once per iteration (`loop.0@k3` is the
 first loop layer at iteration 3). `masked_key_frac` is what uniform attention would give.
+For a task (a given prompt, e.g. k-hop's edge list) only the answer positions are masked, as in
+training, so the prompt's keys count as unmasked.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from loopmdm.data.loader import iter_eval_batches
 from loopmdm.devices import autocast_context
-from loopmdm.diffusion.objective import forward_mask, sample_times
+from loopmdm.diffusion.objective import forward_mask, maskable_after, sample_times
 from loopmdm.diffusion.schedule import make_schedule
 
 
@@ -33,7 +35,8 @@ def _probes(blocks, make_probe):
 
 @torch.no_grad()
 def mask_attention_by_layer(model, blocks: np.ndarray, cfg, device, num_loops: int | None = None,
-                            batch_size: int = 32, num_batches: int = 2, seed: int = 1234) -> dict:
+                            batch_size: int = 32, num_batches: int = 2, seed: int = 1234,
+                            prompt_len: int = 0, prompt_sep_id: int | None = None) -> dict:
     """{"layers": [names in execution order], "mask_to_mask": [one value per layer call],
     "masked_key_frac": float, "num_loops": S}. S defaults to the run's training S_max."""
     device = torch.device(device)
@@ -52,7 +55,8 @@ def mask_attention_by_layer(model, blocks: np.ndarray, cfg, device, num_loops: i
     for x0 in iter_eval_batches(blocks, batch_size, num_batches):
         x0 = x0.to(device)
         t = sample_times(x0.shape[0], cfg.diffusion.eps, True, generator, device)
-        x_t, masked = forward_mask(x0, t, schedule, model.mask_id, generator, None, None)
+        x_t, masked = forward_mask(x0, t, schedule, model.mask_id, generator, None,
+                                   maskable_after(prompt_len, x0, prompt_sep_id))
         query, keys = masked.float(), masked.float()
         has = query.sum(-1) > 0
         key_frac += float((keys.mean(-1))[has].sum())

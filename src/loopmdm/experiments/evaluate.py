@@ -28,11 +28,13 @@ def _val_curve(run_dir) -> list[dict]:
 
 
 def _mask_attention(run, data, log) -> dict | None:
-    """Mask->mask attention per layer (and per loop iteration) on 2 validation batches."""
+    """Mask->mask attention per layer (and per loop iteration) on 2 validation batches; a task's
+    prompt is never masked (as in training)."""
     from loopmdm.analysis.attention import mask_attention_by_layer
 
     try:
-        return mask_attention_by_layer(run.model, data.blocks("val"), run.cfg, run.device)
+        return mask_attention_by_layer(run.model, data.blocks("val"), run.cfg, run.device,
+                                       prompt_len=data.prompt_len, prompt_sep_id=data.prompt_sep_id)
     except Exception as exc:  # a diagnostic: never lose an evaluation over it
         log(f"mask attention skipped: {type(exc).__name__}: {exc}")
         return None
@@ -76,7 +78,8 @@ def evaluate_run(suite, spec, scale, log) -> dict:
             device=run.device, precision=cfg.train.precision, t_bins=T_BINS)
         result["test_unigram_xent"] = data.unigram_xent(data.blocks("test")[eval_rows(
             len(data.blocks("test")), cfg.eval.batch_size, scale.num_test)])
-        result["mask_attention"] = _mask_attention(run, data, log)
+    # every arm, every suite: the MDM's and deeper MDM's per layer beside LoopMDM's per iteration
+    result["mask_attention"] = _mask_attention(run, data, log)
     result["nelbo"] = evaluate_nelbo(run.model, data.blocks("val"), make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
                                      loops, eps=cfg.diffusion.eps, batch_size=cfg.eval.batch_size,
                                      num_batches=scale.num_test if suite.kind == "lm" else 8,

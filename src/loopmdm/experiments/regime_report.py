@@ -243,26 +243,8 @@ def regime_section(suite, scale, out_dir: Path, evaluations: dict, arms: list[st
     md += lines
 
     # --- attention -------------------------------------------------------------------------
-    att_rows = []
-    for arm in arms:
-        recs = [_by(evaluations, arm, s).get("mask_attention") for s in seeds]
-        if not recs or any(r is None for r in recs):
-            continue
-        layers = recs[0]["layers"]
-        values = np.asarray([r["mask_to_mask"] for r in recs])
-        means = values.mean(0)
-        out["attention"][arm] = {"layers": layers, "mask_to_mask": means.tolist(),
-                                 "masked_key_frac": float(np.mean([r["masked_key_frac"] for r in recs])),
-                                 "num_loops": recs[0]["num_loops"]}
-        att_rows.append((arm, layers, means, out["attention"][arm]["masked_key_frac"]))
-    if att_rows:
-        md += ["**Mask→mask attention** per layer in execution order (share of a masked query's attention on masked "
-               "keys, mean over seeds; LoopMDM at its training S_max, so its loop layer appears once per iteration "
-               "`@k`). Uniform attention would give the masked-key fraction.", ""]
-        for arm, layers, means, frac in att_rows:
-            md.append(f"- {arm} (masked-key fraction {frac:.3f}): "
-                      + ", ".join(f"{name} {v:.3f}" for name, v in zip(layers, means)))
-        md.append("")
+    lines, out["attention"] = attention_lines(evaluations, arms, seeds)
+    md += lines
     if suite.kind == "task":
         md += _task_section(suite, evaluations, arms, seeds, loops, out, scale.num_test)
     _plot_curves(out_dir / "val_curves_regime.png", evaluations, arms)
@@ -331,3 +313,28 @@ def _task_section(suite, evaluations: dict, arms: list[str], seeds: list[int], l
                       + (f"{m / se:+.1f}" if se else "–") + " |")
         md.append("")
     return md
+
+
+def attention_lines(evaluations: dict, arms: list[str], seeds: list[int]) -> tuple[list[str], dict]:
+    """Mask->mask attention per layer for every arm that has it at every one of `seeds` (the
+    MDM's and deeper MDM's layers beside LoopMDM's per iteration; paper Sec. 5): markdown lines
+    and {arm: {"layers", "mask_to_mask" (mean over seeds), "masked_key_frac", "num_loops"}}."""
+    out: dict = {}
+    md: list[str] = []
+    for arm in arms:
+        recs = [_by(evaluations, arm, s).get("mask_attention") for s in seeds]
+        if not recs or any(r is None for r in recs):
+            continue
+        means = np.asarray([r["mask_to_mask"] for r in recs]).mean(0)
+        out[arm] = {"layers": recs[0]["layers"], "mask_to_mask": means.tolist(),
+                    "masked_key_frac": float(np.mean([r["masked_key_frac"] for r in recs])),
+                    "num_loops": recs[0]["num_loops"]}
+    if out:
+        md += ["**Mask→mask attention** per layer in execution order (share of a masked query's attention on masked "
+               f"keys, mean over seeds {seeds}; LoopMDM at its training S_max, so its loop layer appears once per "
+               "iteration `@k`). Uniform attention would give the masked-key fraction.", ""]
+        for arm, rec in out.items():
+            md.append(f"- {arm} (masked-key fraction {rec['masked_key_frac']:.3f}): "
+                      + ", ".join(f"{name} {v:.3f}" for name, v in zip(rec["layers"], rec["mask_to_mask"])))
+        md.append("")
+    return md, out

@@ -236,6 +236,13 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
         if seeds:
             lines, summary["flops_to_match"] = flops_to_match_table(evaluations, arms, seeds)
             md += lines
+    if not scarce:  # (a data-scarce suite has it in its regime section)
+        from loopmdm.experiments.regime_report import attention_lines
+
+        seeds = sorted(set.intersection(*({ev["seed"] for ev in evaluations.values() if ev["arm"] == arm}
+                                          for arm in arms))) if arms else []
+        lines, summary["attention"] = attention_lines(evaluations, arms, seeds)
+        md += lines
     if scarce:  # a data-scarce suite (experiments/regime_report.py)
         from loopmdm.experiments.regime_report import regime_section
 
