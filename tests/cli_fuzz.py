@@ -30,7 +30,7 @@ KINDS = {
     "sets": "name_list", "tasks": "name_list", "arms": "name_list", "suites": "choice",
     "prompt": "free_text", "suffix": "free_text", "label": "free_text", "baseline_label": "free_text",
     "lm_eval_args": "passthrough", "plot": "out_file", "rules": "name_list", "scale": "choice",
-    "loop_schedule": "loop_spec", "extend_from": "in_dir",
+    "loop_schedule": "loop_spec", "extend_from": "in_dir", "lrs_from": "in_dir",
 }
 # Where one dest means different things in different commands.
 KIND_BY_COMMAND = {

@@ -138,6 +138,44 @@ def test_tiny_suite_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert screen["seeds"] == [0] and len(screen["arms"]["mdm"]["steps"]) == 1
 
 
+def test_lrs_from_a_committed_report_adds_seeds_without_re_running_the_sweep(tmp_path, monkeypatch):
+    """A fresh checkout has a suite's summary.json but not its runs (results/*/runs/ is not
+    committed). --lrs-from trains the new seeds at the lrs that report recorded, runs no sweep,
+    and carries the recorded sweep table (with an lr outside the grid) into the new report;
+    a report of another scale or without the arm is refused in one line."""
+    config = _tiny_khop_config(tmp_path)
+    scale = Scale(3e9, 0.5, (1e-3, 3e-3), (0, 1), 8)
+    suite = Suite("tiny", str(config), ("mdm", "loop"), "task", {"cpu": scale, "other": scale},
+                  orders=("oneshot",), loops=(1, 2))
+    monkeypatch.setitem(suites_mod.SUITES, "tiny", suite)
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    recorded = {"suite": "tiny", "scale": "cpu", "dry_run": False,
+                "arms": {"mdm": {"lr": 3e-3}, "loop": {"lr": 1e-3}},
+                "sweep_val_nll_per_seed": {"mdm": {"0.001": {"0": 2.5}, "0.003": {"0": 2.0}, "0.009": {"0": None}},
+                                           "loop": {"0.001": {"0": 2.2}, "0.003": {"0": 2.4}}}}
+    (committed / "summary.json").write_text(json.dumps(recorded))
+    logs = []
+    summary = run_suite("tiny", "cpu", out=str(tmp_path / "out"), seeds=[1], lrs_from=str(committed), log=logs.append)
+    runs = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir() if p.is_dir())
+    assert runs == ["loop-s1", "mdm-s1"]  # no sweep run
+    assert {arm: info["lr"] for arm, info in summary["arms"].items()} == {"mdm": 3e-3, "loop": 1e-3}
+    for arm, lr in (("mdm", 3e-3), ("loop", 1e-3)):
+        assert f"train {arm}-s1 (lr {lr:g}, seed 1," in " ".join(logs)
+    assert summary["sweep_val_nll"]["mdm"] == {"0.001": 2.5, "0.003": 2.0, "0.009": None}
+    assert summary["lrs_from"] == str(committed)
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert f"as recorded in `{committed}`" in md and "extended to ['0.009']" in md
+    with pytest.raises(LoopMDMError, match="reports suite 'tiny' at scale 'cpu'.*this is suite 'tiny' at scale 'other'"):
+        run_suite("tiny", "other", out=str(tmp_path / "o2"), lrs_from=str(committed), log=lambda m: None)
+    del recorded["arms"]["loop"]
+    (committed / "summary.json").write_text(json.dumps(recorded))
+    with pytest.raises(LoopMDMError, match="has no lr for arm 'loop' \\(it has: mdm\\)"):
+        run_suite("tiny", "cpu", out=str(tmp_path / "o3"), lrs_from=str(committed), log=lambda m: None)
+    with pytest.raises(LoopMDMError, match="holds no summary.json"):
+        run_suite("tiny", "cpu", out=str(tmp_path / "o4"), lrs_from=str(tmp_path), log=lambda m: None)
+
+
 def test_knob_arms_train_at_the_loop_arms_lr_with_one_seed_and_no_sweep_of_their_own(tmp_path):
     from dataclasses import replace
 

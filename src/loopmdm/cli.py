@@ -486,7 +486,7 @@ def cmd_experiment(args) -> None:
                   dry_run=args.dry_run, arms=args.arms.split(",") if args.arms is not None else None,
                   loops=_loops_list(args.loops) if args.loops is not None else None, report_only=args.report_only,
                   seeds=_loops_list(args.seeds, allow_zero=True, option="--seeds") if args.seeds is not None else None,
-                  extend_from=args.extend_from,
+                  extend_from=args.extend_from, lrs_from=args.lrs_from,
                   sweep_seeds=(_loops_list(args.sweep_seeds, allow_zero=True, option="--sweep-seeds")
                                if args.sweep_seeds is not None else None),
                   log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
@@ -847,6 +847,9 @@ def _experiment_args(p) -> None:
     p.add_argument("--extend-from", metavar="DIR",
                    help="the same suite's folder at a smaller budget (e.g. results/shakespeare-char-cpu-4k): its "
                         "finished runs are copied and trained on to this scale's budget instead of from scratch")
+    p.add_argument("--lrs-from", metavar="DIR",
+                   help="an earlier report of the same suite and scale (e.g. results/khop-cpu-shallow): train at the "
+                        "learning rates it recorded, without re-running its sweep (run folders are not committed)")
 
 
 def _export_args(p) -> None:

@@ -124,7 +124,8 @@ def _finite(value: float) -> float | None:
 
 
 def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluations,
-                 wall_seconds: float | None, dry_run: bool) -> dict:
+                 wall_seconds: float | None, dry_run: bool, recorded_sweep: dict | None = None,
+                 lrs_from: str | None = None) -> dict:
     arms = [a for a in suite.arms if any(ev["arm"] == a for ev in evaluations.values())]
     loops = list(suite.loops)
     arm_info = {}
@@ -135,7 +136,8 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
         arm_info[arm] = {"overrides": overrides, "lr": evs[0]["lr"],  # what the runs trained at
                          "layer_passes_per_step": layer_passes(cfg), "params": evs[0]["params"],
                          "steps": [ev["step"] for ev in evs], "train_minutes": [ev["train_time"] / 60 for ev in evs]}
-    per_seed = sweep_nll(sweep)  # {arm: {lr: {seed: NELBO}}}
+    # {arm: {lr: {seed: NELBO}}}: this call's sweep runs, or the sweep an earlier report recorded (--lrs-from)
+    per_seed = sweep_nll(sweep) if recorded_sweep is None else recorded_sweep
     sweep_table = {arm: {lr: sum(d.values()) / len(d) for lr, d in by_lr.items()} for arm, by_lr in per_seed.items()}
     sweep_seeds = sorted({seed for by_lr in per_seed.values() for d in by_lr.values() for seed in d})
     summary = {"suite": suite.name, "scale": scale_name, "dry_run": dry_run, "config": suite.config,
@@ -147,14 +149,15 @@ def write_report(suite, scale_name, scale, out_dir: Path, sweep, final, evaluati
                "sweep_seeds": sweep_seeds,
                "sweep_val_nll_per_seed": {a: {str(lr): {str(k): _finite(v) for k, v in d.items()}
                                               for lr, d in by_lr.items()} for a, by_lr in per_seed.items()},
-               "tables": {}, "seed_tables": {}}
-    extended = {spec.lr for spec in sweep if spec.lr not in scale.lrs}
+               "tables": {}, "seed_tables": {}, **({"lrs_from": str(lrs_from)} if lrs_from else {})}
+    extended = {lr for by_lr in per_seed.values() for lr in by_lr if lr not in scale.lrs}
     md = [f"# Suite `{suite.name}` ({scale_name} scale{', DRY RUN: measures nothing' if dry_run else ''})", "",
           f"Base config `{suite.config}`; every final run trains to {scale.budget_flops:.2e} FLOPs; seeds "
           f"{list(scale.seeds)}; learning rate per arm from a sweep over {list(scale.lrs)}"
           + (f" (extended to {sorted({f'{lr:g}' for lr in extended})} at the grid's edge)" if extended else "")
           + f" at {scale.sweep_fraction:g}× the budget (seed{'s' if len(sweep_seeds) > 1 else ''} "
-          + ", ".join(map(str, sweep_seeds)) + (": the lowest mean picks" if len(sweep_seeds) > 1 else "") + "). Every table is computed over the same seeds in "
+          + ", ".join(map(str, sweep_seeds)) + (": the lowest mean picks" if len(sweep_seeds) > 1 else "") + ")"
+          + (f", as recorded in `{lrs_from}` (not re-run in this call)" if lrs_from else "") + ". Every table is computed over the same seeds in "
           "every cell (named beside it; a seed missing a cell is left out and said so): the mean over those seeds "
           "± half their spread, then each seed's values, then the paired difference S − (S = 1) within each seed, "
           "mean ± standard error over seeds.", "",

@@ -3,7 +3,8 @@
 Layout under `results/<suite>-<scale>/` (or --out):
   runs/sweep-<arm>-lr<lr>/      training runs of the learning-rate sweep (smaller budget, seed 0)
   runs/sweep-<arm>-lr<lr>-s<k>/ the same at sweep seed k > 0 (Scale.sweep_seeds, --sweep-seeds)
-  runs/<arm>-s<seed>/           final runs at each arm's best learning rate
+  runs/<arm>-s<seed>/           final runs at each arm's best learning rate (or, with --lrs-from,
+                                the lr an earlier report of the same suite and scale recorded)
   <run>/train_summary.json      written when a run has reached its budget (then it is skipped)
   <run>/eval.json               its evaluation (then it is skipped)
   summary.json, summary.md, *.png
@@ -15,6 +16,7 @@ thread each), resumed from its newest checkpoint if the suite was interrupted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -259,10 +261,38 @@ def pick_best_lr(sweep: list[RunSpec]) -> dict:
     return best
 
 
+def recorded_sweep(source: Path, suite: Suite, scale_name: str) -> tuple[dict, dict]:
+    """--lrs-from: each swept arm's learning rate, and the sweep table that chose it, from an
+    earlier report of the same suite and scale (its summary.json). Run folders are not committed
+    (results/*/runs/), so a fresh checkout adds seeds or arms to a committed suite with this
+    instead of re-running the sweep. Returns ({arm: lr}, {arm: {lr: {seed: NELBO}}})."""
+    path = source / ("summary.json" if not suite.runs_of else f"summary-{suite.name}.json") if source.is_dir() else source
+    require(path.is_file(), f"--lrs-from '{source}' holds no {path.name} of a suite report")
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError as exc:
+        raise LoopMDMError(f"--lrs-from '{path}' is not a readable report ({exc})") from None
+    was = (summary.get("suite"), summary.get("scale"))
+    require(was == (suite.name, scale_name) and not summary.get("dry_run"),
+            f"--lrs-from '{path}' reports suite '{was[0]}' at scale '{was[1]}'{' (a dry run)' if summary.get('dry_run') else ''}; "
+            f"this is suite '{suite.name}' at scale '{scale_name}': an lr is chosen per suite and scale")
+    recorded = summary.get("arms", {})
+    best = {}
+    for arm in swept_arms(suite):
+        require(arm in recorded, f"--lrs-from '{path}' has no lr for arm '{arm}' (it has: {', '.join(recorded) or 'none'}); "
+                                 "drop --lrs-from to sweep it")
+        best[arm] = float(recorded[arm]["lr"])
+    per_seed = summary.get("sweep_val_nll_per_seed") or {  # reports before sweeps had seeds: seed 0
+        arm: {lr: {"0": v} for lr, v in by_lr.items()} for arm, by_lr in summary.get("sweep_val_nll", {}).items()}
+    table = {arm: {float(lr): {int(k): math.inf if v is None else float(v) for k, v in d.items()}
+                   for lr, d in by_lr.items()} for arm, by_lr in per_seed.items()}
+    return best, table
+
+
 def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: int = 2,
               dry_run: bool = False, arms: list[str] | None = None, loops: list[int] | None = None,
               report_only: bool = False, seeds: list[int] | None = None, extend_from: str | None = None,
-              sweep_seeds: list[int] | None = None, log=print) -> dict:
+              sweep_seeds: list[int] | None = None, lrs_from: str | None = None, log=print) -> dict:
     """Run (or resume) a suite end to end and return its summary. `arms` replaces the suite's
     arm list (e.g. to add the knob arms of experiments/suites.py: loop-lr, loop-late, ...);
     `loops` replaces the inference loop counts evaluated (a run evaluated earlier keeps its
@@ -270,7 +300,9 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     evaluates nothing: it reports the runs already on disk (e.g. while a suite is still running).
     `extend_from` is the folder of the same suite at a smaller budget: its finished runs are
     continued to this scale's budget instead of trained from scratch (adopt_shorter_runs).
-    `sweep_seeds` replaces the scale's sweep seeds (lrs picked on the mean over them)."""
+    `sweep_seeds` replaces the scale's sweep seeds (lrs picked on the mean over them).
+    `lrs_from` is an earlier report of the same suite and scale: its recorded lrs are used and no
+    sweep runs (recorded_sweep)."""
     import dataclasses
 
     from loopmdm.experiments.evaluate import evaluate_run
@@ -296,6 +328,10 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
         scale = Scale(budget_flops=scale.budget_flops * 1e-3 if scale_name == "cpu" else 2e10,
                       sweep_fraction=0.5, lrs=scale.lrs[:2], seeds=scale.seeds[:1], num_test=16,
                       overrides=scale.overrides, sweep_seeds=scale.sweep_seeds[:1])
+    recorded = None
+    if lrs_from is not None:  # checked before anything is written
+        require(not sweep_seeds, "--sweep-seeds and --lrs-from: with --lrs-from no sweep runs; drop one of them")
+        from_report = recorded_sweep(Path(lrs_from), suite, scale_name)
     out_dir = Path(out or f"results/{suite.runs_of or name}-{scale_name}" + ("-dryrun" if dry_run else ""))
     # a view suite (runs_of) shares the runs and eval.json of `runs_of`; its report files are its own
     if not report_only:  # a report needs finished runs, which live in out_dir: nothing to create
@@ -320,24 +356,29 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
         if not report_only:
             attach_only = attach
             attach = lambda specs: (attach_only(specs), adopt_shorter_runs(specs, source, log))  # noqa: E731
-    sweep, _ = plan(suite, scale, out_dir, None)
-    attach(sweep)
-    if report_only:
-        sweep = list(filter(_trained, sweep))
-        require(sweep, f"no finished sweep run under {out_dir / 'runs'}: nothing to report")
     train = (lambda specs: None) if report_only else (lambda specs: train_runs(suite, specs, jobs, log))
-    train(sweep)
-    for _ in range(MAX_EDGE_STEPS):
-        extra = edge_extensions(suite, scale, sweep, out_dir)
-        attach(extra)
+    if lrs_from is not None:
+        best, recorded = from_report
+        sweep = []
+        log(f"learning rates recorded in {lrs_from} (no sweep)")
+    else:
+        sweep, _ = plan(suite, scale, out_dir, None)
+        attach(sweep)
         if report_only:
-            extra = list(filter(_trained, extra))
-        if not extra:
-            break
-        log("best lr at the edge of the lrs tried for " + ", ".join(f"{s.arm} (trying {s.lr:g})" for s in extra))
-        train(extra)
-        sweep += extra
-    best = pick_best_lr(sweep)
+            sweep = list(filter(_trained, sweep))
+            require(sweep, f"no finished sweep run under {out_dir / 'runs'}: nothing to report")
+        train(sweep)
+        for _ in range(MAX_EDGE_STEPS):
+            extra = edge_extensions(suite, scale, sweep, out_dir)
+            attach(extra)
+            if report_only:
+                extra = list(filter(_trained, extra))
+            if not extra:
+                break
+            log("best lr at the edge of the lrs tried for " + ", ".join(f"{s.arm} (trying {s.lr:g})" for s in extra))
+            train(extra)
+            sweep += extra
+        best = pick_best_lr(sweep)
     log("best learning rates: " + ", ".join(f"{a} {lr:g}" for a, lr in best.items()))
     _, final = plan(suite, scale, out_dir, best)
     attach(final)
@@ -349,6 +390,7 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     for spec in final:
         evaluations[spec.name] = evaluate_run(suite, spec, scale, log)
     summary = write_report(suite, scale_name, scale, out_dir, sweep, final, evaluations,
-                           wall_seconds=None if report_only else time.time() - t0, dry_run=dry_run)
+                           wall_seconds=None if report_only else time.time() - t0, dry_run=dry_run,
+                           recorded_sweep=recorded, lrs_from=lrs_from)
     log(f"wrote {out_dir / ('summary.md' if not suite.runs_of else f'summary-{suite.name}.md')}")
     return summary
