@@ -213,12 +213,9 @@ def test_load_best_without_best_weights_is_one_clear_line(tmp_path):
         ckpt.load_best(tmp_path)
 
 
-@pytest.mark.parametrize("looped", [True, False])
-def test_mask_attention_equals_the_masked_key_fraction_under_uniform_attention(tiny_cfg_factory, looped):
-    """Oracle: with zero query/key projections every query attends uniformly, so the share of
-    attention on masked keys is exactly the fraction of masked positions."""
-    extra = [] if looped else ["model.loop_start=null", "model.loop_end=null"]
-    cfg = tiny_cfg_factory("data.tokenizer=char", *extra)
+def _uniform_attention_model(cfg):
+    """The config's data and a model whose query/key projections are zero: every query attends
+    uniformly, so the share of attention on masked keys is the fraction of masked positions."""
     data = prepare_data(cfg.data)
     cfg.model.vocab_size = data.vocab_size
     torch.manual_seed(0)
@@ -229,6 +226,16 @@ def test_mask_attention_equals_the_masked_key_fraction_under_uniform_attention(t
             block.attn.qkv.weight[: 2 * d].zero_()
             if block.attn.qkv.bias is not None:
                 block.attn.qkv.bias[: 2 * d].zero_()
+    return data, model
+
+
+@pytest.mark.parametrize("looped", [True, False])
+def test_mask_attention_equals_the_masked_key_fraction_under_uniform_attention(tiny_cfg_factory, looped):
+    """Oracle: with zero query/key projections every query attends uniformly, so the share of
+    attention on masked keys is exactly the fraction of masked positions."""
+    extra = [] if looped else ["model.loop_start=null", "model.loop_end=null"]
+    cfg = tiny_cfg_factory("data.tokenizer=char", *extra)
+    data, model = _uniform_attention_model(cfg)
     out = mask_attention_by_layer(model, data.blocks("val"), cfg, "cpu", batch_size=4, num_batches=2)
     n_calls = cfg.model.n_layers + (cfg.model.max_train_loops - 1) * (1 if looped else 0)
     assert len(out["layers"]) == len(out["mask_to_mask"]) == n_calls
@@ -243,16 +250,7 @@ def test_mask_attention_on_a_task_masks_only_the_answers_as_training_does(tiny_c
     prompt too (the old probe) gives about half the sequence."""
     cfg = tiny_cfg_factory("data.source=task", "data.task=khop", "data.task_size=8", "data.task_hops=4",
                            "data.task_examples=400", "model.loop_start=null", "model.loop_end=null")
-    data = prepare_data(cfg.data)
-    cfg.model.vocab_size = data.vocab_size
-    torch.manual_seed(0)
-    model = LoopedDenoiser(cfg.model)
-    d = cfg.model.d_model
-    with torch.no_grad():
-        for block in [*model.prelude, *model.loop_block, *model.coda]:
-            block.attn.qkv.weight[: 2 * d].zero_()
-            if block.attn.qkv.bias is not None:
-                block.attn.qkv.bias[: 2 * d].zero_()
+    data, model = _uniform_attention_model(cfg)
     length = data.blocks("val").shape[1]
     assert 0 < data.prompt_len < length
     out = mask_attention_by_layer(model, data.blocks("val"), cfg, "cpu", batch_size=8, num_batches=2,

@@ -153,7 +153,14 @@ SUITES["shakespeare-bpe"] = Suite("shakespeare-bpe", "experiments/shakespeare-ch
                                   {"cpu-4k": Scale(1.2e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 16,
                                                    (*BPE, "data.train_tokens=2048")),
                                    "cpu-16k": Scale(1.2e13, 0.5, (5e-4, 1e-3, 2e-3), (0, 1, 2), 16,
-                                                    (*BPE, "data.train_tokens=16384"))},
+                                                    (*BPE, "data.train_tokens=16384")),
+                                   # 3x cpu-16k: there the MDM had flattened (past its best in 1 of 3
+                                   # seeds, ~124 epochs) while LoopMDM was still leaving the unigram
+                                   # plateau (~68 epochs). The sweep stays at cpu-16k's 6e12 (1/6 of
+                                   # this budget), so its runs are reused; run it with
+                                   # --extend-from results/shakespeare-bpe-cpu-16k --arms mdm,loop.
+                                   "cpu-16k-long": Scale(3.6e13, 1 / 6, (5e-4, 1e-3, 2e-3), (0, 1, 2), 16,
+                                                         (*BPE, "data.train_tokens=16384"))},
                                   loops=(1, 2, 4, 8, 12, 16))
 # Data-limited Sudoku (the regime issue): 1,000 solved 6 x 6 boards seen for tens of epochs (the
 # looped-Sudoku literature trains tens to hundreds of epochs on a few thousand puzzles,
