@@ -305,6 +305,32 @@ def test_regime_report_uses_the_same_seeds_in_every_cell(tmp_path):
     assert (tmp_path / "test_nelbo.png").stat().st_size > 0
 
 
+def test_a_knob_arm_is_paired_with_loopmdm_at_the_same_s_and_with_the_mdm(tmp_path):
+    """A knob arm (loop-trunc) is a LoopMDM too: it is compared with LoopMDM at the same S (the
+    report once compared LoopMDM at each S with the knob at S = 1, where the knob's loop is off),
+    with the MDM at each S, and with its own S = 1."""
+    from loopmdm.experiments.regime_report import regime_section
+    from loopmdm.experiments.suites import SUITES
+
+    curve = [{"step": 1, "flops": 1.0, "epoch": 1.0, "val_nll": 2.0}]
+    test = {"mdm": {1: 2.30}, "loop": {1: 2.50, 4: 2.45}, "loop-trunc": {1: 2.60, 4: 2.40}}
+
+    def ev(arm):
+        return {"arm": arm, "seed": 0, "step": 1, "train_time": 60.0, "epochs": 1.0, "val_curve": curve,
+                "best": {"step": 1, "val_nll": 2.0, "epoch": 1.0},
+                "test_nelbo": [{"loops": k, "nll": v, "sequences": 8, "tokens": 64} for k, v in test[arm].items()]}
+
+    evaluations = {f"{arm}-s0": ev(arm) for arm in test}
+    suite = SUITES["shakespeare-char"]
+    lines, out = regime_section(suite, None, tmp_path, evaluations, ["mdm", "loop", "loop-trunc"])
+    paired = {key: d["mean"] for key, d in out["paired"].items()}
+    assert paired["loop-trunc S=4 - loop S=4"] == pytest.approx(-0.05)
+    assert paired["loop-trunc S=4 - mdm"] == pytest.approx(0.10)
+    assert paired["loop-trunc S=4 - loop-trunc S=1"] == pytest.approx(-0.20)
+    assert paired["loop S=4 - mdm"] == pytest.approx(0.15)
+    assert not [key for key in paired if key.startswith("loop S=") and "loop-trunc" in key]  # one direction only
+
+
 def test_eval_cli_scores_the_test_split_with_the_best_weights_and_draws_the_loop_plot(tiny_cfg_factory, tmp_path, capsys):
     from loopmdm.cli import main
 

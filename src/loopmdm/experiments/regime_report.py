@@ -211,26 +211,28 @@ def regime_section(suite, scale, out_dir: Path, evaluations: dict, arms: list[st
         return (*mean_se(diffs), diffs)
 
     lines = []
-    if "loop" in arms:
-        loop_s = sorted(int(s) for s in out["test_nelbo"].get("loop", {}))
-        for other in [a for a in arms if a != "loop"]:
-            for s_loops in loop_s:
-                d = paired("loop", s_loops, other, 1)
-                if d:
-                    key = f"loop S={s_loops} - {other}"
-                    out["paired"][key] = {"mean": d[0], "se": d[1], "per_seed": d[2]}
-                    lines.append((key, d))
-        for s_loops in loop_s[1:]:
-            d = paired("loop", s_loops, "loop", loop_s[0])
-            if d:
-                key = f"loop S={s_loops} - loop S={loop_s[0]}"
-                out["paired"][key] = {"mean": d[0], "se": d[1], "per_seed": d[2]}
-                lines.append((key, d))
-    if "deeper" in arms and "mdm" in arms:
-        d = paired("deeper", 1, "mdm", 1)
+
+    def add(key: str, d) -> None:
         if d:
-            out["paired"]["deeper - mdm"] = {"mean": d[0], "se": d[1], "per_seed": d[2]}
-            lines.append(("deeper - mdm", d))
+            out["paired"][key] = {"mean": d[0], "se": d[1], "per_seed": d[2]}
+            lines.append((key, d))
+
+    # Every looped arm (LoopMDM, and the knob arms, which are LoopMDMs too) at each S: against each
+    # one-shot arm, a knob arm against LoopMDM at the same S (never at S = 1 alone: the knob may be
+    # what makes the loop pay), and against its own S = 1.
+    looped = {arm: sorted(int(k) for k in out["test_nelbo"].get(arm, {})) for arm in arms}
+    looped = {arm: s_list for arm, s_list in looped.items() if len(s_list) > 1}
+    for arm, s_list in looped.items():
+        for other in [a for a in arms if a != arm and (a not in looped or (a == "loop" and arm != "loop"))]:
+            for s_loops in s_list:
+                if other in looped:
+                    add(f"{arm} S={s_loops} - {other} S={s_loops}", paired(arm, s_loops, other, s_loops))
+                else:
+                    add(f"{arm} S={s_loops} - {other}", paired(arm, s_loops, other, 1))
+        for s_loops in s_list[1:]:
+            add(f"{arm} S={s_loops} - {arm} S={s_list[0]}", paired(arm, s_loops, arm, s_list[0]))
+    if "deeper" in arms and "mdm" in arms:
+        add("deeper - mdm", paired("deeper", 1, "mdm", 1))
     md += ["**Paired test-NELBO differences** (negative: the first is better)", "",
            "| difference | per seed | mean ± s.e. | mean / s.e. |", "|---|---|---|---|"]
     for key, (m, se, diffs) in lines:
@@ -297,8 +299,8 @@ def _task_section(suite, evaluations: dict, arms: list[str], seeds: list[int], l
 
         loop_s = sorted(table.get("loop", {}))
         for s_loops in loop_s:
-            for other in [a for a in arms if a != "loop"]:
-                pair("loop", s_loops, other, 1)
+            for other in [a for a in arms if a != "loop"]:  # a looped other (a knob arm): at the same S
+                pair("loop", s_loops, other, s_loops if len(table.get(other, {})) > 1 else 1)
         for s_loops in loop_s[1:]:
             pair("loop", s_loops, "loop", loop_s[0])
         pair("deeper", 1, "mdm", 1)
