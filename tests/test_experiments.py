@@ -123,6 +123,11 @@ def test_tiny_suite_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     again = run_suite("tiny", "cpu", out=str(tmp_path / "out"), jobs=2, log=logs.append)
     assert not [m for m in logs if m.startswith(("train ", "eval "))]
     assert again["tables"] == summary["tables"]
+    # evaluated one at a time instead of two at once (threads): the same numbers
+    for arm in ("mdm", "loop"):
+        (out / "runs" / f"{arm}-s0" / "eval.json").unlink()
+    serial = run_suite("tiny", "cpu", out=str(tmp_path / "out"), jobs=1, log=lambda m: None)
+    assert serial["tables"] == summary["tables"] and serial["evaluations"] == summary["evaluations"]
     # report only: with the loop arm's evaluation gone, it reports MDM alone and trains nothing
     (out / "runs" / "loop-s0" / "eval.json").unlink()
     logs.clear()

@@ -261,6 +261,25 @@ def pick_best_lr(sweep: list[RunSpec]) -> dict:
     return best
 
 
+def evaluate_runs(suite: Suite, specs: list[RunSpec], scale: Scale, jobs: int, log) -> dict:
+    """{name: evaluation} of every spec, `jobs` at a time (threads: torch releases the GIL in its
+    kernels, and every evaluation draws from generators of its own, so the result does not
+    depend on `jobs`; each is cached in its run's eval.json)."""
+    import torch
+
+    from loopmdm.experiments.evaluate import evaluate_run
+
+    threads = torch.get_num_threads()
+    if jobs > 1:  # the cores shared out, as the training subprocesses get one thread each
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            results = list(pool.map(lambda spec: evaluate_run(suite, spec, scale, log), specs))
+    finally:
+        torch.set_num_threads(threads)
+    return {spec.name: ev for spec, ev in zip(specs, results)}
+
+
 def recorded_sweep(source: Path, suite: Suite, scale_name: str) -> tuple[dict, dict]:
     """--lrs-from: each swept arm's learning rate, and the sweep table that chose it, from an
     earlier report of the same suite and scale (its summary.json). Run folders are not committed
@@ -305,7 +324,6 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     sweep runs (recorded_sweep)."""
     import dataclasses
 
-    from loopmdm.experiments.evaluate import evaluate_run
     from loopmdm.experiments.report import write_report
 
     suite = get_suite(name)
@@ -386,9 +404,7 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
         final = [s for s in final if (s.out_dir / "eval.json").is_file()]
         log(f"report only: {len(final)} evaluated final runs")
     train(final)
-    evaluations = {}
-    for spec in final:
-        evaluations[spec.name] = evaluate_run(suite, spec, scale, log)
+    evaluations = evaluate_runs(suite, final, scale, jobs, log)
     summary = write_report(suite, scale_name, scale, out_dir, sweep, final, evaluations,
                            wall_seconds=None if report_only else time.time() - t0, dry_run=dry_run,
                            recorded_sweep=recorded, lrs_from=lrs_from)
