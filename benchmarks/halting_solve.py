@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loopmdm.errors import LoopMDMError, require
+from loopmdm.errors import require, run_script
 from loopmdm.evaluation import halting_bench as hb
 from loopmdm.evaluation.halting_report import markdown, plot_loops_vs_masked, plot_quality
 from loopmdm.evaluation.solve import scoring_of, task_test_set
@@ -114,8 +114,4 @@ def write_outputs(result: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LoopMDMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from loopmdm.diffusion.schedule import make_schedule
-from loopmdm.errors import LoopMDMError, require
+from loopmdm.errors import require, run_script
 from loopmdm.evaluation import halting_bench as hb
 from loopmdm.evaluation import halting_text as ht
 from loopmdm.evaluation.halting_text_report import markdown, write_plots
@@ -179,8 +179,4 @@ def write_outputs(result: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LoopMDMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

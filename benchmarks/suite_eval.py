@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from loopmdm.errors import LoopMDMError, require
+from loopmdm.errors import require, run_script
 from loopmdm.experiments.runner import RunSpec, evaluate_runs
 from loopmdm.experiments.suites import get_suite
 
@@ -67,8 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LoopMDMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from loopmdm.data.prepare import prepare_data
-from loopmdm.errors import LoopMDMError, require
+from loopmdm.errors import require, run_script
 from loopmdm.evaluation.solve import solve_task, task_test_set
 from loopmdm.experiments.tables import fmt, mean_se
 from loopmdm.runfiles import write_text_atomic
@@ -107,8 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LoopMDMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -14,3 +14,15 @@ def require(condition: bool, message: str) -> None:
     """Raise `LoopMDMError(message)` unless `condition` holds."""
     if not condition:
         raise LoopMDMError(message)
+
+
+def run_script(main) -> None:
+    """Run a script's `main()` (benchmarks/) as the CLI runs a command and exit with what it
+    returns (None: 0); a `LoopMDMError` is its one line on stderr and exit status 2, not a traceback."""
+    import sys
+
+    try:
+        sys.exit(main())
+    except LoopMDMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
