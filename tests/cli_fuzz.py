@@ -26,7 +26,7 @@ KINDS = {
     "source": "pairs_source",  # pairs; finetune's is "file_or_source" (below)
     "out": "out_file", "out_dir": "out_dir", "plots": "out_dir", "cache_dir": "out_dir",
     "text": "in_file", "pairs": "in_file", "data": "in_dir",
-    "loops": "int_list", "steps": "int_list", "seeds": "int_list", "sweep_seeds": "int_list", "taus": "float_list",
+    "loops": "int_list", "steps": "int_list", "seeds": "int_list", "sweep_seeds": "int_list", "knob_seeds": "int_list", "taus": "float_list",
     "sets": "name_list", "tasks": "name_list", "arms": "name_list", "suites": "choice",
     "prompt": "free_text", "suffix": "free_text", "label": "free_text", "baseline_label": "free_text",
     "lm_eval_args": "passthrough", "plot": "out_file", "rules": "name_list", "scale": "choice",

@@ -194,6 +194,14 @@ def test_knob_arms_train_at_the_loop_arms_lr_with_one_seed_and_no_sweep_of_their
     assert [(s.name, s.lr) for s in final] == [("mdm-s0", 1e-3), ("mdm-s1", 1e-3),
                                               ("loop-lr-s0", 3e-3), ("loop-trunc-s0", 3e-3)]
     assert "model.grad_loops=2" in final[-1].overrides
+    _, final = plan(suite, replace(scale, knob_seeds=(0, 1)), tmp_path, {"mdm": 1e-3, "loop": 3e-3})
+    assert [s.name for s in final] == ["mdm-s0", "mdm-s1", "loop-lr-s0", "loop-lr-s1", "loop-trunc-s0", "loop-trunc-s1"]
+
+
+def test_knob_seeds_without_a_knob_arm_is_a_one_line_error(tmp_path):
+    with pytest.raises(LoopMDMError, match="--knob-seeds 0,1 but no knob arm among the arms mdm,loop"):
+        run_suite("sudoku", "cpu", out=str(tmp_path / "o"), arms=["mdm", "loop"], knob_seeds=[0, 1], log=lambda m: None)
+    assert not (tmp_path / "o").exists()  # checked before anything is written
 
 
 def test_an_lr_optimum_at_the_grids_edge_gets_more_sweep_runs_up_to_two_steps_out(tmp_path):

@@ -489,6 +489,8 @@ def cmd_experiment(args) -> None:
                   extend_from=args.extend_from, lrs_from=args.lrs_from,
                   sweep_seeds=(_loops_list(args.sweep_seeds, allow_zero=True, option="--sweep-seeds")
                                if args.sweep_seeds is not None else None),
+                  knob_seeds=(_loops_list(args.knob_seeds, allow_zero=True, option="--knob-seeds")
+                              if args.knob_seeds is not None else None),
                   log=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
 
 
@@ -842,6 +844,8 @@ def _experiment_args(p) -> None:
                                    "a later run with the default adds the rest")
     p.add_argument("--sweep-seeds", help="seeds of every lr-sweep run, e.g. 0,1: each arm's lr is the one with the "
                                          "lowest mean over them (default: the scale's, 0); seed 0's runs are reused")
+    p.add_argument("--knob-seeds", help="final-run seeds of the knob arms, e.g. 0,1,2 to take a knob a screen singled "
+                                        "out to the headline arms' seeds (default: the first seed alone)")
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the report of the runs already finished")
     p.add_argument("--extend-from", metavar="DIR",

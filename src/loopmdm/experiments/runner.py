@@ -136,8 +136,11 @@ def swept_arms(suite: Suite) -> list[str]:
 
 
 def arm_seeds(arm: str, scale: Scale) -> tuple:
-    """Final seeds of an arm: the knob arms are a screen, one seed (the first) each."""
-    return scale.seeds[:1] if arm in KNOB_ARMS else scale.seeds
+    """Final seeds of an arm: the knob arms are a screen, one seed (the first) each, unless the
+    scale names their seeds (Scale.knob_seeds, --knob-seeds)."""
+    if arm in KNOB_ARMS:
+        return scale.knob_seeds or scale.seeds[:1]
+    return scale.seeds
 
 
 def _sweep_spec(suite: Suite, scale: Scale, arm: str, lr: float, out: Path, seed: int = 0) -> RunSpec:
@@ -311,7 +314,8 @@ def recorded_sweep(source: Path, suite: Suite, scale_name: str) -> tuple[dict, d
 def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: int = 2,
               dry_run: bool = False, arms: list[str] | None = None, loops: list[int] | None = None,
               report_only: bool = False, seeds: list[int] | None = None, extend_from: str | None = None,
-              sweep_seeds: list[int] | None = None, lrs_from: str | None = None, log=print) -> dict:
+              sweep_seeds: list[int] | None = None, lrs_from: str | None = None,
+              knob_seeds: list[int] | None = None, log=print) -> dict:
     """Run (or resume) a suite end to end and return its summary. `arms` replaces the suite's
     arm list (e.g. to add the knob arms of experiments/suites.py: loop-lr, loop-late, ...);
     `loops` replaces the inference loop counts evaluated (a run evaluated earlier keeps its
@@ -321,7 +325,8 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     continued to this scale's budget instead of trained from scratch (adopt_shorter_runs).
     `sweep_seeds` replaces the scale's sweep seeds (lrs picked on the mean over them).
     `lrs_from` is an earlier report of the same suite and scale: its recorded lrs are used and no
-    sweep runs (recorded_sweep)."""
+    sweep runs (recorded_sweep). `knob_seeds` gives the knob arms these final seeds instead of the
+    first seed alone."""
     import dataclasses
 
     from loopmdm.experiments.report import write_report
@@ -342,10 +347,16 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     if sweep_seeds:
         require(all(s >= 0 for s in sweep_seeds), f"sweep seeds {sweep_seeds} must be integers >= 0")
         scale = dataclasses.replace(scale, sweep_seeds=tuple(dict.fromkeys(sweep_seeds)))
+    if knob_seeds:
+        require(all(s >= 0 for s in knob_seeds), f"knob seeds {knob_seeds} must be integers >= 0")
+        require(any(a in KNOB_ARMS for a in suite.arms),
+                f"--knob-seeds {','.join(map(str, knob_seeds))} but no knob arm among the arms "
+                f"{','.join(suite.arms)}; add one of {', '.join(KNOB_ARMS)} with --arms")
+        scale = dataclasses.replace(scale, knob_seeds=tuple(dict.fromkeys(knob_seeds)))
     if dry_run:  # every stage at a token budget: checks the pipeline, measures nothing
         scale = Scale(budget_flops=scale.budget_flops * 1e-3 if scale_name == "cpu" else 2e10,
                       sweep_fraction=0.5, lrs=scale.lrs[:2], seeds=scale.seeds[:1], num_test=16,
-                      overrides=scale.overrides, sweep_seeds=scale.sweep_seeds[:1])
+                      overrides=scale.overrides, sweep_seeds=scale.sweep_seeds[:1], knob_seeds=scale.knob_seeds[:1])
     recorded = None
     if lrs_from is not None:  # checked before anything is written
         require(not sweep_seeds, "--sweep-seeds and --lrs-from: with --lrs-from no sweep runs; drop one of them")

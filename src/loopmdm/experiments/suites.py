@@ -36,6 +36,9 @@ class Scale:
     # them, so an lr that trains one seed and stalls another (Sudoku's LoopMDM at 2e-3, one grid
     # step below divergence: seed 0 best, seed 1 stuck) is not picked on seed 0's luck.
     sweep_seeds: tuple = (0,)
+    # Final seeds of the knob arms (KNOB_ARMS): empty means the first of `seeds` alone (a knob arm is
+    # a screen); --knob-seeds takes a knob a screen singled out to the headline arms' seeds.
+    knob_seeds: tuple = ()
 
 
 @dataclass(frozen=True)
