@@ -315,16 +315,18 @@ def test_a_knob_arm_is_paired_with_loopmdm_at_the_same_s_and_with_the_mdm(tmp_pa
     curve = [{"step": 1, "flops": 1.0, "epoch": 1.0, "val_nll": 2.0}]
     test = {"mdm": {1: 2.30}, "loop": {1: 2.50, 4: 2.45}, "loop-trunc": {1: 2.60, 4: 2.40}}
 
-    def ev(arm):
-        return {"arm": arm, "seed": 0, "step": 1, "train_time": 60.0, "epochs": 1.0, "val_curve": curve,
+    def ev(arm, seed):  # seed 1: every value 0.1 higher (a knob arm at the headline seeds: --knob-seeds)
+        return {"arm": arm, "seed": seed, "step": 1, "train_time": 60.0, "epochs": 1.0, "val_curve": curve,
                 "best": {"step": 1, "val_nll": 2.0, "epoch": 1.0},
-                "test_nelbo": [{"loops": k, "nll": v, "sequences": 8, "tokens": 64} for k, v in test[arm].items()]}
+                "test_nelbo": [{"loops": k, "nll": v + 0.1 * seed, "sequences": 8, "tokens": 64}
+                               for k, v in test[arm].items()]}
 
-    evaluations = {f"{arm}-s0": ev(arm) for arm in test}
+    evaluations = {f"{arm}-s{seed}": ev(arm, seed) for arm in test for seed in (0, 1)}
     suite = SUITES["shakespeare-char"]
     lines, out = regime_section(suite, None, tmp_path, evaluations, ["mdm", "loop", "loop-trunc"])
     paired = {key: d["mean"] for key, d in out["paired"].items()}
     assert paired["loop-trunc S=4 - loop S=4"] == pytest.approx(-0.05)
+    assert out["paired"]["loop-trunc S=4 - loop S=4"]["per_seed"] == pytest.approx([-0.05, -0.05])  # both seeds
     assert paired["loop-trunc S=4 - mdm"] == pytest.approx(0.10)
     assert paired["loop-trunc S=4 - loop-trunc S=1"] == pytest.approx(-0.20)
     assert paired["loop S=4 - mdm"] == pytest.approx(0.15)
