@@ -168,7 +168,10 @@ def test_lrs_from_a_committed_report_adds_seeds_without_re_running_the_sweep(tmp
     a report of another scale or without the arm is refused in one line."""
     config = _tiny_khop_config(tmp_path)
     scale = Scale(3e9, 0.5, (1e-3, 3e-3), (0, 1), 8)
-    suite = Suite("tiny", str(config), ("mdm", "loop"), "task", {"cpu": scale, "other": scale},
+    # "long" keeps cpu's sweep (6e9 x 0.25 = 3e9 x 0.5, the same lrs): its recorded lrs hold there;
+    # "other" sweeps at another budget: they do not
+    suite = Suite("tiny", str(config), ("mdm", "loop"), "task",
+                  {"cpu": scale, "long": Scale(6e9, 0.25, (1e-3, 3e-3), (0,), 8), "other": Scale(6e9, 0.5, (1e-3, 3e-3), (0,), 8)},
                   orders=("oneshot",), loops=(1, 2))
     monkeypatch.setitem(suites_mod.SUITES, "tiny", suite)
     committed = tmp_path / "committed"
@@ -191,6 +194,9 @@ def test_lrs_from_a_committed_report_adds_seeds_without_re_running_the_sweep(tmp
     assert f"as recorded in `{committed}`" in md and "extended to ['0.009']" in md
     with pytest.raises(LoopMDMError, match="reports suite 'tiny' at scale 'cpu'.*this is suite 'tiny' at scale 'other'"):
         run_suite("tiny", "other", out=str(tmp_path / "o2"), lrs_from=str(committed), log=lambda m: None)
+    from loopmdm.experiments.runner import recorded_sweep
+
+    assert recorded_sweep(committed, suite, "long")[0] == {"mdm": 3e-3, "loop": 1e-3}
     del recorded["arms"]["loop"]
     (committed / "summary.json").write_text(json.dumps(recorded))
     with pytest.raises(LoopMDMError, match="has no lr for arm 'loop' \\(it has: mdm\\)"):

@@ -852,8 +852,9 @@ def _experiment_args(p) -> None:
                    help="the same suite's folder at a smaller budget (e.g. results/shakespeare-char-cpu-4k): its "
                         "finished runs are copied and trained on to this scale's budget instead of from scratch")
     p.add_argument("--lrs-from", metavar="DIR",
-                   help="an earlier report of the same suite and scale (e.g. results/khop-cpu-shallow): train at the "
-                        "learning rates it recorded, without re-running its sweep (run folders are not committed)")
+                   help="an earlier report of the same suite and scale, or of a scale with the same sweep (e.g. "
+                        "results/khop-cpu-shallow for cpu-shallow or cpu-shallow-long): train at the learning rates "
+                        "it recorded, without re-running its sweep (run folders are not committed)")
 
 
 def _export_args(p) -> None:

@@ -296,6 +296,19 @@ def evaluate_runs(suite: Suite, specs: list[RunSpec], scale: Scale, jobs: int, l
     return {spec.name: evaluate_run(suite, spec, scale, log) for spec in specs}  # read back from eval.json
 
 
+def _same_sweep(suite: Suite, recorded_scale: str | None, scale_name: str) -> bool:
+    """Whether a report at `recorded_scale` chose its lrs on the sweep `scale_name` would run: the
+    same scale, or a longer one that keeps its sweep (khop cpu-shallow-long: 1e14 x 0.08 = cpu-shallow's
+    3.2e13 x 0.25, the same lrs and overrides)."""
+    if recorded_scale == scale_name:
+        return True
+    if recorded_scale not in suite.scales or scale_name not in suite.scales:
+        return False
+    a, b = suite.scales[recorded_scale], suite.scales[scale_name]
+    return (math.isclose(a.budget_flops * a.sweep_fraction, b.budget_flops * b.sweep_fraction, rel_tol=1e-9)
+            and tuple(a.lrs) == tuple(b.lrs) and a.overrides == b.overrides)
+
+
 def recorded_sweep(source: Path, suite: Suite, scale_name: str) -> tuple[dict, dict]:
     """--lrs-from: each swept arm's learning rate, and the sweep table that chose it, from an
     earlier report of the same suite and scale (its summary.json). Run folders are not committed
@@ -308,9 +321,10 @@ def recorded_sweep(source: Path, suite: Suite, scale_name: str) -> tuple[dict, d
     except ValueError as exc:
         raise LoopMDMError(f"--lrs-from '{path}' is not a readable report ({exc})") from None
     was = (summary.get("suite"), summary.get("scale"))
-    require(was == (suite.name, scale_name) and not summary.get("dry_run"),
+    require(was[0] == suite.name and _same_sweep(suite, was[1], scale_name) and not summary.get("dry_run"),
             f"--lrs-from '{path}' reports suite '{was[0]}' at scale '{was[1]}'{' (a dry run)' if summary.get('dry_run') else ''}; "
-            f"this is suite '{suite.name}' at scale '{scale_name}': an lr is chosen per suite and scale")
+            f"this is suite '{suite.name}' at scale '{scale_name}': an lr is chosen per suite and sweep (the same "
+            "scale, or one whose sweep has the same budget, lrs and overrides)")
     recorded = summary.get("arms", {})
     best = {}
     for arm in swept_arms(suite):

@@ -113,6 +113,10 @@ SUITES = {
                    # layer 1), S ~ U{1..4}: 3.5 layer passes a step, 1.75x the MDM's (the paper's 1.9x);
                    # the deeper arm has 4 layers.
                    "cpu-shallow": Scale(3.2e13, 0.25, (9e-5, 3e-4, 1e-3), (0, 1, 2), 500, KHOP_SHALLOW),
+                   # cpu-shallow at ~3x (1e14, as cpu-deep-longer was to cpu-deep-long): at 3.2e13 both arms
+                   # were still falling and LoopMDM had not learned hop 3. The sweep stays at 8e12, so
+                   # cpu-shallow's recorded lrs hold: --lrs-from and --extend-from results/khop-cpu-shallow.
+                   "cpu-shallow-long": Scale(1e14, 0.08, (9e-5, 3e-4, 1e-3), (0, 1, 2), 500, KHOP_SHALLOW),
                    "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000, GPU_TASK + KHOP_GPU)},
                   orders=("oneshot",)),
     "sudoku": Suite("sudoku", "experiments/sudoku", ALL_ARMS, "task",
