@@ -176,6 +176,24 @@ def test_khop_has_no_backward_shortcut_at_any_allowed_setting():
     assert checked == sum(n // 2 for n in (3, 4, 5, 8, 9, 16))  # every allowed setting was generated
 
 
+@pytest.mark.parametrize("scale", ["cpu-shallow16", "gpu"])
+def test_khop_depth_scales_leave_no_answer_to_elimination(scale):
+    """A depth probe at hop K must not be answerable with fewer look-ups by elimination: once every
+    node fewer than K look-ups away (either way) is known, at least 2 candidates remain for hop K.
+    On 8 nodes / 4 hops one remains (hop N / 2), which a 2-layer MDM used (khop cpu-shallow)."""
+    from loopmdm.experiments.suites import get_suite
+
+    cfg = load_config(get_suite("khop").config, list(get_suite("khop").scales[scale].overrides))
+    nodes, hops = cfg.data.task_size, cfg.data.task_hops
+
+    def candidates(n, k, seed):
+        rows = khop.random_examples(n, k, 20, seed=seed)
+        return min(sum(d >= k for d in _lookups(row, n, int(row[n])).values()) for row in rows)
+
+    assert candidates(nodes, hops, 0) >= 2
+    assert candidates(8, 4, 0) == 1  # the committed 8-node suites: hop 4 is the one node left
+
+
 def _task_cfg(tmp_path, *extra):
     return load_config(None, ["data.source=task", f"data.cache_dir={tmp_path / 'cache'}", "data.task_examples=2000",
                               "data.val_fraction=0.1", *extra])

@@ -853,7 +853,7 @@ def _experiment_args(p) -> None:
                         "finished runs are copied and trained on to this scale's budget instead of from scratch")
     p.add_argument("--lrs-from", metavar="DIR",
                    help="an earlier report of the same suite and scale, or of a scale with the same sweep (e.g. "
-                        "results/khop-cpu-shallow for cpu-shallow or cpu-shallow-long): train at the learning rates "
+                        "results/shakespeare-bpe-cpu-16k for cpu-16k or cpu-16k-long): train at the learning rates "
                         "it recorded, without re-running its sweep (run folders are not committed)")
 
 

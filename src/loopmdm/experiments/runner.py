@@ -298,8 +298,8 @@ def evaluate_runs(suite: Suite, specs: list[RunSpec], scale: Scale, jobs: int, l
 
 def _same_sweep(suite: Suite, recorded_scale: str | None, scale_name: str) -> bool:
     """Whether a report at `recorded_scale` chose its lrs on the sweep `scale_name` would run: the
-    same scale, or a longer one that keeps its sweep (khop cpu-shallow-long: 1e14 x 0.08 = cpu-shallow's
-    3.2e13 x 0.25, the same lrs and overrides)."""
+    same scale, or a longer one that keeps its sweep (shakespeare-bpe cpu-16k-long: 3.6e13 / 6 =
+    cpu-16k's 1.2e13 x 0.5, the same lrs and overrides)."""
     if recorded_scale == scale_name:
         return True
     if recorded_scale not in suite.scales or scale_name not in suite.scales:

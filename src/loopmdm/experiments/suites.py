@@ -78,13 +78,17 @@ KNOB_ARMS = {
     "loop-smax2x": "S_max doubled",
 }
 
-# k-hop at GPU scale: 16 nodes, 8 hops (hops <= nodes // 2: on one cycle hop N - k is k look-ups
-# backwards, tasks/khop.py), so hop 8 is 8 look-ups either way: ~9 rounds of attention by chasing
-# the chain under one-shot decoding, ~4 by pointer doubling (tasks/khop.py), which a 4-layer MDM has
-# only just. Sequences of 16 edges + start + 8 answers; 16 + 256 token ids.
-KHOP_GPU = ("data.task_size=16", "data.task_hops=8")
+# k-hop at GPU scale: 18 nodes, 8 hops. Hops < nodes / 2 (tasks/khop.py): on one cycle hop N - k is
+# k look-ups backwards, and hop N / 2 is the one node left once N / 2 - 1 look-ups each way are known
+# (elimination), so with 18 nodes hop 8 is 8 look-ups either way, with 3 candidates left after 7:
+# ~9 rounds of attention by chasing the chain under one-shot decoding, ~4 by pointer doubling,
+# which a 4-layer MDM has only just. Sequences of 18 edges + start + 8 answers; 18 + 324 token ids.
+KHOP_GPU = ("data.task_size=18", "data.task_hops=8")
 KHOP_SHALLOW = ("data.task_size=8", "data.task_hops=4", "model.n_layers=2", "model.loop_start=0", "model.loop_end=1",
                 "model.max_train_loops=4")
+# The same 2-layer stack on 16 nodes: hop 4 is past its one-call reach with no elimination (9 candidates
+# left after f^-3..f^3; cpu-shallow's 8 nodes leave one, tasks/khop.py).
+KHOP_SHALLOW16 = ("data.task_size=16", *KHOP_SHALLOW[1:])
 
 SUITES = {
     "khop": Suite("khop", "experiments/khop", ALL_ARMS, "task",
@@ -108,15 +112,14 @@ SUITES = {
                    # Depth-bound (ours): a 4-layer MDM learned all 4 hops at cpu-deep-longer, so the stack is
                    # cut to 2 layers. In one call 2 layers reach hop 3 at most: in layer 1 an edge token a>b
                    # can read only its neighbours (z>a, b>c) and the start node, so the edge whose
-                   # predecessor is s holds f^3(s) for the slot to read in layer 2; hop 4 is past the MDM's
-                   # depth whatever it learns (tasks/khop.py). LoopMDM loops layer 0 (no prelude; coda =
+                   # predecessor is s holds f^3(s) for the slot to read in layer 2, and the edge whose
+                   # successor is s holds f^-3(s). On 8 nodes that leaves hop 4 as the one node not yet
+                   # seen, so a 2-layer MDM can answer it by elimination (its seed 2 did, 0.46: docs/RESULTS.md);
+                   # cpu-shallow16 (16 nodes) closes that. LoopMDM loops layer 0 (no prelude; coda =
                    # layer 1), S ~ U{1..4}: 3.5 layer passes a step, 1.75x the MDM's (the paper's 1.9x);
                    # the deeper arm has 4 layers.
                    "cpu-shallow": Scale(3.2e13, 0.25, (9e-5, 3e-4, 1e-3), (0, 1, 2), 500, KHOP_SHALLOW),
-                   # cpu-shallow at ~3x (1e14, as cpu-deep-longer was to cpu-deep-long): at 3.2e13 both arms
-                   # were still falling and LoopMDM had not learned hop 3. The sweep stays at 8e12, so
-                   # cpu-shallow's recorded lrs hold: --lrs-from and --extend-from results/khop-cpu-shallow.
-                   "cpu-shallow-long": Scale(1e14, 0.08, (9e-5, 3e-4, 1e-3), (0, 1, 2), 500, KHOP_SHALLOW),
+                   "cpu-shallow16": Scale(3.2e13, 0.25, (9e-5, 3e-4, 1e-3), (0, 1, 2), 500, KHOP_SHALLOW16),
                    "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000, GPU_TASK + KHOP_GPU)},
                   orders=("oneshot",)),
     "sudoku": Suite("sudoku", "experiments/sudoku", ALL_ARMS, "task",

@@ -11,9 +11,9 @@ compose with each other (a>b reads b>c and becomes a>>c), doubling the reach eve
 ~log2(j) + 1 rounds suffice (pointer doubling; k-hop in O(log k) depth, Sanford, Hsu and
 Telgarsky 2024, arXiv 2402.09268), and an edge token can read its predecessor edge as well as
 its successor, so one layer widens what a token knows to a window of 4 nodes. Two layers
-reach hop 3 at most (the edge whose predecessor is s holds f^3(s) for the slot to read): a
-2-layer MDM learned hop 3 and sits at the elimination guess on hop 4 (docs/RESULTS.md,
-khop cpu-shallow); 4 layers learned hop 4. A loop can keep going either way. With (src, dst) as two
+reach hop 3 at most (the edge whose predecessor is s holds f^3(s) for the slot to read, and
+the edge whose successor is s holds f^-3(s)); 4 layers learned hop 4 on 8 nodes. A loop can
+keep going either way. With (src, dst) as two
 tokens each look-up first needs an induction-style pairing of neighbours, which a small model
 did not learn in a CPU budget at all (docs/RESULTS.md, k-hop calibration). A single cycle
 makes the K answers distinct (K < N), so no hop can be read off a short cycle.
@@ -21,7 +21,12 @@ makes the K answers distinct (K < N), so no hop can be read off a short cycle.
 Why hops <= N // 2: on one N-cycle f^(N-k)(s) = f^(-k)(s), so hop N - k is k look-ups
 *backwards* (the slot attends to the edge token whose target is c and reads its source).
 Beyond N // 2 hops the deepest answers need fewer rounds, not more (8 nodes / 6 hops needs at
-most 4); with K <= N // 2 every hop j is j steps away in either direction, never fewer.
+most 4); with K <= N // 2 every hop j is j steps away in either direction, never fewer. But
+hop N / 2 (N even) is the one node left once f^-(N/2-1)..f^(N/2-1) are known, so it can be
+answered by elimination with a look-up fewer each way: a 2-layer MDM (reach 3 each way) did so
+on 8 nodes / 4 hops (docs/RESULTS.md, khop cpu-shallow, seed 2: 0.46 on hop 4). A probe of
+depth at hop K therefore wants N > 2K (`khop --scale cpu-shallow16`: 16 nodes, 4 hops, 9
+candidates left); K = N / 2 stays allowed for the committed 8-node suites.
 
 Sequence: [e_1 ... e_N  s  a_1 ... a_K]. Token ids: node i = i (0..N-1); edge a>b = N + a*N + b.
 Only the K answer slots are ever masked (the prompt is always given: meta `prompt_len`).
