@@ -176,7 +176,7 @@ def test_khop_has_no_backward_shortcut_at_any_allowed_setting():
     assert checked == sum(n // 2 for n in (3, 4, 5, 8, 9, 16))  # every allowed setting was generated
 
 
-@pytest.mark.parametrize("scale", ["cpu-shallow16", "gpu"])
+@pytest.mark.parametrize("scale", ["cpu-shallow10", "gpu"])
 def test_khop_depth_scales_leave_no_answer_to_elimination(scale):
     """A depth probe at hop K must not be answerable with fewer look-ups by elimination: once every
     node fewer than K look-ups away (either way) is known, at least 2 candidates remain for hop K.

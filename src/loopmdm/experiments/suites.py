@@ -86,9 +86,10 @@ KNOB_ARMS = {
 KHOP_GPU = ("data.task_size=18", "data.task_hops=8")
 KHOP_SHALLOW = ("data.task_size=8", "data.task_hops=4", "model.n_layers=2", "model.loop_start=0", "model.loop_end=1",
                 "model.max_train_loops=4")
-# The same 2-layer stack on 16 nodes: hop 4 is past its one-call reach with no elimination (9 candidates
-# left after f^-3..f^3; cpu-shallow's 8 nodes leave one, tasks/khop.py).
-KHOP_SHALLOW16 = ("data.task_size=16", *KHOP_SHALLOW[1:])
+# The same 2-layer stack on 10 nodes: hop 4 is past its one-call reach, and elimination leaves 3
+# candidates after f^-3..f^3 (cpu-shallow's 8 nodes leave one, tasks/khop.py), so a 2-layer MDM's
+# hop 4 is at most ~1/3. (16 nodes left no arm off the plateau at the sweep's 8e12 FLOPs.)
+KHOP_SHALLOW10 = ("data.task_size=10", *KHOP_SHALLOW[1:])
 
 SUITES = {
     "khop": Suite("khop", "experiments/khop", ALL_ARMS, "task",
@@ -115,11 +116,11 @@ SUITES = {
                    # predecessor is s holds f^3(s) for the slot to read in layer 2, and the edge whose
                    # successor is s holds f^-3(s). On 8 nodes that leaves hop 4 as the one node not yet
                    # seen, so a 2-layer MDM can answer it by elimination (its seed 2 did, 0.46: docs/RESULTS.md);
-                   # cpu-shallow16 (16 nodes) closes that. LoopMDM loops layer 0 (no prelude; coda =
+                   # cpu-shallow10 (10 nodes) closes that. LoopMDM loops layer 0 (no prelude; coda =
                    # layer 1), S ~ U{1..4}: 3.5 layer passes a step, 1.75x the MDM's (the paper's 1.9x);
                    # the deeper arm has 4 layers.
                    "cpu-shallow": Scale(3.2e13, 0.25, (9e-5, 3e-4, 1e-3), (0, 1, 2), 500, KHOP_SHALLOW),
-                   "cpu-shallow16": Scale(3.2e13, 0.25, (9e-5, 3e-4, 1e-3), (0, 1, 2), 500, KHOP_SHALLOW16),
+                   "cpu-shallow10": Scale(3.2e13, 0.25, (9e-5, 3e-4, 1e-3), (0, 1, 2), 500, KHOP_SHALLOW10),
                    "gpu": Scale(3e14, 0.25, (1e-3, 3e-3, 1e-2), (0, 1), 2000, GPU_TASK + KHOP_GPU)},
                   orders=("oneshot",)),
     "sudoku": Suite("sudoku", "experiments/sudoku", ALL_ARMS, "task",

@@ -25,8 +25,9 @@ most 4); with K <= N // 2 every hop j is j steps away in either direction, never
 hop N / 2 (N even) is the one node left once f^-(N/2-1)..f^(N/2-1) are known, so it can be
 answered by elimination with a look-up fewer each way: a 2-layer MDM (reach 3 each way) did so
 on 8 nodes / 4 hops (docs/RESULTS.md, khop cpu-shallow, seed 2: 0.46 on hop 4). A probe of
-depth at hop K therefore wants N > 2K (`khop --scale cpu-shallow16`: 16 nodes, 4 hops, 9
-candidates left); K = N / 2 stays allowed for the committed 8-node suites.
+depth at hop K therefore wants N > 2K (`khop --scale cpu-shallow10`: 10 nodes, 4 hops, 3
+candidates left, so elimination guesses a third; 16 nodes learned nothing at the sweep's 8e12
+FLOPs); K = N / 2 stays allowed for the committed 8-node suites.
 
 Sequence: [e_1 ... e_N  s  a_1 ... a_K]. Token ids: node i = i (0..N-1); edge a>b = N + a*N + b.
 Only the K answer slots are ever masked (the prompt is always given: meta `prompt_len`).
