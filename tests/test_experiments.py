@@ -139,7 +139,7 @@ def test_tiny_suite_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     again = run_suite("tiny", "cpu", out=str(tmp_path / "out"), jobs=2, log=logs.append)
     assert not [m for m in logs if m.startswith(("train ", "eval "))]
     assert again["tables"] == summary["tables"]
-    # evaluated one at a time instead of two at once (subprocesses): the same numbers
+    # evaluated one at a time instead of two at once (threads): the same numbers
     for arm in ("mdm", "loop"):
         (out / "runs" / f"{arm}-s0" / "eval.json").unlink()
     serial = run_suite("tiny", "cpu", out=str(tmp_path / "out"), jobs=1, log=lambda m: None)

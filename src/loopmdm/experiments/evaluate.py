@@ -87,19 +87,3 @@ def evaluate_run(suite, spec, scale, log) -> dict:
                                      precision=cfg.train.precision, t_bins=T_BINS)
     write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     return result
-
-
-def main() -> None:
-    """A worker of experiments/runner.py's evaluate_runs: one run's evaluation in a process of its
-    own (several at once scale past threads, which the GIL holds back). Reads the pickled
-    (suite, spec, scale, threads) from stdin, writes eval.json and prints each log line."""
-    import pickle
-    import sys
-
-    suite, spec, scale, threads = pickle.load(sys.stdin.buffer)
-    torch.set_num_threads(threads)
-    evaluate_run(suite, spec, scale, lambda m: print(m, flush=True))
-
-
-if __name__ == "__main__":
-    main()

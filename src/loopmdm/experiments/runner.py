@@ -265,35 +265,23 @@ def pick_best_lr(sweep: list[RunSpec]) -> dict:
 
 
 def evaluate_runs(suite: Suite, specs: list[RunSpec], scale: Scale, jobs: int, log) -> dict:
-    """{name: evaluation} of every spec, `jobs` at a time. Each evaluation is cached in its run's
-    eval.json and draws from generators of its own, so the result does not depend on `jobs`.
-    Several at once run in subprocesses (`python -m loopmdm.experiments.evaluate`) with the cores
-    shared out, as training's do: threads in one process scaled only 1.16x on 2 cores, held back
-    by the GIL at 4 x 128 (benchmarks/suite_eval.py, benchmarks/README.md)."""
-    import pickle
+    """{name: evaluation} of every spec, `jobs` at a time (threads: torch releases the GIL in its
+    kernels, and every evaluation draws from generators of its own, so the result does not
+    depend on `jobs`; each is cached in its run's eval.json). Threads measured 1.29x on 2 cores,
+    subprocesses 1.05x in the same run (benchmarks/README.md, suite_eval.py), so threads it is."""
+    import torch
 
     from loopmdm.experiments.evaluate import evaluate_run
 
-    todo = [spec for spec in specs if not (spec.out_dir / "eval.json").is_file()]
-    if jobs > 1 and len(todo) > 1:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-
-        def one(spec: RunSpec) -> None:
-            log_file = spec.out_dir.parent / f"{spec.name}.log"
-            with open(log_file, "a") as err:
-                proc = subprocess.run([sys.executable, "-m", "loopmdm.experiments.evaluate"],
-                                      input=pickle.dumps((suite, spec, scale, threads)), stdout=subprocess.PIPE,
-                                      stderr=err, env=env)
-            for line in proc.stdout.decode().splitlines():
-                log(line)
-            if proc.returncode != 0:
-                raise LoopMDMError(f"evaluation of run {spec.name} failed (exit {proc.returncode}); see {log_file}")
-
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for future in [pool.submit(one, spec) for spec in todo]:
-                future.result()
-    return {spec.name: evaluate_run(suite, spec, scale, log) for spec in specs}  # read back from eval.json
+    threads = torch.get_num_threads()
+    if jobs > 1:  # the cores shared out, as the training subprocesses get one thread each
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            results = list(pool.map(lambda spec: evaluate_run(suite, spec, scale, log), specs))
+    finally:
+        torch.set_num_threads(threads)
+    return {spec.name: ev for spec, ev in zip(specs, results)}
 
 
 def _same_sweep(suite: Suite, recorded_scale: str | None, scale_name: str) -> bool:
