@@ -268,7 +268,7 @@ def evaluate_runs(suite: Suite, specs: list[RunSpec], scale: Scale, jobs: int, l
     """{name: evaluation} of every spec, `jobs` at a time (threads: torch releases the GIL in its
     kernels, and every evaluation draws from generators of its own, so the result does not
     depend on `jobs`; each is cached in its run's eval.json). Threads measured 1.29x on 2 cores,
-    subprocesses 1.05x in the same run (benchmarks/README.md, suite_eval.py), so threads it is."""
+    subprocesses 1.05x in the same run (benchmarks/README.md), so threads it is."""
     import torch
 
     from loopmdm.experiments.evaluate import evaluate_run
@@ -299,7 +299,7 @@ def _same_sweep(suite: Suite, recorded_scale: str | None, scale_name: str) -> bo
 
 def recorded_sweep(source: Path, suite: Suite, scale_name: str) -> tuple[dict, dict]:
     """--lrs-from: each swept arm's learning rate, and the sweep table that chose it, from an
-    earlier report of the same suite and scale (its summary.json). Run folders are not committed
+    earlier report of the same suite and sweep (its summary.json; _same_sweep). Run folders are not committed
     (results/*/runs/), so a fresh checkout adds seeds or arms to a committed suite with this
     instead of re-running the sweep. Returns ({arm: lr}, {arm: {lr: {seed: NELBO}}})."""
     path = source / ("summary.json" if not suite.runs_of else f"summary-{suite.name}.json") if source.is_dir() else source
@@ -339,7 +339,7 @@ def run_suite(name: str, scale_name: str = "cpu", out: str | None = None, jobs: 
     `extend_from` is the folder of the same suite at a smaller budget: its finished runs are
     continued to this scale's budget instead of trained from scratch (adopt_shorter_runs).
     `sweep_seeds` replaces the scale's sweep seeds (lrs picked on the mean over them).
-    `lrs_from` is an earlier report of the same suite and scale: its recorded lrs are used and no
+    `lrs_from` is an earlier report of the same suite and sweep: its recorded lrs are used and no
     sweep runs (recorded_sweep). `knob_seeds` gives the knob arms these final seeds instead of the
     first seed alone."""
     import dataclasses
