@@ -23,6 +23,8 @@ import torch
 
 from loopmdm.data.prepare import prepare_data
 from loopmdm.errors import require, run_script
+from loopmdm.diffusion.schedule import make_schedule
+from loopmdm.evaluation.nelbo import evaluate_nelbo
 from loopmdm.evaluation.solve import solve_task, task_test_set
 from loopmdm.experiments.tables import fmt, mean_se
 from loopmdm.runfiles import write_text_atomic
@@ -66,6 +68,13 @@ def per_hop_markdown(out: dict) -> str:
         for s in sorted(runs[seeds[0]])[1:]:
             lines.append(f"| {arm} S = {s} − S = {first} | " + " | ".join(
                 fmt(*mean_se([runs[k][s][h] - runs[k][first][h] for k in seeds]), sign=True) for h in range(hops)) + " |")
+    if out.get("test_nelbo"):  # --nelbo: per run, each S (nats per answer token, the prompt given)
+        lines += ["", "Test NELBO per run (nats per answer token; 8 batches, the same draws at every S):", "",
+                  "| run | " + " | ".join(f"S = {k}" for k in sorted({int(k) for d in out["test_nelbo"].values() for k in d})) + " |"]
+        every = sorted({int(k) for d in out["test_nelbo"].values() for k in d})
+        lines.append("|---|" + "---|" * len(every))
+        for name, by_s in sorted(out["test_nelbo"].items()):
+            lines.append(f"| {name} | " + " | ".join(f"{by_s[str(k)]:.4f}" if str(k) in by_s else "" for k in every) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -77,6 +86,9 @@ def main() -> None:
     p.add_argument("--num", type=int, default=500, help="test examples")
     p.add_argument("--loops", default="1,2,4,8,12,16")
     p.add_argument("--order", default="oneshot")
+    p.add_argument("--nelbo", action="store_true",
+                   help="also the test NELBO at each S (answers only, the prompt given; 8 batches, the same draws at "
+                        "every S): the held-out counterpart of the suite's validation NELBO")
     p.add_argument("--table-only", action="store_true", help="solve nothing: remake test_split_solve.md from the json")
     args = p.parse_args()
     path = Path(args.suite_dir) / "test_split_solve.json"
@@ -98,6 +110,14 @@ def main() -> None:
         test = task_test_set(data, args.num, seed=0, split="test")
         records = solve_task(run.model, data, test, loops if run.model.is_looped else [1], args.order, run.device)
         out["runs"][run_dir.name] = records
+        if args.nelbo:
+            cfg = run.cfg
+            nelbo = evaluate_nelbo(run.model, data.blocks("test"), make_schedule(cfg.diffusion.schedule, cfg.diffusion.eps),
+                                   loops if run.model.is_looped else [1], eps=cfg.diffusion.eps,
+                                   batch_size=cfg.eval.batch_size, num_batches=8, seed=cfg.eval.seed,
+                                   prompt_len=data.prompt_len, prompt_sep_id=data.prompt_sep_id, device=run.device)
+            out.setdefault("test_nelbo", {})[run_dir.name] = {r["loops"]: r["nll"] for r in nelbo}
+            print(run_dir.name, "test NELBO", {k: round(v, 4) for k, v in out["test_nelbo"][run_dir.name].items()})
         print(run_dir.name, [(r["loops"], [round(h, 3) for h in r.get("per_hop", [r.get("solved", 0.0)])]) for r in records])
     write_text_atomic(path, json.dumps(out, indent=1) + "\n")
     table = per_hop_markdown(out)
